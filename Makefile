@@ -1,0 +1,38 @@
+# vdpa-svq — the two entry points are `make test` and `make demo`; the rest are their parts.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo deps venv unit kernel lint bench clean
+
+test: deps venv lint unit kernel
+
+deps:  ## Debian packages the build and the tests need (installed only when missing; needs root)
+	@tools/install-debian-deps
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+unit: venv  ## host tests: everything but the real-device tests
+	$(PY) -m pytest -m 'not kernel' -q
+
+kernel: venv  ## real-device tests, inside the kernel bench guest
+	$(PY) tools/kbench setup
+	$(PY) tools/kbench run -- $(abspath $(PY)) -m pytest -m kernel -q -p no:cacheprovider tests/kernel
+
+demo: deps venv
+	$(PY) -m vdpa_svq.cli demo
+
+bench: deps venv
+	$(PY) -m vdpa_svq.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

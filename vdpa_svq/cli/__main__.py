@@ -1,0 +1,3 @@
+from vdpa_svq.cli import main
+
+main()
