@@ -1,0 +1,54 @@
+"""Virtqueue layouts, split and packed, each with a driver side and a device side.
+
+The public API picks the layout once: `driver_ring(layout, ...)` / `device_ring(layout, ...)`.
+Both driver classes and both device classes have the same methods.
+"""
+
+from __future__ import annotations
+
+from vdpa_svq.memory.guest import GuestMemory
+from vdpa_svq.ring.chain import Chain, IndirectArea
+from vdpa_svq.ring.layout import Layout, RingAddresses, place_ring
+from vdpa_svq.ring.packed import PackedDeviceRing, PackedDriverRing
+from vdpa_svq.ring.split import SplitDeviceRing, SplitDriverRing
+
+DriverRing = SplitDriverRing | PackedDriverRing
+DeviceRing = SplitDeviceRing | PackedDeviceRing
+
+
+def driver_ring(
+    layout: Layout,
+    mem: GuestMemory,
+    num: int,
+    addrs: RingAddresses,
+    *,
+    event_idx: bool = False,
+    indirect_area: IndirectArea | None = None,
+    name: str = "vq",
+) -> DriverRing:
+    cls = SplitDriverRing if layout is Layout.SPLIT else PackedDriverRing
+    return cls(mem, num, addrs, event_idx=event_idx, indirect_area=indirect_area, name=name)
+
+
+def device_ring(
+    layout: Layout, mem: GuestMemory, num: int, addrs: RingAddresses, *, event_idx: bool = False, name: str = "vq"
+) -> DeviceRing:
+    cls = SplitDeviceRing if layout is Layout.SPLIT else PackedDeviceRing
+    return cls(mem, num, addrs, event_idx=event_idx, name=name)
+
+
+__all__ = [
+    "Chain",
+    "DeviceRing",
+    "DriverRing",
+    "IndirectArea",
+    "Layout",
+    "PackedDeviceRing",
+    "PackedDriverRing",
+    "RingAddresses",
+    "SplitDeviceRing",
+    "SplitDriverRing",
+    "device_ring",
+    "driver_ring",
+    "place_ring",
+]

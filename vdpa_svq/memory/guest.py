@@ -1,0 +1,145 @@
+"""Guest memory: one or more mmap'd regions addressed by guest-physical address (GPA).
+
+Regions are memfd-backed so that they can be shared: mapped into a vhost-vdpa device's IOVA space
+(by their host virtual address), or received from a vhost-user frontend as file descriptors.
+Ring code never owns memory; it is handed a GuestMemory and reads and writes through it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from vdpa_svq.errors import GuestMemoryError
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class MemoryRegion:
+    """[gpa, gpa+size) of guest-physical space, backed by `fd` from file offset `offset`."""
+
+    gpa: int
+    size: int
+    fd: int
+    offset: int
+    mm: mmap.mmap = field(repr=False)
+    hva: int = 0  # host virtual address of the first byte (for IOTLB updates)
+    owns_fd: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def _mmap_address(mm: mmap.mmap) -> int:
+    # from_buffer exports the mmap while the ctypes object lives; drop it at once so that the
+    # mmap can still be closed later.
+    probe = ctypes.c_char.from_buffer(mm)
+    address = ctypes.addressof(probe)
+    del probe
+    return address
+
+
+class GuestMemory:
+    """A set of non-overlapping regions; every access is checked to lie inside one region."""
+
+    def __init__(self) -> None:
+        self._regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+        self._views: list[memoryview] = []
+
+    @classmethod
+    def create(cls, size: int, *, gpa: int = 0, name: str = "vdpa-svq-guest") -> GuestMemory:
+        """One fresh, zeroed, memfd-backed region of `size` bytes at `gpa`."""
+        mem = cls()
+        mem.add_memfd_region(gpa, size, name=name)
+        return mem
+
+    def add_memfd_region(self, gpa: int, size: int, *, name: str = "vdpa-svq-guest") -> MemoryRegion:
+        size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return self.add_region(gpa, size, fd, 0, owns_fd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def add_region(self, gpa: int, size: int, fd: int, offset: int = 0, *, owns_fd: bool = False) -> MemoryRegion:
+        """Map `size` bytes of `fd` at file offset `offset` as guest memory [gpa, gpa+size)."""
+        if size <= 0 or gpa < 0:
+            raise GuestMemoryError(gpa, size, "empty region or negative address")
+        i = bisect.bisect_right(self._starts, gpa)
+        if (i > 0 and self._regions[i - 1].end > gpa) or (i < len(self._regions) and self._starts[i] < gpa + size):
+            raise GuestMemoryError(gpa, size, "overlaps an existing region")
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        region = MemoryRegion(gpa, size, fd, offset, mm, _mmap_address(mm), owns_fd)
+        self._regions.insert(i, region)
+        self._starts.insert(i, gpa)
+        self._views.insert(i, memoryview(mm))
+        return region
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self._regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def _locate(self, gpa: int, length: int) -> tuple[int, int]:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or length < 0:
+            raise GuestMemoryError(gpa, length)
+        region = self._regions[i]
+        if gpa + length > region.end:
+            raise GuestMemoryError(gpa, length, "outside guest memory or across regions")
+        return i, gpa - region.gpa
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._locate(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of [gpa, gpa+length); raises GuestMemoryError outside one region."""
+        i, off = self._locate(gpa, length)
+        return self._views[i][off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def hva(self, gpa: int) -> int:
+        """Host virtual address of `gpa` in this process."""
+        i, off = self._locate(gpa, 0)
+        return self._regions[i].hva + off
+
+    def close(self) -> None:
+        for v in self._views:
+            v.release()
+        for r in self._regions:
+            r.mm.close()
+            if r.owns_fd:
+                os.close(r.fd)
+        self._regions.clear()
+        self._starts.clear()
+        self._views.clear()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,440 @@
+"""Packed virtqueues (VIRTIO 1.2, section 2.8): the driver side and the device side.
+
+One descriptor ring carries both directions. A descriptor is available when its AVAIL flag equals
+the driver's wrap counter and its USED flag does not; it is used when both flags equal the
+device's wrap counter. Buffer ids are the driver's own and are decoupled from ring slots, so the
+driver keeps a free list of ids and, per id, how many slots its chain took (the device skips that
+many slots when it writes the used descriptor, whatever order it completes in).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
+from vdpa_svq.memory.guest import GuestMemory
+from vdpa_svq.ring.barrier import mb, rmb, wmb
+from vdpa_svq.ring.chain import (
+    MAX_CHAIN_BYTES,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+    Chain,
+    IndirectArea,
+)
+from vdpa_svq.ring.event import (
+    VRING_PACKED_EVENT_FLAG_DESC,
+    VRING_PACKED_EVENT_FLAG_DISABLE,
+    VRING_PACKED_EVENT_FLAG_ENABLE,
+    WRAP_BIT,
+    packed_need_event,
+)
+from vdpa_svq.ring.layout import (
+    DESC,
+    DESC_SIZE,
+    EVENT_FLAGS,
+    EVENT_OFF_WRAP,
+    PACKED_EVENT_SIZE,
+    Layout,
+    RingAddresses,
+    check_size,
+    desc_area_size,
+)
+
+_U16 = struct.Struct("<H")
+_ADDR_LEN_ID = struct.Struct("<QIH")  # a descriptor without its flags (written before them)
+_LEN_ID = struct.Struct("<IH")  # the part of a used descriptor the device writes before flags
+_DESC_ID_OFF, _DESC_FLAGS_OFF, _DESC_LEN_OFF = 12, 14, 8
+_AVAIL_USED = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED
+
+
+def _avail_flags(wrap: int) -> int:
+    """AVAIL/USED bits that make a descriptor available under driver wrap counter `wrap`."""
+    return VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
+
+
+def _used_flags(wrap: int) -> int:
+    """AVAIL/USED bits that mark a descriptor used under device wrap counter `wrap`."""
+    return _AVAIL_USED if wrap else 0
+
+
+class _PackedAreas:
+    def __init__(self, mem: GuestMemory, num: int, addrs: RingAddresses) -> None:
+        check_size(Layout.PACKED, num)
+        self.num = num
+        self.desc = mem.view(addrs.desc, desc_area_size(num))
+        self.driver_event = mem.view(addrs.driver, PACKED_EVENT_SIZE)
+        self.device_event = mem.view(addrs.device, PACKED_EVENT_SIZE)
+
+    def flags(self, slot: int) -> int:
+        return _U16.unpack_from(self.desc, slot * DESC_SIZE + _DESC_FLAGS_OFF)[0]
+
+    def release(self) -> None:
+        for v in (self.desc, self.driver_event, self.device_event):
+            v.release()
+
+
+def _write_event(view: memoryview, off_wrap: int | None, flags: int) -> None:
+    if off_wrap is not None:
+        _U16.pack_into(view, EVENT_OFF_WRAP, off_wrap)
+        # The other side reads flags, then off_wrap: off_wrap must be there first.
+        wmb()
+    _U16.pack_into(view, EVENT_FLAGS, flags)
+
+
+class PackedDriverRing:
+    """The driver side of a packed ring: add chains, decide kicks, reap used buffers."""
+
+    layout = Layout.PACKED
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        addrs: RingAddresses,
+        *,
+        event_idx: bool = False,
+        indirect_area: IndirectArea | None = None,
+        name: str = "vq",
+    ) -> None:
+        self.mem = mem
+        self.num = num
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.indirect_area = indirect_area
+        self.name = name
+        self._a = _PackedAreas(mem, num, addrs)
+        self.broken = False
+        # Spec words: next_avail_idx/avail_wrap_counter (where we add), last_used_idx/
+        # used_wrap_counter (where we look for the next used descriptor). Both counters start at 1.
+        self.next_avail_idx = 0
+        self.avail_wrap_counter = 1
+        self.last_used_idx = 0
+        self.used_wrap_counter = 1
+        self.num_free = num  # free ring slots
+        self.num_added = 0  # slots made available since the last kick decision
+        self.free_head = 0  # first free buffer id
+        self._next_id = [i + 1 for i in range(num)]
+        self._token: list[Any] = [None] * num  # per buffer id
+        self._count = [0] * num  # ring slots the chain of this id took
+        self._writable = [0] * num
+        self._cb_enabled = True
+        self._a.desc[:] = bytes(len(self._a.desc))
+        self._a.driver_event[:] = bytes(PACKED_EVENT_SIZE)
+        self._a.device_event[:] = bytes(PACKED_EVENT_SIZE)
+
+    # -- adding ---------------------------------------------------------------------------
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]] = (),
+        token: Any = True,
+        *,
+        indirect: bool = False,
+    ) -> int:
+        """Make a chain of readable `out` then device-writable `in_` buffers available.
+
+        Returns the buffer id. Raises RingFull when there are not enough free slots.
+        """
+        if self.broken:
+            raise RingBroken(f"{self.name}: queue is broken")
+        if token is None:
+            raise ValueError("token must not be None")
+        segs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        total = len(segs)
+        if total == 0:
+            raise ValueError("a chain needs at least one buffer")
+        use_indirect = indirect and total > 1
+        if use_indirect and (self.indirect_area is None or total > self.indirect_area.max_entries):
+            raise ValueError("indirect chain longer than the indirect area allows")
+        slots = 1 if use_indirect else total
+        if slots > self.num_free:
+            raise RingFull(f"{self.name}: {slots} descriptors needed, {self.num_free} free")
+        buf_id = self.free_head
+        if use_indirect:
+            table = self.indirect_area.table(buf_id)  # type: ignore[union-attr]
+            tview = self.mem.view(table, total * DESC_SIZE)
+            for i, (addr, length, flags) in enumerate(segs):
+                DESC.pack_into(tview, i * DESC_SIZE, addr, length, 0, flags)
+            ring_descs = [(table, total * DESC_SIZE, VRING_DESC_F_INDIRECT)]
+        else:
+            ring_descs = [(a, n, f | (VRING_DESC_F_NEXT if i + 1 < total else 0)) for i, (a, n, f) in enumerate(segs)]
+        desc = self._a.desc
+        head = self.next_avail_idx
+        head_flags = ring_descs[0][2] | _avail_flags(self.avail_wrap_counter)
+        for i, (addr, length, flags) in enumerate(ring_descs):
+            slot = self.next_avail_idx
+            if i == 0:
+                # Everything but the head's flags now; the flags last, below.
+                _ADDR_LEN_ID.pack_into(desc, slot * DESC_SIZE, addr, length, buf_id)
+            else:
+                flags |= _avail_flags(self.avail_wrap_counter)
+                DESC.pack_into(desc, slot * DESC_SIZE, addr, length, buf_id, flags)
+            self.next_avail_idx += 1
+            if self.next_avail_idx == self.num:
+                self.next_avail_idx = 0
+                self.avail_wrap_counter ^= 1
+        self.free_head = self._next_id[buf_id]
+        self.num_free -= slots
+        self.num_added += slots
+        self._token[buf_id] = token
+        self._count[buf_id] = slots
+        self._writable[buf_id] = sum(n for _, n, f in segs if f)
+        # "The driver MUST NOT make the first descriptor in the list available before all
+        # subsequent descriptors comprising the list are made available" (2.8.21.1): the rest of
+        # the chain must be visible before the head's flags flip it to available.
+        wmb()
+        _U16.pack_into(desc, head * DESC_SIZE + _DESC_FLAGS_OFF, head_flags)
+        return buf_id
+
+    def kick_needed(self) -> bool:
+        """Whether the device must be notified of the chains added since the last call (2.8.10)."""
+        # The head flags must be visible before we read the device's event suppression.
+        mb()
+        moved, self.num_added = self.num_added, 0
+        if moved == 0:
+            return False
+        off_wrap, flags = struct.unpack_from("<HH", self._a.device_event, 0)
+        if flags == VRING_PACKED_EVENT_FLAG_DESC and self.event_idx:
+            return packed_need_event(off_wrap, self.next_avail_idx, moved, self.avail_wrap_counter, self.num)
+        return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+
+    # -- reaping --------------------------------------------------------------------------
+    def _is_used(self, slot: int, wrap: int) -> bool:
+        flags = self._a.flags(slot)
+        avail = bool(flags & VRING_PACKED_DESC_F_AVAIL)
+        return avail == bool(flags & VRING_PACKED_DESC_F_USED) and avail == bool(wrap)
+
+    def has_used(self) -> bool:
+        return not self.broken and self._is_used(self.last_used_idx, self.used_wrap_counter)
+
+    def get_used(self) -> tuple[Any, int] | None:
+        """The next used buffer as (token, written length), or None. Checks what the device wrote."""
+        if self.broken:
+            raise RingBroken(f"{self.name}: queue is broken")
+        slot = self.last_used_idx
+        if not self._is_used(slot, self.used_wrap_counter):
+            return None
+        # Only read id and len after the flags said the descriptor is used.
+        rmb()
+        length, buf_id = _LEN_ID.unpack_from(self._a.desc, slot * DESC_SIZE + _DESC_LEN_OFF)
+        if buf_id >= self.num:
+            self._fail(f"id {buf_id} out of range", slot)
+        token = self._token[buf_id]
+        if token is None:
+            self._fail(f"id {buf_id} is not in use", slot)
+        if length > self._writable[buf_id]:
+            self._fail(f"used length {length} > writable {self._writable[buf_id]} of id {buf_id}", slot)
+        self.last_used_idx += self._count[buf_id]
+        if self.last_used_idx >= self.num:
+            self.last_used_idx -= self.num
+            self.used_wrap_counter ^= 1
+        self.num_free += self._count[buf_id]
+        self._token[buf_id] = None
+        self._next_id[buf_id] = self.free_head
+        self.free_head = buf_id
+        if self.event_idx and self._cb_enabled:
+            # Ask for an interrupt at the next used descriptor; ordered before the next flags read.
+            off_wrap = self.last_used_idx | self.used_wrap_counter << WRAP_BIT
+            _U16.pack_into(self._a.driver_event, EVENT_OFF_WRAP, off_wrap)
+            mb()
+        return token, length
+
+    def _fail(self, reason: str, index: int) -> None:
+        self.broken = True
+        raise DeviceRingError(self.name, reason, index)
+
+    # -- used buffer notifications (device -> driver) -------------------------------------
+    def disable_cb(self) -> None:
+        self._cb_enabled = False
+        _write_event(self._a.driver_event, None, VRING_PACKED_EVENT_FLAG_DISABLE)
+
+    def enable_cb(self) -> bool:
+        """Re-enable interrupts; False if used buffers are already pending (poll them first)."""
+        return self._enable_cb_after(0)
+
+    def enable_cb_delayed(self) -> bool:
+        """Re-enable interrupts, but only after about 3/4 of the in-flight slots are used."""
+        return self._enable_cb_after((self.num - self.num_free) * 3 // 4 if self.event_idx else 0)
+
+    def _enable_cb_after(self, slots: int) -> bool:
+        self._cb_enabled = True
+        idx, wrap = self.last_used_idx + slots, self.used_wrap_counter
+        if idx >= self.num:
+            idx, wrap = idx - self.num, wrap ^ 1
+        if self.event_idx:
+            _write_event(self._a.driver_event, idx | wrap << WRAP_BIT, VRING_PACKED_EVENT_FLAG_DESC)
+        else:
+            _write_event(self._a.driver_event, None, VRING_PACKED_EVENT_FLAG_ENABLE)
+        # The event store must be visible before we look at the ring once more.
+        mb()
+        return not self._is_used(idx, wrap)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for t in self._token if t is not None)
+
+    def close(self) -> None:
+        self._a.release()
+
+
+class PackedDeviceRing:
+    """The device side of a packed ring: take available chains, return them used, decide interrupts."""
+
+    layout = Layout.PACKED
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        addrs: RingAddresses,
+        *,
+        event_idx: bool = False,
+        name: str = "vq",
+        next_avail_idx: int = 0,
+        avail_wrap_counter: int = 1,
+        next_used_idx: int = 0,
+        used_wrap_counter: int = 1,
+    ) -> None:
+        self.mem = mem
+        self.num = num
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.name = name
+        self._a = _PackedAreas(mem, num, addrs)
+        self.broken = False
+        if not (0 <= next_avail_idx < num and 0 <= next_used_idx < num):
+            raise ValueError(f"packed ring state out of range for size {num}")
+        self.next_avail_idx = next_avail_idx
+        self.avail_wrap_counter = avail_wrap_counter & 1
+        self.next_used_idx = next_used_idx
+        self.used_wrap_counter = used_wrap_counter & 1
+        self._used_since_signal = 0  # slots marked used since the last interrupt decision
+        self._in_flight = bytearray(num)  # buffer ids popped and not yet used
+
+    # -- taking chains ---------------------------------------------------------------------
+    def _is_avail(self, slot: int, wrap: int) -> bool:
+        flags = self._a.flags(slot)
+        return bool(flags & VRING_PACKED_DESC_F_AVAIL) == bool(wrap) and bool(flags & VRING_PACKED_DESC_F_USED) != bool(
+            wrap
+        )
+
+    def has_avail(self) -> bool:
+        return not self.broken and self._is_avail(self.next_avail_idx, self.avail_wrap_counter)
+
+    def pop(self) -> Chain | None:
+        """The next available chain, checked against the spec and guest memory, or None."""
+        if self.broken:
+            raise RingBroken(f"{self.name}: queue is broken")
+        head = self.next_avail_idx
+        if not self._is_avail(head, self.avail_wrap_counter):
+            return None
+        # Read the rest of the chain only after the head's flags said it is available.
+        rmb()
+        desc = self._a.desc
+        segs: list[tuple[int, int, bool]] = []
+        slot, wrap, slots = head, self.avail_wrap_counter, 0
+        total = writable = 0
+        indirect = False
+        seen_write = False
+        while True:
+            addr, length, buf_id, flags = DESC.unpack_from(desc, slot * DESC_SIZE)
+            slots += 1
+            slot += 1
+            if slot == self.num:
+                slot, wrap = 0, wrap ^ 1
+            if flags & VRING_DESC_F_INDIRECT:
+                if segs or flags & VRING_DESC_F_NEXT:
+                    self._fail("indirect descriptor chained with others", head)
+                if length == 0 or length % DESC_SIZE:
+                    self._fail(f"indirect table length {length} is not a multiple of 16", head)
+                try:
+                    table = self.mem.view(addr, length)
+                except GuestMemoryError:
+                    self._fail(f"indirect table [{addr:#x}, +{length:#x}) outside guest memory", head)
+                indirect = True
+                entries = [DESC.unpack_from(table, i * DESC_SIZE) for i in range(length // DESC_SIZE)]
+            else:
+                entries = [(addr, length, buf_id, flags)]
+            for e_addr, e_len, _, e_flags in entries:
+                if indirect and e_flags & VRING_DESC_F_INDIRECT:
+                    self._fail("indirect descriptor inside an indirect table", head)
+                write = bool(e_flags & VRING_DESC_F_WRITE)
+                if write:
+                    seen_write = True
+                    writable += e_len
+                elif seen_write:
+                    self._fail("readable descriptor after a writable one", head)
+                if not self.mem.contains(e_addr, e_len):
+                    self._fail(f"buffer [{e_addr:#x}, +{e_len:#x}) outside guest memory", head)
+                total += e_len
+                if total > MAX_CHAIN_BYTES:
+                    self._fail("chain longer than 4 GiB", head)
+                segs.append((e_addr, e_len, write))
+            if indirect or not flags & VRING_DESC_F_NEXT:
+                break
+            if slots == self.num:
+                self._fail("chain longer than the ring", head)
+        # The buffer id is the one of the last descriptor in the ring (2.8.6).
+        if buf_id >= self.num:
+            self._fail(f"buffer id {buf_id} out of range", head)
+        if self._in_flight[buf_id]:
+            self._fail(f"buffer id {buf_id} made available while still in flight", head)
+        self._in_flight[buf_id] = 1
+        self.next_avail_idx, self.avail_wrap_counter = slot, wrap
+        return Chain(buf_id, segs, slots, indirect, writable)
+
+    # -- returning chains -----------------------------------------------------------------
+    def push_used(self, chain: Chain, written: int) -> None:
+        """Mark `chain` used with `written` bytes written; any completion order is fine."""
+        slot = self.next_used_idx
+        desc = self._a.desc
+        _LEN_ID.pack_into(desc, slot * DESC_SIZE + _DESC_LEN_OFF, written, chain.id)
+        # id and len must be visible before the flags turn the descriptor into a used one.
+        wmb()
+        flags = _used_flags(self.used_wrap_counter) | (VRING_DESC_F_WRITE if chain.writable_bytes else 0)
+        _U16.pack_into(desc, slot * DESC_SIZE + _DESC_FLAGS_OFF, flags)
+        self._in_flight[chain.id] = 0
+        self.next_used_idx += chain.ndescs
+        if self.next_used_idx >= self.num:
+            self.next_used_idx -= self.num
+            self.used_wrap_counter ^= 1
+        self._used_since_signal += chain.ndescs
+
+    def need_notify(self) -> bool:
+        """Whether the driver must be interrupted for the buffers used since the last call."""
+        # The used flags must be visible before we read the driver's event suppression.
+        mb()
+        moved, self._used_since_signal = self._used_since_signal, 0
+        if moved == 0:
+            return False
+        off_wrap, flags = struct.unpack_from("<HH", self._a.driver_event, 0)
+        if flags == VRING_PACKED_EVENT_FLAG_DESC and self.event_idx:
+            return packed_need_event(off_wrap, self.next_used_idx, moved, self.used_wrap_counter, self.num)
+        return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+
+    # -- available buffer notifications (driver -> device) --------------------------------
+    def disable_notify(self) -> None:
+        _write_event(self._a.device_event, None, VRING_PACKED_EVENT_FLAG_DISABLE)
+
+    def enable_notify(self) -> bool:
+        """Ask for a kick at the next available chain; False if chains are already there."""
+        if self.event_idx:
+            off_wrap = self.next_avail_idx | self.avail_wrap_counter << WRAP_BIT
+            _write_event(self._a.device_event, off_wrap, VRING_PACKED_EVENT_FLAG_DESC)
+        else:
+            _write_event(self._a.device_event, None, VRING_PACKED_EVENT_FLAG_ENABLE)
+        # The event store must be visible before we look at the ring once more.
+        mb()
+        return not self.has_avail()
+
+    def _fail(self, reason: str, index: int) -> None:
+        self.broken = True
+        raise GuestRingError(self.name, reason, index)
+
+    def close(self) -> None:
+        self._a.release()

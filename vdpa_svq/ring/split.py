@@ -1,0 +1,408 @@
+"""Split virtqueues (VIRTIO 1.2, section 2.7): the driver side and the device side.
+
+The driver side keeps its own copy of everything it put in the ring (free list, per-head chain
+length, avail index) and never reads the descriptor table back: the device could have changed it.
+The device side reads the driver's ring and checks every value before using it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
+from vdpa_svq.memory.guest import GuestMemory
+from vdpa_svq.ring.barrier import mb, rmb, wmb
+from vdpa_svq.ring.chain import (
+    MAX_CHAIN_BYTES,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    Chain,
+    IndirectArea,
+)
+from vdpa_svq.ring.event import need_event
+from vdpa_svq.ring.layout import (
+    AVAIL_FLAGS,
+    AVAIL_IDX,
+    AVAIL_RING,
+    DESC,
+    DESC_SIZE,
+    USED_ELEM,
+    USED_FLAGS,
+    USED_IDX,
+    USED_RING,
+    Layout,
+    RingAddresses,
+    check_size,
+    desc_area_size,
+    device_area_size,
+    driver_area_size,
+)
+
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+_U16 = struct.Struct("<H")
+
+
+class _SplitAreas:
+    """Views of the three areas of one split ring, checked once to lie in guest memory."""
+
+    def __init__(self, mem: GuestMemory, num: int, addrs: RingAddresses) -> None:
+        check_size(Layout.SPLIT, num)
+        self.num = num
+        self.desc = mem.view(addrs.desc, desc_area_size(num))
+        self.avail = mem.view(addrs.driver, driver_area_size(Layout.SPLIT, num))
+        self.used = mem.view(addrs.device, device_area_size(Layout.SPLIT, num))
+        self.used_event_off = AVAIL_RING + 2 * num  # in the avail (driver) area
+        self.avail_event_off = USED_RING + 8 * num  # in the used (device) area
+
+    def release(self) -> None:
+        for v in (self.desc, self.avail, self.used):
+            v.release()
+
+
+class SplitDriverRing:
+    """The driver side of a split ring: add chains, decide kicks, reap used buffers."""
+
+    layout = Layout.SPLIT
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        addrs: RingAddresses,
+        *,
+        event_idx: bool = False,
+        indirect_area: IndirectArea | None = None,
+        name: str = "vq",
+    ) -> None:
+        self.mem = mem
+        self.num = num
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.indirect_area = indirect_area
+        self.name = name
+        self._a = _SplitAreas(mem, num, addrs)
+        self.broken = False
+        # Private state (Linux: free_head, num_free, avail_idx_shadow, last_used_idx, desc_state).
+        self._next = [i + 1 for i in range(num)]  # free list and chain links, our copy only
+        self.free_head = 0
+        self.num_free = num
+        self.avail_idx_shadow = 0
+        self.last_used_idx = 0
+        self.num_added = 0
+        self._token: list[Any] = [None] * num
+        self._count = [0] * num  # descriptors in the chain starting at this head (ring slots)
+        self._writable = [0] * num  # device-writable bytes of that chain
+        self._cb_enabled = True
+        # Zero the ring: a reused memory area must not show stale indexes.
+        self._a.desc[:] = bytes(len(self._a.desc))
+        self._a.avail[:] = bytes(len(self._a.avail))
+        self._a.used[:] = bytes(len(self._a.used))
+
+    # -- adding ---------------------------------------------------------------------------
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]] = (),
+        token: Any = True,
+        *,
+        indirect: bool = False,
+    ) -> int:
+        """Make a chain of readable `out` then device-writable `in_` buffers available.
+
+        Returns the head index (the id the device will use it back with). Raises RingFull when
+        there are not enough free descriptors: nothing is written then.
+        """
+        if self.broken:
+            raise RingBroken(f"{self.name}: queue is broken")
+        if token is None:
+            raise ValueError("token must not be None")
+        segs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        total = len(segs)
+        if total == 0:
+            raise ValueError("a chain needs at least one buffer")
+        use_indirect = indirect and total > 1
+        if use_indirect and (self.indirect_area is None or total > self.indirect_area.max_entries):
+            raise ValueError("indirect chain longer than the indirect area allows")
+        slots = 1 if use_indirect else total
+        if slots > self.num_free:
+            raise RingFull(f"{self.name}: {slots} descriptors needed, {self.num_free} free")
+        head = self.free_head
+        desc = self._a.desc
+        if use_indirect:
+            table = self.indirect_area.table(head)  # type: ignore[union-attr]
+            tview = self.mem.view(table, total * DESC_SIZE)
+            for i, (addr, length, flags) in enumerate(segs):
+                nxt = VRING_DESC_F_NEXT if i + 1 < total else 0
+                DESC.pack_into(tview, i * DESC_SIZE, addr, length, flags | nxt, i + 1 if nxt else 0)
+            DESC.pack_into(desc, head * DESC_SIZE, table, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+            last = head
+        else:
+            i = head
+            for n, (addr, length, flags) in enumerate(segs):
+                nxt = VRING_DESC_F_NEXT if n + 1 < total else 0
+                DESC.pack_into(desc, i * DESC_SIZE, addr, length, flags | nxt, self._next[i] if nxt else 0)
+                last = i
+                i = self._next[i]
+        self.free_head = self._next[last]
+        self.num_free -= slots
+        self._token[head] = token
+        self._count[head] = slots
+        self._writable[head] = sum(n for _, n, f in segs if f)
+        # Put the head in the avail ring, then publish the index: the device reads avail->idx and
+        # then the ring entry and the descriptors, so they must be visible first (2.7.13).
+        _U16.pack_into(self._a.avail, AVAIL_RING + 2 * (self.avail_idx_shadow % self.num), head)
+        wmb()
+        self.avail_idx_shadow = (self.avail_idx_shadow + 1) & 0xFFFF
+        _U16.pack_into(self._a.avail, AVAIL_IDX, self.avail_idx_shadow)
+        self.num_added += 1
+        return head
+
+    def kick_needed(self) -> bool:
+        """Whether the device must be notified of the chains added since the last call (2.7.10)."""
+        # The new avail idx must be visible before we read the device's suppression state,
+        # else the device may go to sleep having missed it while we skip the kick.
+        mb()
+        new = self.avail_idx_shadow
+        old = (new - self.num_added) & 0xFFFF
+        added, self.num_added = self.num_added, 0
+        if added == 0:
+            return False
+        if self.event_idx:
+            (avail_event,) = _U16.unpack_from(self._a.used, self._a.avail_event_off)
+            return need_event(avail_event, new, old)
+        (flags,) = _U16.unpack_from(self._a.used, USED_FLAGS)
+        return not flags & VRING_USED_F_NO_NOTIFY
+
+    # -- reaping --------------------------------------------------------------------------
+    def _used_idx(self) -> int:
+        return _U16.unpack_from(self._a.used, USED_IDX)[0]
+
+    def has_used(self) -> bool:
+        return not self.broken and self._used_idx() != self.last_used_idx
+
+    def get_used(self) -> tuple[Any, int] | None:
+        """The next used buffer as (token, written length), or None. Checks what the device wrote."""
+        if self.broken:
+            raise RingBroken(f"{self.name}: queue is broken")
+        used_idx = self._used_idx()
+        if used_idx == self.last_used_idx:
+            return None
+        if (used_idx - self.last_used_idx) & 0xFFFF > self.num:
+            self._fail(f"used idx jumped from {self.last_used_idx} to {used_idx}", used_idx)
+        # Only read the used element after used->idx said it is there.
+        rmb()
+        slot = self.last_used_idx % self.num
+        head, length = USED_ELEM.unpack_from(self._a.used, USED_RING + 8 * slot)
+        if head >= self.num:
+            self._fail(f"id {head} out of range", slot)
+        token = self._token[head]
+        if token is None:
+            self._fail(f"id {head} is not a head in use", slot)
+        if length > self._writable[head]:
+            self._fail(f"used length {length} > writable {self._writable[head]} of id {head}", slot)
+        self._free_chain(head)
+        self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        if self.event_idx and self._cb_enabled:
+            # Ask for an interrupt at the next used entry; ordered before the next used->idx read.
+            _U16.pack_into(self._a.avail, self._a.used_event_off, self.last_used_idx)
+            mb()
+        return token, length
+
+    def _free_chain(self, head: int) -> None:
+        last = head
+        for _ in range(self._count[head] - 1):
+            last = self._next[last]
+        self._next[last] = self.free_head
+        self.free_head = head
+        self.num_free += self._count[head]
+        self._token[head] = None
+
+    def _fail(self, reason: str, index: int) -> None:
+        self.broken = True
+        raise DeviceRingError(self.name, reason, index)
+
+    # -- used buffer notifications (device -> driver) -------------------------------------
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt (a hint; with EVENT_IDX we just stop moving used_event)."""
+        self._cb_enabled = False
+        if not self.event_idx:
+            _U16.pack_into(self._a.avail, AVAIL_FLAGS, VRING_AVAIL_F_NO_INTERRUPT)
+
+    def enable_cb(self) -> bool:
+        """Re-enable interrupts; False if used buffers are already pending (poll them first)."""
+        return self._enable_cb_after(0)
+
+    def enable_cb_delayed(self) -> bool:
+        """Re-enable interrupts, but only after about 3/4 of the in-flight buffers are used."""
+        in_flight = (self.avail_idx_shadow - self.last_used_idx) & 0xFFFF
+        return self._enable_cb_after(in_flight * 3 // 4 if self.event_idx else 0)
+
+    def _enable_cb_after(self, bufs: int) -> bool:
+        """Ask for an interrupt once more than `bufs` further buffers are used; False if already."""
+        self._cb_enabled = True
+        if self.event_idx:
+            _U16.pack_into(self._a.avail, self._a.used_event_off, (self.last_used_idx + bufs) & 0xFFFF)
+        else:
+            _U16.pack_into(self._a.avail, AVAIL_FLAGS, 0)
+        # The flag / used_event store must be visible before we look at used->idx once more.
+        mb()
+        return (self._used_idx() - self.last_used_idx) & 0xFFFF <= bufs
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for t in self._token if t is not None)
+
+    def close(self) -> None:
+        self._a.release()
+
+
+class SplitDeviceRing:
+    """The device side of a split ring: take available chains, return them used, decide interrupts."""
+
+    layout = Layout.SPLIT
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        addrs: RingAddresses,
+        *,
+        event_idx: bool = False,
+        name: str = "vq",
+        last_avail_idx: int = 0,
+        used_idx: int = 0,
+    ) -> None:
+        self.mem = mem
+        self.num = num
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.name = name
+        self._a = _SplitAreas(mem, num, addrs)
+        self.broken = False
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = used_idx & 0xFFFF
+        self.signalled_used = self.used_idx
+        self._in_flight = bytearray(num)  # heads popped and not yet used
+
+    # -- taking chains ---------------------------------------------------------------------
+    def _avail_idx(self) -> int:
+        return _U16.unpack_from(self._a.avail, AVAIL_IDX)[0]
+
+    def has_avail(self) -> bool:
+        return not self.broken and self._avail_idx() != self.last_avail_idx
+
+    def pop(self) -> Chain | None:
+        """The next available chain, checked against the spec and guest memory, or None."""
+        if self.broken:
+            raise RingBroken(f"{self.name}: queue is broken")
+        avail_idx = self._avail_idx()
+        if avail_idx == self.last_avail_idx:
+            return None
+        if (avail_idx - self.last_avail_idx) & 0xFFFF > self.num:
+            self._fail(f"avail idx moved from {self.last_avail_idx} to {avail_idx}", avail_idx)
+        # Read the ring entry and descriptors only after avail->idx said they are there.
+        rmb()
+        slot = self.last_avail_idx % self.num
+        (head,) = _U16.unpack_from(self._a.avail, AVAIL_RING + 2 * slot)
+        if head >= self.num:
+            self._fail(f"head {head} out of range", slot)
+        if self._in_flight[head]:
+            self._fail(f"head {head} made available while still in flight", slot)
+        chain = self._read_chain(head)
+        self._in_flight[head] = 1
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    def _read_chain(self, head: int) -> Chain:
+        segs: list[tuple[int, int, bool]] = []
+        table, count, index = self._a.desc, self.num, head
+        indirect = False
+        total = writable = 0
+        seen_write = False
+        while True:  # ends: every pass appends a segment, and at most `count` fit
+            addr, length, flags, nxt = DESC.unpack_from(table, index * DESC_SIZE)
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect:
+                    self._fail("indirect descriptor inside an indirect table", head)
+                if segs or flags & VRING_DESC_F_NEXT:
+                    self._fail("indirect descriptor chained with others", head)
+                if length == 0 or length % DESC_SIZE:
+                    self._fail(f"indirect table length {length} is not a multiple of 16", head)
+                try:
+                    table = self.mem.view(addr, length)
+                except GuestMemoryError:
+                    self._fail(f"indirect table [{addr:#x}, +{length:#x}) outside guest memory", head)
+                indirect, count, index = True, length // DESC_SIZE, 0
+                continue
+            write = bool(flags & VRING_DESC_F_WRITE)
+            if write:
+                seen_write = True
+                writable += length
+            elif seen_write:
+                self._fail("readable descriptor after a writable one", head)
+            if not self.mem.contains(addr, length):
+                self._fail(f"buffer [{addr:#x}, +{length:#x}) outside guest memory", head)
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                self._fail("chain longer than 4 GiB", head)
+            segs.append((addr, length, write))
+            if not flags & VRING_DESC_F_NEXT:
+                return Chain(head, segs, 1 if indirect else len(segs), indirect, writable)
+            if nxt >= count:
+                self._fail(f"next {nxt} out of range", head)
+            if len(segs) >= count:
+                self._fail("descriptor loop", head)
+            index = nxt
+
+    # -- returning chains -----------------------------------------------------------------
+    def push_used(self, chain: Chain, written: int) -> None:
+        """Return `chain` used with `written` bytes written to its writable buffers."""
+        slot = self.used_idx % self.num
+        USED_ELEM.pack_into(self._a.used, USED_RING + 8 * slot, chain.id, written)
+        self._in_flight[chain.id] = 0
+        # The element must be visible before used->idx covers it (2.7.14).
+        wmb()
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(self._a.used, USED_IDX, self.used_idx)
+
+    def need_notify(self) -> bool:
+        """Whether the driver must be interrupted for the buffers used since the last call."""
+        # used->idx must be visible before we read the driver's suppression state.
+        mb()
+        old, new = self.signalled_used, self.used_idx
+        self.signalled_used = new
+        if old == new:
+            return False
+        if not self.event_idx:
+            (flags,) = _U16.unpack_from(self._a.avail, AVAIL_FLAGS)
+            return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        (used_event,) = _U16.unpack_from(self._a.avail, self._a.used_event_off)
+        return need_event(used_event, new, old)
+
+    # -- available buffer notifications (driver -> device) --------------------------------
+    def disable_notify(self) -> None:
+        """Ask the driver not to kick (a hint; with EVENT_IDX avail_event just stays behind)."""
+        if not self.event_idx:
+            _U16.pack_into(self._a.used, USED_FLAGS, VRING_USED_F_NO_NOTIFY)
+
+    def enable_notify(self) -> bool:
+        """Ask for a kick at the next available chain; False if chains are already there."""
+        if self.event_idx:
+            _U16.pack_into(self._a.used, self._a.avail_event_off, self.last_avail_idx)
+        else:
+            _U16.pack_into(self._a.used, USED_FLAGS, 0)
+        # avail_event / flags must be visible before we read avail->idx again.
+        mb()
+        return not self.has_avail()
+
+    def _fail(self, reason: str, index: int) -> None:
+        self.broken = True
+        raise GuestRingError(self.name, reason, index)
+
+    def close(self) -> None:
+        self._a.release()
