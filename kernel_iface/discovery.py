@@ -70,8 +70,10 @@ def _scan_udev() -> list[_SysfsFacts]:
         node = _node_child(Path(dev.sys_path))
         devnum = None
         if node is not None:
+            # The node has no subsystem, and libudev then reports device_number 0: read its "dev" attribute.
             child = pyudev.Devices.from_sys_path(ctx, os.path.join(dev.sys_path, node))
-            devnum = (os.major(child.device_number), os.minor(child.device_number))
+            major, minor = child.attributes.asstring("dev").strip().split(":")
+            devnum = (int(major), int(minor))
         facts.append(_SysfsFacts(
             vdpa_name=dev.sys_name, sys_path=dev.sys_path, driver=dev.driver,
             parent_subsystem=parent.subsystem if parent is not None else None,
