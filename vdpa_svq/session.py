@@ -1,0 +1,203 @@
+"""The device session: the one place that orders a vhost-vdpa device's lifecycle.
+
+reset -> ACKNOWLEDGE|DRIVER -> features -> FEATURES_OK -> memory maps -> vrings -> DRIVER_OK, and
+back to reset on close (which also removes every map and closes every eventfd it made), whatever
+state the device was left in. The device is a kernel_iface.VhostVdpa or anything with the same
+methods (vdpa_svq.softdev's software devices).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
+from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.memory.guest import GuestMemory
+from vdpa_svq.ring.layout import Layout, RingAddresses
+
+# Transport and ring features the project's rings implement, each for a reason:
+RING_FEATURES = {
+    uapi.VIRTIO_F_VERSION_1: "modern little-endian layout; the rings assume it",
+    uapi.VIRTIO_F_ACCESS_PLATFORM: "vhost-vdpa translates every address through its IOTLB",
+    uapi.VIRTIO_F_RING_PACKED: "packed layout (2.8)",
+    uapi.VIRTIO_RING_F_EVENT_IDX: "notification suppression by event index",
+    uapi.VIRTIO_RING_F_INDIRECT_DESC: "indirect descriptor tables",
+}
+# Backend features the session acks when offered; the others change semantics we don't handle.
+BACKEND_FEATURES = (
+    uapi.VHOST_BACKEND_F_IOTLB_MSG_V2,
+    uapi.VHOST_BACKEND_F_IOTLB_BATCH,
+    uapi.VHOST_BACKEND_F_SUSPEND,
+    uapi.VHOST_BACKEND_F_RESUME,
+)
+
+
+class SessionError(VdpaSvqError):
+    """A device that cannot be driven the way it was asked (not a kernel errno: a policy reason)."""
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+@dataclass
+class Queue:
+    """One virtqueue as the session set it up on the device."""
+
+    index: int
+    layout: Layout
+    num: int
+    addrs: RingAddresses
+    kick_fd: int
+    call_fd: int
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def wait_call(self, timeout: float) -> bool:
+        """Wait for an interrupt from the device; True if one came (and consume it)."""
+        ready, _, _ = select.select([self.call_fd], [], [], timeout)
+        if not ready:
+            return False
+        os.eventfd_read(self.call_fd)
+        return True
+
+
+@dataclass
+class DeviceSession:
+    """Bring `device` up; guest memory is mapped 1:1 (IOVA = guest-physical address).
+
+    `packed`: True/False to insist on a layout, None to take packed when the device offers it.
+    `event_idx`: ask for EVENT_IDX when offered. `extra_features`: device-specific bits wanted.
+    """
+
+    device: Any
+    packed: bool | None = None
+    event_idx: bool = True
+    indirect: bool = True
+    extra_features: int = 0
+    features: int = 0
+    backend_features: int = 0
+    queues: dict[int, Queue] = field(default_factory=dict)
+    _mapped: list[tuple[int, int]] = field(default_factory=list)
+    _fds: list[int] = field(default_factory=list)
+    _started: bool = False
+
+    # -- negotiation -------------------------------------------------------------------------
+    def negotiate(self) -> int:
+        dev = self.device
+        dev.set_owner()
+        offered_backend = dev.get_backend_features()
+        if not offered_backend & bit(uapi.VHOST_BACKEND_F_IOTLB_MSG_V2):
+            raise SessionError(f"{dev.path}: device does not offer IOTLB v2 messages (VHOST_BACKEND_F_IOTLB_MSG_V2)")
+        want_backend = sum(bit(b) for b in BACKEND_FEATURES)
+        self.backend_features = offered_backend & want_backend
+        dev.set_backend_features(self.backend_features)
+        offered = dev.get_features()
+        for must in (uapi.VIRTIO_F_VERSION_1, uapi.VIRTIO_F_ACCESS_PLATFORM):
+            if not offered & bit(must):
+                raise SessionError(f"{dev.path}: device lacks {uapi.decode_features(bit(must))[0]}, which vDPA needs")
+        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.extra_features
+        if self.packed is not False:
+            want |= bit(uapi.VIRTIO_F_RING_PACKED)
+        if self.event_idx:
+            want |= bit(uapi.VIRTIO_RING_F_EVENT_IDX)
+        if self.indirect:
+            want |= bit(uapi.VIRTIO_RING_F_INDIRECT_DESC)
+        self.features = offered & want
+        if self.packed and not self.features & bit(uapi.VIRTIO_F_RING_PACKED):
+            raise SessionError(f"{dev.path}: packed layout asked for, but the device offers only split rings")
+        dev.set_status(0)
+        dev.set_status(uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER)
+        dev.set_features(self.features)
+        status = uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER | uapi.VIRTIO_CONFIG_S_FEATURES_OK
+        dev.set_status(status)
+        if not dev.get_status() & uapi.VIRTIO_CONFIG_S_FEATURES_OK:
+            raise SessionError(f"{dev.path}: device refused features {self.features:#x} (FEATURES_OK cleared)")
+        return self.features
+
+    def has(self, feature_bit: int) -> bool:
+        return bool(self.features & bit(feature_bit))
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.PACKED if self.has(uapi.VIRTIO_F_RING_PACKED) else Layout.SPLIT
+
+    # -- memory ------------------------------------------------------------------------------
+    def map_memory(self, mem: GuestMemory) -> None:
+        """Map every guest memory region into the device's IOVA space at its guest-physical address."""
+        with self.device.iotlb_batch():
+            for region in mem:
+                self.device.iotlb_update(region.gpa, region.size, region.hva, uapi.VHOST_ACCESS_RW)
+                self._mapped.append((region.gpa, region.size))
+
+    # -- queues ------------------------------------------------------------------------------
+    def setup_queue(self, index: int, num: int, addrs: RingAddresses) -> Queue:
+        dev = self.device
+        max_num = dev.vring_num()
+        if num > max_num:
+            raise SessionError(f"{dev.path}: queue {index} size {num} > device maximum {max_num}")
+        dev.set_vring_num(index, num)
+        dev.set_vring_addr(index, addrs.desc, addrs.driver, addrs.device)
+        base = PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0
+        dev.set_vring_base(index, base)
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds.append(kick)
+        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds.append(call)
+        dev.set_vring_kick(index, kick)
+        dev.set_vring_call(index, call)
+        dev.set_vring_enable(index, True)
+        q = Queue(index, self.layout, num, addrs, kick, call)
+        self.queues[index] = q
+        return q
+
+    def start(self) -> None:
+        status = (
+            uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | uapi.VIRTIO_CONFIG_S_DRIVER
+            | uapi.VIRTIO_CONFIG_S_FEATURES_OK
+            | uapi.VIRTIO_CONFIG_S_DRIVER_OK
+        )
+        self.device.set_status(status)
+        if self.device.get_status() & uapi.VIRTIO_CONFIG_S_FAILED:
+            raise SessionError(f"{self.device.path}: device set FAILED after DRIVER_OK")
+        self._started = True
+
+    # -- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Reset the device, remove our maps, close our eventfds. Safe to call twice."""
+        dev = self.device
+        errors: list[BaseException] = []
+        try:
+            dev.set_status(0)
+        except VdpaError as e:
+            errors.append(e)
+        for index in list(self.queues):
+            for setter in (dev.set_vring_kick, dev.set_vring_call):
+                try:
+                    setter(index, -1)
+                except VdpaError as e:
+                    errors.append(e)
+        self.queues.clear()
+        for gpa, size in self._mapped:
+            try:
+                dev.iotlb_invalidate(gpa, size)
+            except VdpaError as e:
+                errors.append(e)
+        self._mapped.clear()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        self._started = False
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> DeviceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
