@@ -389,8 +389,11 @@ class PackedDeviceRing:
         return Chain(buf_id, segs, slots, indirect, writable)
 
     # -- returning chains -----------------------------------------------------------------
-    def push_used(self, chain: Chain, written: int) -> None:
-        """Mark `chain` used with `written` bytes written; any completion order is fine."""
+    def push_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
+        """Mark `chain` used with `written` bytes written; any completion order is fine.
+
+        Returns the (address, length) spans of ring memory this wrote, for the dirty log.
+        """
         slot = self.next_used_idx
         desc = self._a.desc
         _LEN_ID.pack_into(desc, slot * DESC_SIZE + _DESC_LEN_OFF, written, chain.id)
@@ -404,6 +407,11 @@ class PackedDeviceRing:
             self.next_used_idx -= self.num
             self.used_wrap_counter ^= 1
         self._used_since_signal += chain.ndescs
+        return ((self.addrs.desc + slot * DESC_SIZE, DESC_SIZE),)
+
+    def notify_area(self) -> tuple[int, int]:
+        """The ring memory enable_notify()/disable_notify() write (the device event structure)."""
+        return (self.addrs.device, PACKED_EVENT_SIZE)
 
     def need_notify(self) -> bool:
         """Whether the driver must be interrupted for the buffers used since the last call."""

@@ -360,8 +360,11 @@ class SplitDeviceRing:
             index = nxt
 
     # -- returning chains -----------------------------------------------------------------
-    def push_used(self, chain: Chain, written: int) -> None:
-        """Return `chain` used with `written` bytes written to its writable buffers."""
+    def push_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
+        """Return `chain` used with `written` bytes written to its writable buffers.
+
+        Returns the (address, length) spans of ring memory this wrote, for the dirty log.
+        """
         slot = self.used_idx % self.num
         USED_ELEM.pack_into(self._a.used, USED_RING + 8 * slot, chain.id, written)
         self._in_flight[chain.id] = 0
@@ -369,6 +372,11 @@ class SplitDeviceRing:
         wmb()
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _U16.pack_into(self._a.used, USED_IDX, self.used_idx)
+        return ((self.addrs.device + USED_RING + 8 * slot, 8), (self.addrs.device + USED_IDX, 2))
+
+    def notify_area(self) -> tuple[int, int]:
+        """The ring memory enable_notify()/disable_notify() write (flags and avail_event)."""
+        return (self.addrs.device, device_area_size(Layout.SPLIT, self.num))
 
     def need_notify(self) -> bool:
         """Whether the driver must be interrupted for the buffers used since the last call."""

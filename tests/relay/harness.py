@@ -1,0 +1,203 @@
+"""Guest driver -> guest ring -> ShadowVirtqueue -> shadow ring -> device, all in one process.
+
+The device reaches memory the way a vDPA device does, through IOVAs: its memory object maps the
+guest memory's memfd at IOVA = GPA and the shadow memory's memfd at the shadow IOVAs. The test
+keeps its own record of every guest page the device wrote, to check the dirty log against.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from vdpa_svq.dirty import DirtyBitmap
+from vdpa_svq.memory import PAGE_SIZE, GuestMemory
+from vdpa_svq.memory.iova import IovaMap
+from vdpa_svq.relay import ShadowVirtqueue
+from vdpa_svq.ring import IndirectArea, Layout, device_ring, driver_ring, place_ring
+
+BLOCK = 256
+MAX_SEGS = 4
+
+
+@dataclass
+class Rec:
+    token: int
+    out: list[tuple[int, int]]
+    in_: list[tuple[int, int]]
+    out_bytes: list[bytes]
+    written: bytes | None = None
+
+
+@dataclass
+class RelayRig:
+    guest_layout: Layout
+    shadow_layout: Layout
+    guest_num: int
+    shadow_num: int
+    event_idx: bool
+    seed: int = 0
+    indirect: bool = False
+    impl: str = "py"
+    device_pages: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        g_addrs, end = place_ring(self.guest_layout, self.guest_num, 0x1000, device_area_align=PAGE_SIZE)
+        self.g_indirect = IndirectArea((end + 0xFFF) & ~0xFFF, MAX_SEGS * 2)
+        self.data = (self.g_indirect.gpa + IndirectArea.size(self.guest_num, MAX_SEGS * 2) + 0xFFF) & ~0xFFF
+        nblocks = self.guest_num * MAX_SEGS * 2
+        self.guest_mem = GuestMemory.create(self.data + nblocks * BLOCK, name="guest")
+        self.free = list(range(nblocks))
+        self.iova = IovaMap()
+        for r in self.guest_mem:
+            self.iova.add(r.gpa, r.size, r.gpa)
+        # Shadow memory: owned by the relay, at fresh IOVAs above guest memory.
+        s_size = 0x1000 + 16 * self.shadow_num * 2 + 8 * self.shadow_num + 0x3000
+        s_size += IndirectArea.size(self.shadow_num, MAX_SEGS * 4)
+        s_base = self.iova.alloc(s_size)
+        self.shadow_mem = GuestMemory.create(s_size, gpa=s_base, name="shadow")
+        s_addrs, end = place_ring(self.shadow_layout, self.shadow_num, s_base, device_area_align=PAGE_SIZE)
+        s_indirect = IndirectArea((end + 15) & ~15, MAX_SEGS * 4) if self.indirect else None
+        # The device's view: both memfds at their IOVAs.
+        self.dev_mem = GuestMemory()
+        self.dev_mem.add_region(0, self.guest_mem.regions[0].size, self.guest_mem.regions[0].fd)
+        self.dev_mem.add_region(s_base, self.shadow_mem.regions[0].size, self.shadow_mem.regions[0].fd)
+        self.dirty = DirtyBitmap(self.guest_mem.size)
+        ev = self.event_idx
+        self.drv = driver_ring(self.guest_layout, self.guest_mem, self.guest_num, g_addrs, event_idx=ev,
+                               indirect_area=self.g_indirect, name="guest-driver")
+        guest_side = device_ring(self.guest_layout, self.guest_mem, self.guest_num, g_addrs, event_idx=ev, name="guest")
+        shadow_side = driver_ring(self.shadow_layout, self.shadow_mem, self.shadow_num, s_addrs, event_idx=ev,
+                                  indirect_area=s_indirect, name="shadow")
+        self.dev = device_ring(self.shadow_layout, self.dev_mem, self.shadow_num, s_addrs, event_idx=ev, name="device")
+        self.device_kicks = self.guest_calls = 0
+        # Each side only looks at its ring when notified (or when re-enabling found more): a
+        # notification the relay wrongly suppressed shows up as a stall.
+        self.device_kicked = self.guest_called = False
+        self.svq = ShadowVirtqueue(guest_side, shadow_side, self.iova, self.dirty,
+                                   device_kick=self._device_kick, guest_call=self._guest_call,
+                                   indirect=self.indirect, name="svq")
+        self.guest_ring_spans = [(g_addrs.desc, 16 * self.guest_num), (g_addrs.device, 0x1000)]
+        self.by_token: dict[int, Rec] = {}
+        self.at_device: list = []
+        self.next_token = 0
+        self.reaped = 0
+
+    def _device_kick(self) -> None:
+        self.device_kicks += 1
+        self.device_kicked = True
+
+    def _guest_call(self) -> None:
+        self.guest_calls += 1
+        self.guest_called = True
+
+    # -- guest ---------------------------------------------------------------------------------
+    def guest_add(self) -> bool:
+        n_out = self.rng.randint(0, MAX_SEGS)
+        n_in = self.rng.randint(0 if n_out else 1, MAX_SEGS)
+        n = n_out + n_in
+        indirect = self.rng.random() < 0.3
+        if len(self.free) < n or (1 if indirect else n) > self.drv.num_free:
+            return False
+        segs = []
+        for _ in range(n):
+            b = self.free.pop(self.rng.randrange(len(self.free)))
+            off = self.rng.randint(0, BLOCK - 1)
+            segs.append((self.data + b * BLOCK + off, self.rng.randint(1, BLOCK - off)))
+        out, in_ = segs[:n_out], segs[n_out:]
+        out_bytes = [self.rng.randbytes(ln) for _, ln in out]
+        for (a, _), d in zip(out, out_bytes, strict=True):
+            self.guest_mem.write(a, d)
+        tok = self.next_token
+        self.next_token += 1
+        self.drv.add(out, in_, tok, indirect=indirect)
+        self.by_token[tok] = Rec(tok, out, in_, out_bytes)
+        return True
+
+    def guest_kick(self) -> None:
+        if self.drv.kick_needed():
+            self.svq.on_guest_kick()
+
+    def guest_on_call(self) -> None:
+        if not self.guest_called:
+            return
+        self.guest_called = False
+        while True:
+            self.drv.disable_cb()
+            self._reap()
+            if self.drv.enable_cb():
+                return
+
+    def _reap(self) -> None:
+        while (r := self.drv.get_used()) is not None:
+            tok, length = r
+            rec = self.by_token.pop(tok)
+            assert rec.written is not None, "guest got a buffer back that the device never used"
+            assert length == len(rec.written)
+            got = b"".join(self.guest_mem.read(a, n) for a, n in rec.in_)[:length]
+            assert got == rec.written
+            for a, _ in rec.out + rec.in_:
+                self.free.append((a - self.data) // BLOCK)
+            self.reaped += 1
+
+    # -- device --------------------------------------------------------------------------------
+    def device_on_kick(self, budget: int) -> None:
+        """Take up to `budget` chains; a device that stops early polls again later by itself."""
+        if not self.device_kicked:
+            return
+        while True:
+            self.dev.disable_notify()
+            while budget and (c := self.dev.pop()) is not None:
+                self.at_device.append(c)
+                budget -= 1
+            if not budget:
+                return  # still "kicked": it comes back for the rest
+            if self.dev.enable_notify():
+                self.device_kicked = False
+                return
+
+    def device_complete(self, k: int) -> None:
+        for _ in range(min(k, len(self.at_device))):
+            c = self.at_device.pop(self.rng.randrange(len(self.at_device)))
+            rec = self._rec_for(c)
+            assert b"".join(self.dev_mem.read(a, n) for a, n in c.readable) == b"".join(rec.out_bytes)
+            room = sum(n for _, n in c.writable)
+            data = self.rng.randbytes(self.rng.randint(0, room))
+            pos = 0
+            for a, n in c.writable:
+                part = data[pos : pos + n]
+                self.dev_mem.write(a, part)
+                if part:  # IOVA = GPA for guest memory: the page numbers are guest pages
+                    self.device_pages.update(range(a // PAGE_SIZE, (a + len(part) - 1) // PAGE_SIZE + 1))
+                pos += len(part)
+            rec.written = data
+            self.dev.push_used(c, len(data))
+        if self.dev.need_notify():
+            self.svq.on_device_call()
+
+    def _rec_for(self, chain) -> Rec:
+        # The device sees shadow ids; find the guest chain by the bytes' addresses.
+        addrs = [a for a, _ in chain.writable] or [a for a, _ in chain.readable]
+        for rec in self.by_token.values():
+            if rec.written is None and addrs and ([a for a, _ in rec.in_] or [a for a, _ in rec.out])[0] == addrs[0]:
+                return rec
+        raise AssertionError("device got a chain the guest never made available")
+
+    def drain(self) -> None:
+        """Run both ends until everything came back; a lost notification stalls and fails here."""
+        self.guest_kick()
+        for _ in range(10 * self.guest_num + 100):
+            self.device_on_kick(self.shadow_num)
+            self.device_complete(len(self.at_device))
+            self.guest_on_call()
+            if not self.by_token:
+                break
+        assert not self.by_token, f"{len(self.by_token)} buffers never came back (lost notification?)"
+        assert self.svq.error is None, self.svq.error
+
+    def close(self) -> None:
+        for r in (self.drv, self.dev, self.svq.guest, self.svq.shadow):
+            r.close()
+        for m in (self.dev_mem, self.shadow_mem, self.guest_mem):
+            m.close()
