@@ -70,10 +70,14 @@ class ShadowVirtqueue:
                 (in_ if write else out).extend(pieces)
         except GuestMemoryError as e:
             raise GuestRingError(self.name, f"chain {chain.id}: {e}", chain.id) from None
-        slots = 1 if (self.indirect and self.shadow.indirect_area) else len(out) + len(in_)
+        slots = 1 if self._use_indirect(len(out) + len(in_)) else len(out) + len(in_)
         if slots > self.shadow.num:
             raise GuestRingError(self.name, f"chain of {slots} descriptors can never fit the shadow ring", chain.id)
         return out, in_
+
+    def _use_indirect(self, n: int) -> bool:
+        area = self.shadow.indirect_area
+        return self.indirect and area is not None and 1 < n <= area.max_entries
 
     def forward_avail(self) -> int:
         """Move every available guest chain to the shadow ring (until it is full); kick if needed."""
@@ -86,9 +90,8 @@ class ShadowVirtqueue:
                 if chain is None:
                     break
                 out, in_ = self._translate(chain)
-            use_indirect = self.indirect and len(out) + len(in_) > 1
             try:
-                self.shadow.add(out, in_, chain, indirect=use_indirect)
+                self.shadow.add(out, in_, chain, indirect=self._use_indirect(len(out) + len(in_)))
             except RingFull:
                 # Backpressure: keep this chain and take no more from the guest until the device
                 # frees room (forward_used() retries it).

@@ -14,9 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
+from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.memory.guest import GuestMemory
-from vdpa_svq.ring.layout import Layout, RingAddresses
+from vdpa_svq.loop import RelayLoop
+from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
+from vdpa_svq.memory.iova import IovaMap
+from vdpa_svq.relay import ShadowVirtqueue
+from vdpa_svq.ring import IndirectArea, device_ring, driver_ring
+from vdpa_svq.ring.layout import (
+    Layout,
+    RingAddresses,
+    check_size,
+    desc_area_size,
+    device_area_size,
+    driver_area_size,
+)
 
 # Transport and ring features the project's rings implement, each for a reason:
 RING_FEATURES = {
@@ -33,6 +45,13 @@ BACKEND_FEATURES = (
     uapi.VHOST_BACKEND_F_SUSPEND,
     uapi.VHOST_BACKEND_F_RESUME,
 )
+
+
+SHADOW_INDIRECT_MAX = 64  # longest chain the shadow ring carries as one indirect table
+
+
+def _page_align(x: int) -> int:
+    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 class SessionError(VdpaSvqError):
@@ -127,12 +146,16 @@ class DeviceSession:
         return Layout.PACKED if self.has(uapi.VIRTIO_F_RING_PACKED) else Layout.SPLIT
 
     # -- memory ------------------------------------------------------------------------------
+    def map(self, iova: int, size: int, hva: int, perm: int) -> None:
+        """Map [iova, iova+size) to our address hva; close() removes it again."""
+        self.device.iotlb_update(iova, size, hva, perm)
+        self._mapped.append((iova, size))
+
     def map_memory(self, mem: GuestMemory) -> None:
         """Map every guest memory region into the device's IOVA space at its guest-physical address."""
         with self.device.iotlb_batch():
             for region in mem:
-                self.device.iotlb_update(region.gpa, region.size, region.hva, uapi.VHOST_ACCESS_RW)
-                self._mapped.append((region.gpa, region.size))
+                self.map(region.gpa, region.size, region.hva, uapi.VHOST_ACCESS_RW)
 
     # -- queues ------------------------------------------------------------------------------
     def setup_queue(self, index: int, num: int, addrs: RingAddresses) -> Queue:
@@ -201,3 +224,130 @@ class DeviceSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class ShadowQueue:
+    """One relayed queue: the guest's notifiers on one side, the device queue on the other."""
+
+    index: int
+    svq: ShadowVirtqueue
+    device_queue: Queue
+    guest_kick_fd: int  # the guest writes it when it made buffers available
+    guest_call_fd: int  # the relay writes it when the guest should look at its used buffers
+
+
+class ShadowSession:
+    """Shadow virtqueues over a negotiated DeviceSession: the device sees only rings we own.
+
+    Guest memory is mapped at IOVA = GPA (read-write: the device writes guest buffers); each
+    shadow ring lives in memory vdpa-svq owns, at IOVAs above guest memory, one area per page so
+    that the device gets write access only where the spec lets it write: the used ring (split),
+    the descriptor ring and device event area (packed).
+    """
+
+    def __init__(self, dev: DeviceSession, guest_mem: GuestMemory, *, impl: str = "py") -> None:
+        self.dev = dev
+        self.guest_mem = guest_mem
+        self.impl = impl
+        rng = dev.device.iova_range()
+        self.iova = IovaMap(rng.first, rng.last)
+        for region in guest_mem:
+            self.iova.add(region.gpa, region.size, region.gpa)
+        dev.map_memory(guest_mem)
+        self.dirty = DirtyBitmap(max(r.end for r in guest_mem))
+        self.shadow_mem = GuestMemory()
+        self.loop = RelayLoop()
+        self.queues: dict[int, ShadowQueue] = {}
+        self._fds: list[int] = []
+        self._rings: list[Any] = []
+
+    def add_queue(
+        self,
+        index: int,
+        guest_layout: Layout,
+        guest_num: int,
+        guest_addrs: RingAddresses,
+        *,
+        guest_event_idx: bool,
+        shadow_num: int | None = None,
+    ) -> ShadowQueue:
+        dev = self.dev
+        layout = dev.layout
+        num = shadow_num or min(dev.device.vring_num(), 256)
+        check_size(layout, num)
+        indirect = dev.has(uapi.VIRTIO_RING_F_INDIRECT_DESC)
+        desc_size = desc_area_size(num)
+        sizes = [desc_size, driver_area_size(layout, num), device_area_size(layout, num)]
+        if indirect:
+            sizes.append(IndirectArea.size(num, SHADOW_INDIRECT_MAX))
+        spans = [_page_align(n) for n in sizes]
+        base = self.iova.alloc(sum(spans))
+        self.shadow_mem.add_memfd_region(base, sum(spans), name=f"vdpa-svq-shadow{index}")
+        starts = [base + sum(spans[:i]) for i in range(len(spans))]
+        addrs = RingAddresses(starts[0], starts[1], starts[2])
+        # What the device may write: split's used ring; packed's descriptor ring and device event area.
+        writable = (False, False, True, False) if layout is Layout.SPLIT else (True, False, True, False)
+        with dev.device.iotlb_batch():
+            for start, span, w in zip(starts, spans, writable, strict=False):
+                perm = uapi.VHOST_ACCESS_RW if w else uapi.VHOST_ACCESS_RO
+                dev.map(start, span, self.shadow_mem.hva(start), perm)
+        guest_ring = device_ring(
+            guest_layout, self.guest_mem, guest_num, guest_addrs, event_idx=guest_event_idx, name=f"guest vq{index}"
+        )
+        shadow_ring = driver_ring(
+            layout,
+            self.shadow_mem,
+            num,
+            addrs,
+            event_idx=dev.has(uapi.VIRTIO_RING_F_EVENT_IDX),
+            indirect_area=IndirectArea(starts[3], SHADOW_INDIRECT_MAX) if indirect else None,
+            name=f"shadow vq{index}",
+        )
+        self._rings += [guest_ring, shadow_ring]
+        dq = dev.setup_queue(index, num, addrs)
+        guest_kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds += [guest_kick, guest_call]
+        svq = ShadowVirtqueue(
+            guest_ring,
+            shadow_ring,
+            self.iova,
+            self.dirty,
+            device_kick=dq.kick,
+            guest_call=lambda: os.eventfd_write(guest_call, 1),
+            indirect=indirect,
+            name=f"svq{index}",
+        )
+        self.loop.add(guest_kick, svq.on_guest_kick)
+        self.loop.add(dq.call_fd, svq.on_device_call)
+        q = ShadowQueue(index, svq, dq, guest_kick, guest_call)
+        self.queues[index] = q
+        return q
+
+    def start(self) -> None:
+        self.dev.start()
+        self.loop.start()
+
+    def errors(self) -> dict[int, str]:
+        """Queues that stopped, with the reason (the others go on)."""
+        out = {i: str(q.svq.error) for i, q in self.queues.items() if q.svq.error is not None}
+        if self.loop.error is not None:
+            out[-1] = f"relay loop died: {self.loop.error!r}"
+        return out
+
+    def close(self) -> None:
+        """Stop relaying, reset the device and unmap everything, free the shadow rings."""
+        try:
+            self.loop.close()
+        finally:
+            try:
+                self.dev.close()
+            finally:
+                for ring in self._rings:
+                    ring.close()
+                self._rings.clear()
+                self.shadow_mem.close()
+                for fd in self._fds:
+                    os.close(fd)
+                self._fds.clear()

@@ -39,6 +39,8 @@ class NetDriver:
     kick: Callable[[int], None]
     call_fds: tuple[int, int] = (-1, -1)
     stats: NetStats = field(default_factory=NetStats)
+    # (gpa, length) of every RX buffer the device filled, when asked for (to check dirty logs).
+    rx_spans: list[tuple[int, int]] | None = None
 
     def fill_rx(self) -> int:
         """Post as many RX buffers as fit; returns how many were posted."""
@@ -82,6 +84,8 @@ class NetDriver:
         frames = []
         while (r := self.rx.get_used()) is not None:
             gpa, length = r
+            if self.rx_spans is not None:
+                self.rx_spans.append((gpa, length))
             if length >= VIRTIO_NET_HDR_LEN:
                 frames.append(self.mem.read(gpa + VIRTIO_NET_HDR_LEN, length - VIRTIO_NET_HDR_LEN))
                 self.stats.received_bytes += length - VIRTIO_NET_HDR_LEN
