@@ -57,6 +57,11 @@ class ShadowVirtqueue:
     def broken(self) -> bool:
         return self.error is not None
 
+    @property
+    def held(self) -> bool:
+        """A guest chain is waiting for room in the shadow ring."""
+        return self._held is not None
+
     # -- guest -> device ---------------------------------------------------------------------
     def _translate(self, chain: Chain) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         out: list[tuple[int, int]] = []

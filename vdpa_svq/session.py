@@ -20,7 +20,7 @@ from vdpa_svq.loop import RelayLoop
 from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay import ShadowVirtqueue
-from vdpa_svq.ring import IndirectArea, device_ring, driver_ring
+from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
 from vdpa_svq.ring.layout import (
     Layout,
     RingAddresses,
@@ -104,11 +104,15 @@ class DeviceSession:
     _mapped: list[tuple[int, int]] = field(default_factory=list)
     _fds: list[int] = field(default_factory=list)
     _started: bool = False
+    _owned: bool = False
 
     # -- negotiation -------------------------------------------------------------------------
     def negotiate(self) -> int:
+        """Features and backend features, then FEATURES_OK. Again after stop() to reconfigure."""
         dev = self.device
-        dev.set_owner()
+        if not self._owned:
+            dev.set_owner()
+            self._owned = True
         offered_backend = dev.get_backend_features()
         if not offered_backend & bit(uapi.VHOST_BACKEND_F_IOTLB_MSG_V2):
             raise SessionError(f"{dev.path}: device does not offer IOTLB v2 messages (VHOST_BACKEND_F_IOTLB_MSG_V2)")
@@ -158,19 +162,34 @@ class DeviceSession:
                 self.map(region.gpa, region.size, region.hva, uapi.VHOST_ACCESS_RW)
 
     # -- queues ------------------------------------------------------------------------------
-    def setup_queue(self, index: int, num: int, addrs: RingAddresses) -> Queue:
+    def setup_queue(
+        self,
+        index: int,
+        num: int,
+        addrs: RingAddresses,
+        *,
+        base: int | None = None,
+        kick_fd: int | None = None,
+        call_fd: int | None = None,
+    ) -> Queue:
+        """Point queue `index` at a ring. `base` is the vring base (initial state when None);
+        `kick_fd`/`call_fd` are notifiers someone else owns (a guest's), else the session makes them."""
         dev = self.device
         max_num = dev.vring_num()
         if num > max_num:
             raise SessionError(f"{dev.path}: queue {index} size {num} > device maximum {max_num}")
         dev.set_vring_num(index, num)
         dev.set_vring_addr(index, addrs.desc, addrs.driver, addrs.device)
-        base = PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0
+        if base is None:
+            base = PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0
         dev.set_vring_base(index, base)
-        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._fds.append(kick)
-        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._fds.append(call)
+        kick, call = kick_fd, call_fd
+        if kick is None:
+            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(kick)
+        if call is None:
+            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(call)
         dev.set_vring_kick(index, kick)
         dev.set_vring_call(index, call)
         dev.set_vring_enable(index, True)
@@ -190,9 +209,26 @@ class DeviceSession:
             raise SessionError(f"{self.device.path}: device set FAILED after DRIVER_OK")
         self._started = True
 
+    # -- live state ----------------------------------------------------------------------------
+    def suspend(self) -> None:
+        """Stop the device's datapath keeping its state (VHOST_VDPA_SUSPEND), or say why not."""
+        if not self.backend_features & bit(uapi.VHOST_BACKEND_F_SUSPEND):
+            raise SessionError(
+                f"{self.device.path}: device cannot suspend (no VHOST_BACKEND_F_SUSPEND): its ring state "
+                "cannot be taken over while it runs; start it shadowed instead"
+            )
+        self.device.suspend()
+
+    def vring_base(self, index: int) -> int:
+        """The device's ring position (VHOST_GET_VRING_BASE): split avail index, or packed state."""
+        return self.device.get_vring_base(index)
+
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Reset the device, remove our maps, close our eventfds. Safe to call twice."""
+        """Reset the device, remove our maps, close our eventfds. Safe to call twice.
+
+        The device stays owned by this process (the fd is the caller's): negotiate() may follow.
+        """
         dev = self.device
         errors: list[BaseException] = []
         try:
@@ -271,7 +307,15 @@ class ShadowSession:
         *,
         guest_event_idx: bool,
         shadow_num: int | None = None,
+        guest_kick_fd: int | None = None,
+        guest_call_fd: int | None = None,
+        guest_state: RingState | None = None,
     ) -> ShadowQueue:
+        """Relay the guest ring at `guest_addrs` through a new shadow ring on device queue `index`.
+
+        `guest_kick_fd`/`guest_call_fd` are the guest's notifiers (made here when None);
+        `guest_state` is where the guest ring stands when it was running elsewhere before.
+        """
         dev = self.dev
         layout = dev.layout
         num = shadow_num or min(dev.device.vring_num(), 256)
@@ -293,7 +337,13 @@ class ShadowSession:
                 perm = uapi.VHOST_ACCESS_RW if w else uapi.VHOST_ACCESS_RO
                 dev.map(start, span, self.shadow_mem.hva(start), perm)
         guest_ring = device_ring(
-            guest_layout, self.guest_mem, guest_num, guest_addrs, event_idx=guest_event_idx, name=f"guest vq{index}"
+            guest_layout,
+            self.guest_mem,
+            guest_num,
+            guest_addrs,
+            event_idx=guest_event_idx,
+            name=f"guest vq{index}",
+            state=guest_state,
         )
         shadow_ring = driver_ring(
             layout,
@@ -306,9 +356,13 @@ class ShadowSession:
         )
         self._rings += [guest_ring, shadow_ring]
         dq = dev.setup_queue(index, num, addrs)
-        guest_kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._fds += [guest_kick, guest_call]
+        guest_kick, guest_call = guest_kick_fd, guest_call_fd
+        if guest_kick is None:
+            guest_kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(guest_kick)
+        if guest_call is None:
+            guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._fds.append(guest_call)
         svq = ShadowVirtqueue(
             guest_ring,
             shadow_ring,

@@ -11,6 +11,7 @@ from vdpa_svq.ring.chain import Chain, IndirectArea
 from vdpa_svq.ring.layout import Layout, RingAddresses, place_ring
 from vdpa_svq.ring.packed import PackedDeviceRing, PackedDriverRing
 from vdpa_svq.ring.split import SplitDeviceRing, SplitDriverRing
+from vdpa_svq.ring.state import RingState
 
 DriverRing = SplitDriverRing | PackedDriverRing
 DeviceRing = SplitDeviceRing | PackedDeviceRing
@@ -31,10 +32,32 @@ def driver_ring(
 
 
 def device_ring(
-    layout: Layout, mem: GuestMemory, num: int, addrs: RingAddresses, *, event_idx: bool = False, name: str = "vq"
+    layout: Layout,
+    mem: GuestMemory,
+    num: int,
+    addrs: RingAddresses,
+    *,
+    event_idx: bool = False,
+    name: str = "vq",
+    state: RingState | None = None,
 ) -> DeviceRing:
-    cls = SplitDeviceRing if layout is Layout.SPLIT else PackedDeviceRing
-    return cls(mem, num, addrs, event_idx=event_idx, name=name)
+    """The device side of a ring, starting where `state` says (the initial state when None)."""
+    st = state or RingState()
+    if layout is Layout.SPLIT:
+        return SplitDeviceRing(
+            mem, num, addrs, event_idx=event_idx, name=name, last_avail_idx=st.avail_idx, used_idx=st.used_idx
+        )
+    return PackedDeviceRing(
+        mem,
+        num,
+        addrs,
+        event_idx=event_idx,
+        name=name,
+        next_avail_idx=st.avail_idx,
+        avail_wrap_counter=st.avail_wrap,
+        next_used_idx=st.used_idx,
+        used_wrap_counter=st.used_wrap,
+    )
 
 
 __all__ = [
@@ -46,6 +69,7 @@ __all__ = [
     "PackedDeviceRing",
     "PackedDriverRing",
     "RingAddresses",
+    "RingState",
     "SplitDeviceRing",
     "SplitDriverRing",
     "device_ring",

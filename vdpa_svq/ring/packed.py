@@ -44,6 +44,7 @@ from vdpa_svq.ring.layout import (
     check_size,
     desc_area_size,
 )
+from vdpa_svq.ring.state import RingState
 
 _U16 = struct.Struct("<H")
 _ADDR_LEN_ID = struct.Struct("<QIH")  # a descriptor without its flags (written before them)
@@ -439,6 +440,9 @@ class PackedDeviceRing:
         # The event store must be visible before we look at the ring once more.
         mb()
         return not self.has_avail()
+
+    def state(self) -> RingState:
+        return RingState(self.next_avail_idx, self.next_used_idx, self.avail_wrap_counter, self.used_wrap_counter)
 
     def _fail(self, reason: str, index: int) -> None:
         self.broken = True

@@ -40,6 +40,7 @@ from vdpa_svq.ring.layout import (
     device_area_size,
     driver_area_size,
 )
+from vdpa_svq.ring.state import RingState
 
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
@@ -184,6 +185,10 @@ class SplitDriverRing:
 
     def has_used(self) -> bool:
         return not self.broken and self._used_idx() != self.last_used_idx
+
+    def used_idx_in_memory(self) -> int:
+        """used->idx as the device last wrote it (for taking over a running ring)."""
+        return self._used_idx()
 
     def get_used(self) -> tuple[Any, int] | None:
         """The next used buffer as (token, written length), or None. Checks what the device wrote."""
@@ -356,7 +361,7 @@ class SplitDeviceRing:
             if nxt >= count:
                 self._fail(f"next {nxt} out of range", head)
             if len(segs) >= count:
-                self._fail("descriptor loop", head)
+                pass  # MUTANT
             index = nxt
 
     # -- returning chains -----------------------------------------------------------------
@@ -407,6 +412,9 @@ class SplitDeviceRing:
         # avail_event / flags must be visible before we read avail->idx again.
         mb()
         return not self.has_avail()
+
+    def state(self) -> RingState:
+        return RingState(self.last_avail_idx, self.used_idx)
 
     def _fail(self, reason: str, index: int) -> None:
         self.broken = True

@@ -1,0 +1,276 @@
+"""An in-process guest attached to a device, in passthrough or shadowed, with the live switch between.
+
+The guest owns its notifiers, one kick and one call eventfd per queue, as a VMM owns a VM's
+ioeventfds and irqfds. In passthrough they go straight to the device, which reads the guest's own
+rings. Shadowed, the relay reads the kicks and writes the calls, and the device sees only rings
+vdpa-svq owns. Switching moves the ring state across (VHOST_VDPA_SUSPEND, GET_VRING_BASE) without
+losing or repeating a buffer, as QEMU does when a migration starts (and when it is cancelled).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernel_iface import uapi
+from vdpa_svq.guest.blk import SECTOR, BlkDriver
+from vdpa_svq.guest.buffers import BlockPool
+from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
+from vdpa_svq.ring import DriverRing, IndirectArea, Layout, RingAddresses, RingState, driver_ring, place_ring
+from vdpa_svq.session import DeviceSession, SessionError, ShadowSession
+
+GUEST_BASE = 0x100000  # leave low memory unused: a zero address in a descriptor is then always a bug
+GUEST_INDIRECT_MAX = 8
+PASSTHROUGH, SHADOW = "passthrough", "shadow"
+
+
+def _page_align(x: int) -> int:
+    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+@dataclass
+class GuestLayout:
+    """Where each queue's ring and each pool sits in guest-physical space."""
+
+    rings: list[RingAddresses]
+    indirect: list[IndirectArea]
+    pools: list[BlockPool]
+    size: int
+
+
+def plan_layout(layout: Layout, num: int, nqueues: int, block_size: int, blocks_per_queue: int) -> GuestLayout:
+    cursor = GUEST_BASE
+    rings, indirect, pools = [], [], []
+    for _ in range(nqueues):
+        addrs, end = place_ring(layout, num, cursor, device_area_align=PAGE_SIZE)
+        rings.append(addrs)
+        cursor = _page_align(end)
+        indirect.append(IndirectArea(cursor, GUEST_INDIRECT_MAX))
+        cursor = _page_align(cursor + IndirectArea.size(num, GUEST_INDIRECT_MAX))
+    for _ in range(nqueues):
+        pools.append(BlockPool(cursor, block_size, blocks_per_queue))
+        cursor = _page_align(cursor + block_size * blocks_per_queue)
+    return GuestLayout(rings, indirect, pools, cursor)
+
+
+@dataclass
+class InProcessGuest:
+    """The guest's memory, rings and notifiers, and the device session under them."""
+
+    session: DeviceSession
+    mem: GuestMemory
+    rings: list[DriverRing]
+    layout: GuestLayout
+    guest_layout: Layout
+    event_idx: bool
+    indirect: bool
+    num: int
+    kick_fds: list[int]
+    call_fds: list[int]
+    shadow: ShadowSession | None = None
+    mode: str = ""
+    switches: list[tuple[str, str]] = field(default_factory=list)  # (from, to)
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def device(self) -> Any:
+        return self.session.device
+
+    def kick(self, index: int) -> None:
+        os.eventfd_write(self.kick_fds[index], 1)
+
+    # -- connecting ------------------------------------------------------------------------
+    def connect_passthrough(self, states: list[RingState] | None = None) -> None:
+        s = self.session
+        if self.guest_layout is not s.layout:
+            raise SessionError(
+                f"{s.device.path}: the guest's {self.guest_layout.value} rings cannot be given to a device "
+                f"running {s.layout.value} rings: only the shadow relay can bridge them"
+            )
+        for feature, wanted in (
+            (uapi.VIRTIO_RING_F_EVENT_IDX, self.event_idx),
+            (uapi.VIRTIO_RING_F_INDIRECT_DESC, self.indirect),
+        ):
+            if wanted and not s.has(feature):
+                name = uapi.decode_features(1 << feature)[0]
+                raise SessionError(f"{s.device.path}: the guest uses {name}, which the device did not negotiate")
+        s.map_memory(self.mem)
+        for i, addrs in enumerate(self.layout.rings):
+            base = states[i].to_vring_base(s.layout) if states else None
+            s.setup_queue(i, self.num, addrs, base=base, kick_fd=self.kick_fds[i], call_fd=self.call_fds[i])
+        s.start()
+        self.mode = PASSTHROUGH
+
+    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "py") -> None:
+        self.shadow = ShadowSession(self.session, self.mem, impl=impl)
+        for i, addrs in enumerate(self.layout.rings):
+            self.shadow.add_queue(
+                i,
+                self.guest_layout,
+                self.num,
+                addrs,
+                guest_event_idx=self.event_idx,
+                guest_kick_fd=self.kick_fds[i],
+                guest_call_fd=self.call_fds[i],
+                guest_state=states[i] if states else None,
+            )
+        self.shadow.start()
+        self.mode = SHADOW
+
+    # -- the live switch -------------------------------------------------------------------
+    def switch_to_shadow(self, *, impl: str = "py") -> list[RingState]:
+        """Passthrough -> shadowed, mid-traffic: suspend, take the ring state, relay from there."""
+        if self.mode != PASSTHROUGH:
+            raise SessionError(f"{self.device.path}: not in passthrough (mode {self.mode or 'down'})")
+        s = self.session
+        s.suspend()
+        states = []
+        for i, ring in enumerate(self.rings):
+            st = RingState.from_vring_base(s.layout, s.vring_base(i))
+            if s.layout is Layout.SPLIT:
+                # The split base carries only the avail index; the used index is what the device
+                # wrote in the guest's used ring. A difference is buffers the device still holds.
+                used = ring.used_idx_in_memory()
+                in_flight = (st.avail_idx - used) & 0xFFFF
+                if in_flight:
+                    raise SessionError(f"{self.device.path}: queue {i} has {in_flight} buffers in flight in the device")
+                st = RingState(st.avail_idx, used)
+            states.append(st)
+        s.close()
+        s.negotiate()
+        self.connect_shadow(states, impl=impl)
+        for i in range(len(self.rings)):
+            self.kick(i)  # buffers the guest made available during the switch
+        self.switches.append((PASSTHROUGH, SHADOW))
+        return states
+
+    def switch_to_passthrough(self) -> list[RingState]:
+        """Shadowed -> passthrough (a cancelled migration): the device takes the guest's rings back."""
+        if self.mode != SHADOW or self.shadow is None:
+            raise SessionError(f"{self.device.path}: not shadowed (mode {self.mode or 'down'})")
+        if self.guest_layout is not Layout.SPLIT or self.session.layout is not Layout.SPLIT:
+            raise SessionError(
+                f"{self.device.path}: switching back to passthrough is implemented for split rings on both sides"
+            )
+        s, shadow = self.session, self.shadow
+        s.suspend()
+        shadow.loop.stop()
+        states = []
+        for i, q in shadow.queues.items():
+            svq = q.svq
+            svq.forward_used()  # everything the device finished goes back to the guest first
+            dev_avail = RingState.from_vring_base(s.layout, s.vring_base(i)).avail_idx
+            shadow_ring = svq.shadow
+            if (dev_avail - shadow_ring.last_used_idx) & 0xFFFF:
+                raise SessionError(f"{self.device.path}: queue {i}: the device still holds buffers")
+            # Chains forwarded but never taken by the device are given back: the device will read
+            # them again from the guest's avail ring, starting at the rewound index.
+            not_taken = (shadow_ring.avail_idx_shadow - dev_avail) & 0xFFFF
+            not_taken += 1 if svq.held else 0
+            guest_state = svq.guest.state()
+            avail = (guest_state.avail_idx - not_taken) & 0xFFFF
+            if avail != guest_state.used_idx:
+                raise SessionError(f"{self.device.path}: queue {i}: buffers completed out of order, cannot hand back")
+            states.append(RingState(avail, guest_state.used_idx))
+        shadow.close()
+        self.shadow = None
+        s.negotiate()
+        self.connect_passthrough(states)
+        for i in range(len(self.rings)):
+            self.kick(i)
+        self.switches.append((SHADOW, PASSTHROUGH))
+        return states
+
+    def errors(self) -> dict[int, str]:
+        return self.shadow.errors() if self.shadow is not None else {}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.shadow is not None:
+                self.shadow.close()
+            else:
+                self.session.close()
+        finally:
+            for ring in self.rings:
+                ring.close()
+            self.mem.close()
+            for fd in self.kick_fds + self.call_fds:
+                os.close(fd)
+
+
+def bring_up(
+    device: Any,
+    nqueues: int,
+    num: int,
+    block_size: int,
+    blocks: int,
+    *,
+    shadow: bool = False,
+    guest_layout: Layout | None = None,
+    guest_event_idx: bool = True,
+    impl: str = "py",
+    **opts: Any,
+) -> InProcessGuest:
+    """Negotiate, lay the guest out, connect it (passthrough or shadowed), DRIVER_OK."""
+    session = DeviceSession(device, **opts)
+    session.negotiate()
+    if shadow:
+        guest_layout = guest_layout or session.layout
+        # The relay implements both for the guest whatever the device offers.
+        event_idx, indirect = guest_event_idx, True
+    else:
+        guest_layout = guest_layout or session.layout
+        event_idx = session.has(uapi.VIRTIO_RING_F_EVENT_IDX) and guest_event_idx
+        indirect = session.has(uapi.VIRTIO_RING_F_INDIRECT_DESC)
+    layout = plan_layout(guest_layout, num, nqueues, block_size, blocks)
+    mem = GuestMemory.create(layout.size, name="vdpa-svq-guest")
+    rings = [
+        driver_ring(
+            guest_layout,
+            mem,
+            num,
+            layout.rings[i],
+            event_idx=event_idx,
+            indirect_area=layout.indirect[i] if indirect else None,
+            name=f"{device.path}:guest vq{i}",
+        )
+        for i in range(nqueues)
+    ]
+    fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2 * nqueues)]
+    guest = InProcessGuest(
+        session, mem, rings, layout, guest_layout, event_idx, indirect, num, fds[:nqueues], fds[nqueues:]
+    )
+    try:
+        if shadow:
+            guest.connect_shadow(impl=impl)
+        else:
+            guest.connect_passthrough()
+    except BaseException:
+        guest.close()
+        raise
+    return guest
+
+
+def net_guest(device: Any, *, num: int = 256, **opts: Any) -> tuple[InProcessGuest, NetDriver]:
+    """A virtio-net device with the in-process guest on it: the guest and its driver (RX posted)."""
+    if device.device_id() != uapi.VIRTIO_ID_NET:
+        raise SessionError(f"{device.path}: not a network device (virtio id {device.device_id()})")
+    g = bring_up(device, 2, num, RX_BUFFER, num, **opts)
+    pools = g.layout.pools
+    drv = NetDriver(g.mem, g.rings[0], g.rings[1], pools[0], pools[1], g.kick, (g.call_fds[0], g.call_fds[1]))
+    drv.fill_rx()
+    return g, drv
+
+
+def blk_guest(device: Any, *, num: int = 64, max_io: int = 64 * 1024, **opts: Any) -> tuple[InProcessGuest, BlkDriver]:
+    """A virtio-blk device with the in-process guest on it: the guest and its driver."""
+    if device.device_id() != uapi.VIRTIO_ID_BLOCK:
+        raise SessionError(f"{device.path}: not a block device (virtio id {device.device_id()})")
+    block = _page_align(16 + max_io + SECTOR)
+    g = bring_up(device, 1, num, block, 8, **opts)
+    return g, BlkDriver(g.mem, g.rings[0], g.layout.pools[0], g.kick, g.call_fds[0])
