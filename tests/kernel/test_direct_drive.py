@@ -13,8 +13,8 @@ import time
 import pytest
 
 from kernel_iface import VhostVdpa, uapi
-from vdpa_svq.guest.frames import ETHERTYPE, build_frame, parse_frame
 from vdpa_svq.attach import blk_guest, net_guest
+from vdpa_svq.guest.frames import ETHERTYPE, build_frame, parse_frame
 from vdpa_svq.ring import Layout
 
 pytestmark = pytest.mark.kernel

@@ -14,8 +14,8 @@ import pytest
 
 from kernel_iface import VhostVdpa, uapi
 from tests.kernel.test_direct_drive import TIMEOUT, check_all_arrived, exchange
-from vdpa_svq.guest.frames import ETHERTYPE, build_frame
 from vdpa_svq.attach import net_guest
+from vdpa_svq.guest.frames import ETHERTYPE, build_frame
 from vdpa_svq.ring import Layout
 
 pytestmark = pytest.mark.kernel
