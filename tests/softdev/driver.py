@@ -1,0 +1,357 @@
+"""The guest side for soft device tests: GuestMemory, the project's driver rings, real eventfds.
+
+GuestDriver does what a virtio driver plus a vhost-vdpa session would: negotiate, map guest memory
+into the device IOTLB (iova = gpa, uaddr = hva), set the rings up and set DRIVER_OK. It waits for
+used buffers on the call eventfd with a timeout, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kernel_iface import uapi
+from kernel_iface.device import PACKED_VRING_BASE_INITIAL
+from vdpa_svq.errors import RingFull
+from vdpa_svq.memory import GuestMemory
+from vdpa_svq.ring import DriverRing, IndirectArea, Layout, driver_ring, place_ring
+from vdpa_svq.softdev import SoftDevice
+
+PAGE = 4096
+SLOT = 2048  # bytes per data buffer slot
+MAX_INDIRECT = 8
+TIMEOUT = 5.0
+
+STATUS_UP_TO_FEATURES = (
+    uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER | uapi.VIRTIO_CONFIG_S_FEATURES_OK
+)
+STATUS_RUNNING = STATUS_UP_TO_FEATURES | uapi.VIRTIO_CONFIG_S_DRIVER_OK
+
+
+def _page_up(x: int) -> int:
+    return (x + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass
+class DriverQueue:
+    index: int
+    ring: DriverRing
+    kick_fd: int
+    call_fd: int
+    err_fd: int
+    calls_seen: int = 0
+
+
+@dataclass
+class SlotPool:
+    """Fixed-size data buffers in guest memory, handed out and taken back."""
+
+    base: int
+    count: int
+    free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.free = [self.base + i * SLOT for i in reversed(range(self.count))]
+
+    def get(self) -> int:
+        return self.free.pop()
+
+    def put(self, gpa: int) -> None:
+        self.free.append(gpa)
+
+
+class GuestDriver:
+    def __init__(
+        self,
+        dev: SoftDevice,
+        *,
+        packed: bool = False,
+        event_idx: bool = False,
+        indirect: bool = False,
+        num: int = 16,
+        slots: int = 128,
+        mem: GuestMemory | None = None,
+        maps: Sequence[tuple[int, int, int]] | None = None,
+    ) -> None:
+        """`maps` overrides the IOTLB mappings: (gpa, size, perm) each, default all of memory RW."""
+        self.dev = dev
+        self.layout = Layout.PACKED if packed else Layout.SPLIT
+        self.num = num
+        nq = dev.vqs_count()
+        # Per queue: one page-aligned block for the ring (device area on its own page, so a test
+        # can map it differently) and the indirect tables; then the data slots.
+        self.ring_base: list[int] = []
+        addr = PAGE
+        for _ in range(nq):
+            self.ring_base.append(addr)
+            _, end = place_ring(self.layout, num, addr, device_area_align=PAGE)
+            addr = _page_up(end) + _page_up(IndirectArea.size(num, MAX_INDIRECT))
+        self.data_base = addr
+        self.pool = SlotPool(self.data_base, slots)
+        self.mem = mem or GuestMemory.create(self.data_base + slots * SLOT)
+        self._owns_mem = mem is None
+        self.queues: list[DriverQueue] = []
+        self.maps = list(maps) if maps is not None else [(r.gpa, r.size, uapi.VHOST_ACCESS_RW) for r in self.mem]
+        want = (
+            1 << uapi.VIRTIO_F_VERSION_1
+            | 1 << uapi.VIRTIO_F_ACCESS_PLATFORM
+            | (1 << uapi.VIRTIO_F_RING_PACKED if packed else 0)
+            | (1 << uapi.VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
+            | (1 << uapi.VIRTIO_RING_F_INDIRECT_DESC if indirect else 0)
+        )
+        self.features = want & dev.get_features()
+        assert self.features == want, "the device does not offer what the test asked for"
+        self.event_idx, self.indirect = event_idx, indirect
+        self.setup()
+
+    # -- the session's part ----------------------------------------------------------------------
+    def setup(self) -> None:
+        dev = self.dev
+        if not dev.acked_backend_features:
+            dev.set_owner()
+            dev.set_backend_features(dev.get_backend_features())
+        dev.set_status(uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER)
+        dev.set_features(self.features)
+        dev.set_status(STATUS_UP_TO_FEATURES)
+        assert dev.get_status() == STATUS_UP_TO_FEATURES
+        with dev.iotlb_batch():
+            for gpa, size, perm in self.maps:
+                dev.iotlb_update(gpa, size, self.mem.hva(gpa), perm)
+        self.queues = []
+        for i, base in enumerate(self.ring_base):
+            addrs, end = place_ring(self.layout, self.num, base, device_area_align=PAGE)
+            area = IndirectArea(_page_up(end), MAX_INDIRECT)
+            ring = driver_ring(
+                self.layout, self.mem, self.num, addrs, event_idx=self.event_idx, indirect_area=area, name=f"drv{i}"
+            )
+            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            dev.set_vring_num(i, self.num)
+            dev.set_vring_addr(i, addrs.desc, addrs.driver, addrs.device)
+            dev.set_vring_base(i, PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0)
+            dev.set_vring_kick(i, kick)
+            dev.set_vring_call(i, call)
+            dev.set_vring_err(i, err)
+            dev.set_vring_enable(i, True)
+            self.queues.append(DriverQueue(i, ring, kick, call, err))
+        dev.set_status(STATUS_RUNNING)
+
+    def teardown_rings(self) -> None:
+        for q in self.queues:
+            q.ring.close()
+            os.close(q.kick_fd)
+            os.close(q.call_fd)
+            os.close(q.err_fd)
+        self.queues = []
+
+    def close(self) -> None:
+        self.dev.close()  # the device first: it must not touch memory that is going away
+        self.teardown_rings()
+        if self._owns_mem:
+            self.mem.close()
+
+    # -- the driver's part -----------------------------------------------------------------------
+    def kick(self, qi: int) -> bool:
+        q = self.queues[qi]
+        if q.ring.kick_needed():
+            os.eventfd_write(q.kick_fd, 1)
+            return True
+        return False
+
+    def wait(self, qi: int, done: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        """Block on queue qi's call eventfd until done() holds; AssertionError after `timeout`."""
+        q = self.queues[qi]
+        deadline = time.monotonic() + timeout
+        while not done():
+            if not q.ring.enable_cb():
+                continue  # used buffers already there: no interrupt will come for them
+            if done():
+                return
+            left = deadline - time.monotonic()
+            assert left > 0, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
+            if select.select([q.call_fd], [], [], left)[0]:
+                try:
+                    os.eventfd_read(q.call_fd)
+                    q.calls_seen += 1
+                except BlockingIOError:
+                    pass
+
+    def call_within(self, qi: int, timeout: float) -> bool:
+        """Whether queue qi's call eventfd fires within `timeout` seconds (consumes it)."""
+        q = self.queues[qi]
+        if not select.select([q.call_fd], [], [], timeout)[0]:
+            return False
+        os.eventfd_read(q.call_fd)
+        q.calls_seen += 1
+        return True
+
+    def wait_error(self, qi: int, timeout: float = TIMEOUT) -> str:
+        """Block on queue qi's err eventfd until the device reports it broken; return the reason."""
+        fd = self.queues[qi].err_fd
+        assert select.select([fd], [], [], timeout)[0], f"queue {qi}: no error reported"
+        os.eventfd_read(fd)
+        return self.dev.queue_errors()[qi]
+
+    def reap(self, qi: int, want: int, timeout: float = TIMEOUT) -> list[tuple[object, int]]:
+        """Exactly `want` used buffers of queue qi, in used order, waiting as needed."""
+        ring = self.queues[qi].ring
+        got: list[tuple[object, int]] = []
+
+        def more() -> bool:
+            while len(got) < want:
+                r = ring.get_used()
+                if r is None:
+                    return False
+                got.append(r)
+            return True
+
+        self.wait(qi, more, timeout)
+        return got
+
+    def reap_all(self, qi: int) -> list[tuple[object, int]]:
+        ring = self.queues[qi].ring
+        got = []
+        while (r := ring.get_used()) is not None:
+            got.append(r)
+        return got
+
+
+RX, TX = 0, 1
+NET_HDR = 12
+
+
+def net_hdr(seq: int) -> bytes:
+    """A virtio_net_hdr_v1 with recognisable bytes in flags..csum_offset, num_buffers 0."""
+    return bytes([0, 0]) + seq.to_bytes(8, "little") + b"\0\0"
+
+
+def rx_hdr(tx_hdr: bytes) -> bytes:
+    """What the device puts on RX for `tx_hdr`: the same, with num_buffers = 1 (no MRG_RXBUF)."""
+    return tx_hdr[:10] + b"\x01\x00"
+
+
+class NetDriver(GuestDriver):
+    """A virtio-net driver over GuestDriver: post RX buffers, send frames, receive them back."""
+
+    def post_rx(self, count: int = 1, *, split_hdr: bool = False) -> int:
+        """Post up to `count` RX buffers of SLOT bytes; return how many fit in the ring."""
+        ring = self.queues[RX].ring
+        posted = 0
+        for _ in range(count):
+            if not self.pool.free:
+                break
+            gpa = self.pool.get()
+            in_ = [(gpa, NET_HDR), (gpa + NET_HDR, SLOT - NET_HDR)] if split_hdr else [(gpa, SLOT)]
+            try:
+                ring.add((), in_, gpa, indirect=self.indirect)
+            except RingFull:
+                self.pool.put(gpa)
+                break
+            posted += 1
+        self.kick(RX)
+        return posted
+
+    def send(self, frame: bytes, hdr: bytes, *, kick: bool = True) -> None:
+        assert 0 < len(frame) <= SLOT and len(hdr) == NET_HDR
+        h, f = self.pool.get(), self.pool.get()
+        self.mem.write(h, hdr)
+        self.mem.write(f, frame)
+        try:
+            self.queues[TX].ring.add([(h, NET_HDR), (f, len(frame))], (), (h, f), indirect=self.indirect)
+        except RingFull:
+            self.pool.put(h)
+            self.pool.put(f)
+            raise
+        if kick:
+            self.kick(TX)
+
+    def _rx_bytes(self, token: object, length: int) -> bytes:
+        gpa = token
+        assert isinstance(gpa, int)
+        data = self.mem.read(gpa, length)
+        self.pool.put(gpa)
+        return data
+
+    def recv(self, count: int) -> list[bytes]:
+        """`count` received packets (virtio_net_hdr + frame), waiting for them."""
+        return [self._rx_bytes(t, n) for t, n in self.reap(RX, count)]
+
+    def recv_ready(self) -> list[bytes]:
+        return [self._rx_bytes(t, n) for t, n in self.reap_all(RX)]
+
+    def _free_tx(self, used: list[tuple[object, int]]) -> int:
+        for token, length in used:
+            assert length == 0, "the device wrote into a TX buffer"
+            for gpa in token:  # type: ignore[attr-defined]
+                self.pool.put(gpa)
+        return len(used)
+
+    def complete_tx(self, count: int) -> int:
+        return self._free_tx(self.reap(TX, count))
+
+    def complete_tx_ready(self) -> int:
+        return self._free_tx(self.reap_all(TX))
+
+
+BLK_T_IN, BLK_T_OUT, BLK_T_FLUSH, BLK_T_GET_ID = 0, 1, 4, 8
+
+
+@dataclass
+class BlkRequest:
+    slots: list[int]
+    in_: list[tuple[int, int]]
+    status_gpa: int
+    status: int | None = None
+    written: int | None = None
+    data: bytes = b""
+
+
+class BlkDriver(GuestDriver):
+    """A virtio-blk driver over GuestDriver: header, data in SLOT-sized pieces, status byte."""
+
+    def submit(self, req_type: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> BlkRequest:
+        hdr = self.pool.get()
+        self.mem.write(hdr, req_type.to_bytes(4, "little") + bytes(4) + sector.to_bytes(8, "little"))
+        slots = [hdr]
+        out_segs = [(hdr, 16)]
+        for pos in range(0, len(out), SLOT):
+            gpa = self.pool.get()
+            slots.append(gpa)
+            piece = out[pos : pos + SLOT]
+            self.mem.write(gpa, piece)
+            out_segs.append((gpa, len(piece)))
+        in_segs = []
+        for pos in range(0, in_len, SLOT):
+            gpa = self.pool.get()
+            slots.append(gpa)
+            in_segs.append((gpa, min(SLOT, in_len - pos)))
+        status = self.pool.get()
+        slots.append(status)
+        self.mem.write(status, b"\xff")
+        req = BlkRequest(slots, in_segs, status)
+        self.queues[0].ring.add(out_segs, [*in_segs, (status, 1)], req, indirect=self.indirect)
+        return req
+
+    def complete(self, count: int) -> list[BlkRequest]:
+        done = []
+        for token, written in self.reap(0, count):
+            req = token
+            assert isinstance(req, BlkRequest)
+            req.written = written
+            req.status = self.mem.read(req.status_gpa, 1)[0]
+            req.data = b"".join(self.mem.read(a, n) for a, n in req.in_)
+            for gpa in req.slots:
+                self.pool.put(gpa)
+            done.append(req)
+        return done
+
+    def do(self, req_type: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> BlkRequest:
+        req = self.submit(req_type, sector, out=out, in_len=in_len)
+        self.kick(0)
+        (got,) = self.complete(1)
+        assert got is req
+        return req

@@ -1,0 +1,96 @@
+"""SoftNetDevice: a loopback virtio-net device, like vdpa_sim_net (device id 1, vq0 RX, vq1 TX).
+
+Every frame sent on TX comes back on RX. Backpressure differs from vdpa_sim on purpose: when
+the RX queue has no buffer, vdpa_sim drops the frame; we leave the TX chain in the TX ring (not
+even popped) until the driver adds RX buffers, so tests see every frame, deterministically, and
+GET_VRING_BASE never has to account for chains held inside the device. A frame is dropped (TX
+completed, counted in stats) only when RX cannot take it at all: RX disabled or broken, or the
+TX chain is shorter than a virtio_net_hdr.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kernel_iface import uapi
+from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
+from vdpa_svq.softdev.chainio import gather, scatter
+from vdpa_svq.softdev.queue import SoftQueue
+
+RX, TX = 0, 1
+VIRTIO_NET_S_LINK_UP = 1
+# struct virtio_net_hdr_v1: flags u8, gso_type u8, hdr_len le16, gso_size le16, csum_start le16,
+# csum_offset le16, num_buffers le16 -- 12 bytes with VERSION_1 (which this device requires).
+NET_HDR_SIZE = 12
+_NUM_BUFFERS_OFF = 10
+# struct virtio_net_config up to supported_hash_types: mac[6], status le16, max_virtqueue_pairs le16,
+# mtu le16, speed le32, duplex u8, rss_max_key_size u8, rss_max_indirection_table_length le16,
+# supported_hash_types le32 -- 24 bytes, the size vdpa_sim net reports.
+_NET_CONFIG = struct.Struct("<6sHHHIBBHI")
+SPEED_UNKNOWN = 0xFFFFFFFF
+DUPLEX_UNKNOWN = 0xFF
+
+DEFAULT_MAC = bytes.fromhex("525400000001")
+
+
+class SoftNetDevice(SoftDevice):
+    DEVICE_ID = uapi.VIRTIO_ID_NET
+    KIND = "net"
+    QUEUE_NAMES = ("rx", "tx")
+    # No CTRL_VQ: one queue pair, no control queue to model.
+    DEVICE_FEATURES = 1 << uapi.VIRTIO_NET_F_MAC | 1 << uapi.VIRTIO_NET_F_STATUS | 1 << uapi.VIRTIO_NET_F_MTU
+
+    def __init__(self, *, mac: bytes = DEFAULT_MAC, mtu: int = 1500, **kwargs: object) -> None:
+        if len(mac) != 6:
+            raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.mac = bytes(mac)
+        self.mtu = mtu
+
+    @classmethod
+    def like_vdpa_sim(cls, **kwargs: object) -> SoftNetDevice:
+        """The ring features of vdpa_sim net: split only, no EVENT_IDX, no INDIRECT, 256 entries."""
+        return cls(packed=False, event_idx=False, indirect=False, vring_num=256, **kwargs)  # type: ignore[arg-type]
+
+    def config(self) -> bytes:
+        return _NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu, SPEED_UNKNOWN, DUPLEX_UNKNOWN, 0, 0, 0)
+
+    # -- datapath --------------------------------------------------------------------------------
+    def process(self) -> bool:
+        rx, tx = self.queues[RX], self.queues[TX]
+        progress = False
+        while tx.usable and tx.ring.has_avail():  # type: ignore[union-attr]
+            if rx.usable and not rx.ring.has_avail():  # type: ignore[union-attr]
+                break  # hold: the frame stays in the TX ring until RX buffers arrive (RX kicks us)
+            chain = self.pop(tx)
+            if chain is None:
+                break
+            try:
+                packet = gather(self.mem, chain)
+            except QUEUE_FAULTS as e:
+                self.break_queue(tx, e)
+                break
+            if not self._deliver(rx, packet):
+                tx.stats.dropped += 1
+            self.push(tx, chain, 0, read=len(packet))
+            progress = True
+        return progress
+
+    def _deliver(self, rx: SoftQueue, packet: bytes) -> bool:
+        """Copy one TX packet (header + frame) into the next RX buffer; False if it was dropped."""
+        if len(packet) < NET_HDR_SIZE:
+            return False
+        chain = self.pop(rx)
+        if chain is None:
+            return False
+        # Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1); the rest of the
+        # header is the sender's (no offloads are offered, so it carries nothing to undo).
+        hdr = packet[:_NUM_BUFFERS_OFF] + struct.pack("<H", 1)
+        try:
+            # A too-small RX buffer gets the frame truncated: there is no MRG_RXBUF to spread it.
+            written = scatter(self.mem, chain, hdr + packet[NET_HDR_SIZE:])
+        except QUEUE_FAULTS as e:
+            self.break_queue(rx, e)
+            return False
+        self.push(rx, chain, written)
+        return True
