@@ -102,3 +102,36 @@ def test_datapath_exception_is_recorded_never_silent():
         assert dev.datapath_error is None and dev.queue_errors() == {}
     finally:
         drv.close()
+
+
+def test_invalidated_mapping_is_no_longer_reachable():
+    """Buffers are translated on every access: after IOTLB invalidate the device cannot reach
+    them any more (the rings, translated at DRIVER_OK, keep working)."""
+    drv = NetDriver(SoftNetDevice(), num=8)
+    try:
+        drv.post_rx(2)
+        drv.send(b"before", net_hdr(0))
+        assert drv.recv(1)[0][12:] == b"before"
+        drv.complete_tx(1)
+        drv.dev.iotlb_invalidate(drv.data_base, 1)  # removes the one mapping of all memory...
+        drv.dev.iotlb_update(0, drv.data_base, drv.mem.hva(0))  # ...give the rings back only
+        drv.send(b"after", net_hdr(1))
+        # The device ring checks each descriptor against the IOTLB before any byte is read.
+        assert "outside guest memory" in drv.wait_error(TX)
+    finally:
+        drv.close()
+
+
+def test_reset_while_frames_flow_stops_the_thread():
+    import threading
+
+    drv = NetDriver(SoftNetDevice(), num=16)
+    try:
+        drv.post_rx(16)
+        for i in range(6):
+            drv.send(b"z" * 500, net_hdr(i))
+        drv.dev.set_status(0)
+        assert not [t for t in threading.enumerate() if t.name.startswith("soft:net")]
+        assert drv.dev.get_status() == 0 and drv.dev.queue_errors() == {}
+    finally:
+        drv.close()
