@@ -203,6 +203,8 @@ def main(rundir: Path) -> int:
     say(f"bench ready in {time.monotonic() - t0:.1f} s")
     for k, v in sorted(bench_env.items()):
         say(f"export {k}={v}")
+    if os.environ.get("KBENCH_OUT"):
+        bench_env["KBENCH_OUT"] = os.environ["KBENCH_OUT"]  # kbench run --out: writable, shared with the host
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("KBENCH_")}  # init's cmdline vars
     env = inherited | req["env"] | bench_env | {
         "PYTHONDONTWRITEBYTECODE": "1",  # the repo is read-only in here

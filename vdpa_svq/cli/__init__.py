@@ -12,7 +12,6 @@ def main() -> None:
     and log every guest page the device writes, so a VM with a vDPA device can be live-migrated."""
 
 
-@main.command()
-def demo() -> None:
-    """Run what exists so far end to end and show it."""
-    click.echo("vdpa-svq demo: nothing to show yet")
+from vdpa_svq.cli.attach import attach  # noqa: E402
+
+main.add_command(attach)
