@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.memory import PAGE_SIZE, GuestMemory
 from vdpa_svq.memory.iova import IovaMap
-from vdpa_svq.relay import ShadowVirtqueue
+from vdpa_svq.relay_impl import make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, Layout, device_ring, driver_ring, place_ring
 
 BLOCK = 256
@@ -67,22 +67,31 @@ class RelayRig:
         ev = self.event_idx
         self.drv = driver_ring(self.guest_layout, self.guest_mem, self.guest_num, g_addrs, event_idx=ev,
                                indirect_area=self.g_indirect, name="guest-driver")
-        guest_side = device_ring(self.guest_layout, self.guest_mem, self.guest_num, g_addrs, event_idx=ev, name="guest")
-        shadow_side = driver_ring(self.shadow_layout, self.shadow_mem, self.shadow_num, s_addrs, event_idx=ev,
-                                  indirect_area=s_indirect, name="shadow")
+        self.g_addrs, self.s_addrs, self.s_indirect = g_addrs, s_addrs, s_indirect
         self.dev = device_ring(self.shadow_layout, self.dev_mem, self.shadow_num, s_addrs, event_idx=ev, name="device")
         self.device_kicks = self.guest_calls = 0
         # Each side only looks at its ring when notified (or when re-enabling found more): a
         # notification the relay wrongly suppressed shows up as a stall.
         self.device_kicked = self.guest_called = False
-        self.svq = ShadowVirtqueue(guest_side, shadow_side, self.iova, self.dirty,
-                                   device_kick=self._device_kick, guest_call=self._guest_call,
-                                   indirect=self.indirect, name="svq")
+        self.relay_rings: list = []
+        self.svq = self.make_svq(self.iova)
         self.guest_ring_spans = [(g_addrs.desc, 16 * self.guest_num), (g_addrs.device, 0x1000)]
         self.by_token: dict[int, Rec] = {}
         self.at_device: list = []
         self.next_token = 0
         self.reaped = 0
+        self.used_log: list[tuple[int, int]] = []  # (token, len) in the order the guest reaped them
+
+    def make_svq(self, iova: IovaMap):
+        """The relay under test (`impl`), over fresh guest-side and shadow rings."""
+        ev = self.event_idx
+        guest_side = device_ring(self.guest_layout, self.guest_mem, self.guest_num, self.g_addrs, event_idx=ev,
+                                 name="guest")
+        shadow_side = driver_ring(self.shadow_layout, self.shadow_mem, self.shadow_num, self.s_addrs, event_idx=ev,
+                                  indirect_area=self.s_indirect, name="shadow")
+        self.relay_rings += [guest_side, shadow_side]
+        return make_shadow_virtqueue(guest_side, shadow_side, iova, self.dirty, device_kick=self._device_kick,
+                                     guest_call=self._guest_call, indirect=self.indirect, name="svq", impl=self.impl)
 
     def _device_kick(self) -> None:
         self.device_kicks += 1
@@ -132,6 +141,7 @@ class RelayRig:
     def _reap(self) -> None:
         while (r := self.drv.get_used()) is not None:
             tok, length = r
+            self.used_log.append((tok, length))
             rec = self.by_token.pop(tok)
             assert rec.written is not None, "guest got a buffer back that the device never used"
             assert length == len(rec.written)
@@ -197,7 +207,9 @@ class RelayRig:
         assert self.svq.error is None, self.svq.error
 
     def close(self) -> None:
-        for r in (self.drv, self.dev, self.svq.guest, self.svq.shadow):
+        if self.impl == "c":
+            self.svq.close()  # its exports keep the memory mapped: release them first
+        for r in (self.drv, self.dev, *self.relay_rings):
             r.close()
         for m in (self.dev_mem, self.shadow_mem, self.guest_mem):
             m.close()

@@ -12,6 +12,7 @@ from tests.relay.harness import RelayRig
 from vdpa_svq.ring import Layout
 
 PAIRS = [(g, s) for g in Layout for s in Layout]
+IMPLS = ["py", "c"]  # every test runs over both, as CPython's test_heapq does (PEP 399)
 
 
 def run(rig: RelayRig, steps: int) -> None:
@@ -39,6 +40,7 @@ def check_dirty_log(rig: RelayRig) -> None:
     assert not stray, f"logged pages nobody wrote: {sorted(stray)}"
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @settings(max_examples=60, deadline=None)
 @given(
     pair=st.sampled_from(PAIRS),
@@ -48,14 +50,15 @@ def check_dirty_log(rig: RelayRig) -> None:
     indirect=st.booleans(),
     seed=st.integers(0, 2**32),
 )
-def test_every_buffer_crosses_the_relay_once_and_the_dirty_log_is_exact(pair, guest_num, shadow_num, event_idx,
+def test_every_buffer_crosses_the_relay_once_and_the_dirty_log_is_exact(impl, pair, guest_num, shadow_num, event_idx,
                                                                          indirect, seed):
     guest_layout, shadow_layout = pair
     if shadow_layout is Layout.SPLIT and shadow_num & (shadow_num - 1):
         shadow_num = 8
     if indirect is False and shadow_num < 8:
         shadow_num = 8  # a guest chain of up to 8 descriptors must fit a shadow ring without indirect
-    rig = RelayRig(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, seed=seed, indirect=indirect)
+    rig = RelayRig(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, seed=seed, indirect=indirect,
+                   impl=impl)
     try:
         run(rig, 400)
         assert rig.reaped == rig.next_token
@@ -65,10 +68,11 @@ def test_every_buffer_crosses_the_relay_once_and_the_dirty_log_is_exact(pair, gu
         rig.close()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
 @pytest.mark.parametrize("event_idx", [False, True])
-def test_long_run_wraps_both_rings_many_times(guest_layout, shadow_layout, event_idx):
-    rig = RelayRig(guest_layout, shadow_layout, 4, 8, event_idx, seed=7, indirect=True)
+def test_long_run_wraps_both_rings_many_times(impl, guest_layout, shadow_layout, event_idx):
+    rig = RelayRig(guest_layout, shadow_layout, 4, 8, event_idx, seed=7, indirect=True, impl=impl)
     try:
         for _ in range(40):
             run(rig, 250)

@@ -1,0 +1,1841 @@
+/*
+ * vdpa_svq._relay: the shadow virtqueue's hot loop in C.
+ *
+ * relay.py is the reference. This file mirrors it function for function, with the same names in
+ * the same order (each tagged "mirrors relay.py:..."), and the ring operations the relay needs from
+ * ring/split.py and ring/packed.py (each tagged "mirrors split.py:SplitDeviceRing.pop" etc.). The
+ * guest-visible ring is driven as its DEVICE, the shadow ring as its DRIVER; split and packed twins
+ * sit in their own sections and the layout is picked once, in the guest_* / shadow_* dispatchers.
+ *
+ * What the C adds nothing to: the rules. Ids, free lists, event indexes, error reasons and indexes
+ * are exactly the Python rings', so that the ring memory both produce is byte-identical (see
+ * tests/differential). What it leaves out: policy, logging and allocation on the hot path. Every
+ * array is sized at construction; the only allocation after that grows the scratch list of a guest
+ * chain longer than any chain that can fit the shadow ring, i.e. on the way to a GuestRingError.
+ *
+ * Memory comes in as tables: guest (and shadow) memory regions (gpa, size, buffer) for reading
+ * and writing rings and for checking addresses; the IOVA map (gpa, size, iova) for translation.
+ * The relay holds buffer exports of the regions' mmaps and of the dirty bitmap, so that they
+ * cannot be closed or resized under it; close() (or deallocation) releases them.
+ *
+ * Trust: everything read from either ring is checked before it is used, and read once (a relaxed
+ * atomic load is never re-read by the compiler), so the other side cannot change a value between
+ * our check and our use.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "vdpa_svq._relay reads the le16/le32/le64 ring fields as host values: little-endian hosts only"
+#endif
+
+/* ==== Barriers and ring memory access ========================================================= */
+
+/* mirrors barrier.py:wmb: order earlier stores before later stores (a compiler barrier on x86-64). */
+static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+/* mirrors barrier.py:rmb: order earlier loads before later loads (a compiler barrier on x86-64). */
+static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+
+/* mirrors barrier.py:mb: order earlier stores before later loads (mfence / a locked instruction). */
+static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+static inline uint16_t ld16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
+static inline uint32_t ld32(const uint8_t *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
+static inline uint64_t ld64(const uint8_t *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED); }
+static inline void st16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
+static inline void st32(uint8_t *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
+static inline void st64(uint8_t *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELAXED); }
+
+/* ring/layout.py and ring/chain.py */
+#define DESC_SIZE 16 /* addr (le64) + len (le32) + split: flags, next / packed: id, flags (le16 each) */
+#define AVAIL_FLAGS 0
+#define AVAIL_IDX 2
+#define AVAIL_RING 4
+#define USED_FLAGS 0
+#define USED_IDX 2
+#define USED_RING 4
+#define USED_ELEM_SIZE 8 /* id (le32) + len (le32) */
+#define EVENT_OFF_WRAP 0
+#define EVENT_FLAGS 2
+#define PACKED_EVENT_SIZE 4
+#define DESC_LEN_OFF 8
+#define DESC_ID_OFF 12
+#define DESC_FLAGS_OFF 14
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
+#define VRING_PACKED_DESC_F_USED (1u << 15)
+#define MAX_CHAIN_BYTES 0xFFFFFFFFull /* a used length is le32: a chain may not describe more */
+/* ring/event.py */
+#define VRING_PACKED_EVENT_FLAG_ENABLE 0
+#define VRING_PACKED_EVENT_FLAG_DISABLE 1
+#define VRING_PACKED_EVENT_FLAG_DESC 2
+#define WRAP_BIT 15
+/* ring/split.py */
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
+/* dirty.py */
+#define PAGE_SHIFT 12
+
+#define NO_NODE UINT32_MAX
+
+/* ==== Errors: the Python classes, the same reasons and indexes ================================= */
+
+static PyObject *RingError;       /* vdpa_svq.errors.RingError */
+static PyObject *GuestRingError;  /* the driver (guest) broke the guest ring */
+static PyObject *DeviceRingError; /* the device broke the shadow ring */
+static PyObject *RingBroken;      /* an operation on a ring already marked broken */
+
+/* Raise cls(queue, reason, index), reason formatted like the Python f-strings (0x%llx for {:#x}). */
+static int ring_failv(PyObject *cls, PyObject *queue, long long index, const char *fmt, va_list ap)
+{
+    char reason[320];
+    vsnprintf(reason, sizeof reason, fmt, ap);
+    PyObject *exc = PyObject_CallFunction(cls, "OsL", queue, reason, index);
+    if (exc != NULL) {
+        PyErr_SetObject(cls, exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
+static int ring_fail(PyObject *cls, PyObject *queue, long long index, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    ring_failv(cls, queue, index, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static int queue_broken(PyObject *name)
+{
+    PyErr_Format(RingBroken, "%U: queue is broken", name);
+    return -1;
+}
+
+/* ==== Memory: regions, IOVA map, dirty log ===================================================== */
+
+typedef struct {
+    uint64_t gpa, size;
+    uint8_t *host;
+} Region;
+
+typedef struct {
+    Region *r;           /* sorted by gpa, non-overlapping (GuestMemory keeps them so) */
+    Py_buffer *views;    /* the exports that keep each region's mmap open */
+    Py_ssize_t n;
+} MemTable;
+
+/* mirrors memory/guest.py:GuestMemory._locate (as view()/contains()): the host address of
+ * [gpa, gpa+length) when one region holds all of it, else NULL. */
+static uint8_t *mem_view(const MemTable *m, uint64_t gpa, uint64_t length)
+{
+    Py_ssize_t lo = 0, hi = m->n; /* bisect_right(starts, gpa) */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (gpa < m->r[mid].gpa)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    if (lo == 0)
+        return NULL;
+    const Region *r = &m->r[lo - 1];
+    uint64_t off = gpa - r->gpa;
+    if (off > r->size || length > r->size - off) /* gpa + length > region.end, without overflow */
+        return NULL;
+    return r->host + off;
+}
+
+typedef struct {
+    uint64_t gpa, size, iova;
+} IovaMapping;
+
+typedef struct {
+    uint64_t addr, len;
+} Piece; /* (iova, length) for the device; (gpa, length) for the dirty log */
+
+/* mirrors memory/iova.py:IovaMap.translate: append the pieces covering [gpa, gpa+length) to
+ * dst (storing at most cap of them, counting the rest in *n). On a hole, -1 with the failing
+ * (gpa, length) in *bad, as the GuestMemoryError of the reference carries them. */
+static int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps, uint64_t gpa, uint64_t length,
+                          Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
+{
+    for (;;) {
+        Py_ssize_t lo = 0, hi = nmaps;
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (gpa < maps[mid].gpa)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        if (lo == 0 || gpa - maps[lo - 1].gpa >= maps[lo - 1].size) {
+            bad->addr = gpa;
+            bad->len = length;
+            return -1;
+        }
+        const IovaMapping *m = &maps[lo - 1];
+        uint64_t room = m->size - (gpa - m->gpa);
+        uint64_t take = length < room ? length : room;
+        if (*n < cap) {
+            dst[*n].addr = m->iova + (gpa - m->gpa);
+            dst[*n].len = take;
+        }
+        (*n)++;
+        if (take == length)
+            return 0;
+        gpa += take;
+        length -= take;
+    }
+}
+
+/* ==== Notification suppression arithmetic (ring/event.py) ===================================== */
+
+/* mirrors event.py:need_event: event_idx in [old_idx, new_idx), 16-bit free-running counters. */
+static inline int need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* mirrors event.py:packed_need_event */
+static inline int packed_need_event(uint16_t off_wrap, uint32_t new_idx, uint64_t moved, int wrap_counter,
+                                    uint32_t num)
+{
+    if (moved >= num)
+        return 1; /* a whole lap or more since the last decision: the event slot was passed */
+    uint32_t event_idx = off_wrap & ~(1u << WRAP_BIT) & 0xFFFF;
+    if (((off_wrap >> WRAP_BIT) & 1) != (unsigned)wrap_counter)
+        event_idx -= num; /* names a slot of the previous lap */
+    return need_event((uint16_t)event_idx, (uint16_t)new_idx, (uint16_t)(new_idx - moved));
+}
+
+/* ==== Chains and tokens ========================================================================= */
+
+typedef struct {
+    uint64_t addr;
+    uint32_t len;
+    uint32_t write;
+} Seg;
+
+/* ring/chain.py:Chain: one available guest buffer as our device side saw it. */
+typedef struct {
+    Seg *segs;        /* readable first, then device-writable; scratch, reused for every chain */
+    uint32_t nsegs, cap;
+    uint16_t id;      /* what goes back in the used element */
+    uint32_t ndescs;  /* guest ring slots it took (1 when indirect) */
+    int indirect;
+    uint64_t writable_bytes;
+} Chain;
+
+/* The shadow ring's token for one buffer id: what forward_used() needs of the guest chain (the
+ * Python relay keeps the Chain object itself). Its writable segments live in the token arena. */
+typedef struct {
+    uint16_t id;
+    uint32_t ndescs;
+    uint64_t writable_bytes;
+    uint32_t seg_head, seg_tail, nsegs;
+} Token;
+
+static int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
+{
+    if (c->nsegs == c->cap) {
+        /* Only a chain longer than anything the shadow ring can take gets here (see the cap in
+         * relay_init): it is on its way to "can never fit the shadow ring". */
+        uint32_t cap = c->cap * 2;
+        Seg *segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg));
+        if (segs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->segs = segs;
+        c->cap = cap;
+    }
+    c->segs[c->nsegs].addr = addr;
+    c->segs[c->nsegs].len = len;
+    c->segs[c->nsegs].write = (uint32_t)write;
+    c->nsegs++;
+    return 0;
+}
+
+/* ==== The guest ring: we are its DEVICE ======================================================== */
+
+typedef struct {
+    int packed, event_idx, broken;
+    uint32_t num;
+    PyObject *name;
+    uint64_t desc_addr, driver_addr, device_addr; /* guest-physical, for the dirty log */
+    uint8_t *desc, *driver, *device;              /* host views of the three areas */
+    const MemTable *mem;
+    uint8_t *in_flight; /* heads (split) / buffer ids (packed) popped and not yet used */
+    /* split */
+    uint16_t last_avail_idx, used_idx, signalled_used;
+    uint32_t used_event_off, avail_event_off;
+    /* packed */
+    uint32_t next_avail_idx, next_used_idx;
+    int avail_wrap_counter, used_wrap_counter;
+    uint64_t used_since_signal;
+} DeviceSide;
+
+static int guest_fail(DeviceSide *g, long long index, const char *fmt, ...)
+{
+    va_list ap;
+    g->broken = 1;
+    va_start(ap, fmt);
+    ring_failv(GuestRingError, g->name, index, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* One buffer descriptor of a guest chain: the checks both layouts make, in the same order. */
+static inline int take_segment(DeviceSide *g, Chain *c, uint16_t head, uint64_t addr, uint32_t len, uint16_t flags,
+                               int *seen_write, uint64_t *total, uint64_t *writable)
+{
+    int write = (flags & VRING_DESC_F_WRITE) != 0;
+    if (write) {
+        *seen_write = 1;
+        *writable += len;
+    } else if (*seen_write) {
+        return guest_fail(g, head, "readable descriptor after a writable one");
+    }
+    if (mem_view(g->mem, addr, len) == NULL)
+        return guest_fail(g, head, "buffer [0x%llx, +0x%x) outside guest memory", (unsigned long long)addr, len);
+    *total += len;
+    if (*total > MAX_CHAIN_BYTES)
+        return guest_fail(g, head, "chain longer than 4 GiB");
+    return chain_append(c, addr, len, write);
+}
+
+/* ---- split ----------------------------------------------------------------------------------- */
+
+/* mirrors split.py:SplitDeviceRing.has_avail */
+static int has_avail_split(const DeviceSide *g)
+{
+    return !g->broken && ld16(g->driver + AVAIL_IDX) != g->last_avail_idx;
+}
+
+/* mirrors split.py:SplitDeviceRing._read_chain */
+static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
+{
+    const uint8_t *table = g->desc;
+    uint32_t count = g->num, index = head;
+    int indirect = 0, seen_write = 0;
+    uint64_t total = 0, writable = 0;
+
+    c->nsegs = 0;
+    for (;;) { /* ends: every pass appends a segment, and at most `count` fit */
+        const uint8_t *d = table + (size_t)index * DESC_SIZE;
+        uint64_t addr = ld64(d);
+        uint32_t len = ld32(d + 8);
+        uint16_t flags = ld16(d + 12), nxt = ld16(d + 14);
+        if (flags & VRING_DESC_F_INDIRECT) {
+            if (indirect)
+                return guest_fail(g, head, "indirect descriptor inside an indirect table");
+            if (c->nsegs || (flags & VRING_DESC_F_NEXT))
+                return guest_fail(g, head, "indirect descriptor chained with others");
+            if (len == 0 || len % DESC_SIZE)
+                return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
+            table = mem_view(g->mem, addr, len);
+            if (table == NULL)
+                return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
+                                  (unsigned long long)addr, len);
+            indirect = 1;
+            count = len / DESC_SIZE;
+            index = 0;
+            continue;
+        }
+        if (take_segment(g, c, head, addr, len, flags, &seen_write, &total, &writable) < 0)
+            return -1;
+        if (!(flags & VRING_DESC_F_NEXT)) {
+            c->id = head;
+            c->ndescs = indirect ? 1 : c->nsegs;
+            c->indirect = indirect;
+            c->writable_bytes = writable;
+            return 0;
+        }
+        if (nxt >= count)
+            return guest_fail(g, head, "next %u out of range", nxt);
+        if (c->nsegs >= count)
+            return guest_fail(g, head, "descriptor loop");
+        index = nxt;
+    }
+}
+
+/* mirrors split.py:SplitDeviceRing.pop: 1 with the next chain in *c, 0 when there is none. */
+static int pop_split(DeviceSide *g, Chain *c)
+{
+    if (g->broken)
+        return queue_broken(g->name);
+    uint16_t avail_idx = ld16(g->driver + AVAIL_IDX);
+    if (avail_idx == g->last_avail_idx)
+        return 0;
+    if ((uint16_t)(avail_idx - g->last_avail_idx) > g->num)
+        return guest_fail(g, avail_idx, "avail idx moved from %u to %u", g->last_avail_idx, avail_idx);
+    /* Read the ring entry and descriptors only after avail->idx said they are there. */
+    rmb();
+    uint32_t slot = g->last_avail_idx % g->num;
+    uint16_t head = ld16(g->driver + AVAIL_RING + 2 * slot);
+    if (head >= g->num)
+        return guest_fail(g, slot, "head %u out of range", head);
+    if (g->in_flight[head])
+        return guest_fail(g, slot, "head %u made available while still in flight", head);
+    if (read_chain_split(g, head, c) < 0)
+        return -1;
+    g->in_flight[head] = 1;
+    g->last_avail_idx++;
+    return 1;
+}
+
+/* mirrors split.py:SplitDeviceRing.push_used: the ring spans written go to spans[] (dirty log). */
+static int push_used_split(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
+{
+    uint32_t slot = g->used_idx % g->num;
+    uint8_t *elem = g->device + USED_RING + USED_ELEM_SIZE * slot;
+    st32(elem, t->id);
+    st32(elem + 4, written);
+    g->in_flight[t->id] = 0;
+    /* The element must be visible before used->idx covers it (2.7.14). */
+    wmb();
+    g->used_idx++;
+    st16(g->device + USED_IDX, g->used_idx);
+    spans[0].addr = g->device_addr + USED_RING + USED_ELEM_SIZE * slot;
+    spans[0].len = USED_ELEM_SIZE;
+    spans[1].addr = g->device_addr + USED_IDX;
+    spans[1].len = 2;
+    return 2;
+}
+
+/* mirrors split.py:SplitDeviceRing.notify_area: flags and avail_event, i.e. the whole used ring. */
+static Piece notify_area_split(const DeviceSide *g)
+{
+    Piece p = {g->device_addr, 6 + USED_ELEM_SIZE * (uint64_t)g->num};
+    return p;
+}
+
+/* mirrors split.py:SplitDeviceRing.need_notify */
+static int need_notify_split(DeviceSide *g)
+{
+    /* used->idx must be visible before we read the driver's suppression state. */
+    mb();
+    uint16_t old = g->signalled_used, new_ = g->used_idx;
+    g->signalled_used = new_;
+    if (old == new_)
+        return 0;
+    if (!g->event_idx)
+        return !(ld16(g->driver + AVAIL_FLAGS) & VRING_AVAIL_F_NO_INTERRUPT);
+    return need_event(ld16(g->driver + g->used_event_off), new_, old);
+}
+
+/* mirrors split.py:SplitDeviceRing.disable_notify */
+static void disable_notify_split(DeviceSide *g)
+{
+    if (!g->event_idx)
+        st16(g->device + USED_FLAGS, VRING_USED_F_NO_NOTIFY);
+}
+
+/* mirrors split.py:SplitDeviceRing.enable_notify: 1 when no chain is already waiting. */
+static int enable_notify_split(DeviceSide *g)
+{
+    if (g->event_idx)
+        st16(g->device + g->avail_event_off, g->last_avail_idx);
+    else
+        st16(g->device + USED_FLAGS, 0);
+    /* avail_event / flags must be visible before we read avail->idx again. */
+    mb();
+    return !has_avail_split(g);
+}
+
+/* ---- packed ---------------------------------------------------------------------------------- */
+
+/* mirrors packed.py:PackedDeviceRing._is_avail */
+static inline int is_avail_packed(const DeviceSide *g, uint32_t slot, int wrap)
+{
+    uint16_t flags = ld16(g->desc + (size_t)slot * DESC_SIZE + DESC_FLAGS_OFF);
+    return ((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == (wrap != 0) &&
+           ((flags & VRING_PACKED_DESC_F_USED) != 0) != (wrap != 0);
+}
+
+/* mirrors packed.py:PackedDeviceRing.has_avail */
+static int has_avail_packed(const DeviceSide *g)
+{
+    return !g->broken && is_avail_packed(g, g->next_avail_idx, g->avail_wrap_counter);
+}
+
+/* mirrors packed.py:PackedDeviceRing.pop: 1 with the next chain in *c, 0 when there is none. */
+static int pop_packed(DeviceSide *g, Chain *c)
+{
+    if (g->broken)
+        return queue_broken(g->name);
+    uint32_t head = g->next_avail_idx;
+    if (!is_avail_packed(g, head, g->avail_wrap_counter))
+        return 0;
+    /* Read the rest of the chain only after the head's flags said it is available. */
+    rmb();
+    uint32_t slot = head, slots = 0;
+    int wrap = g->avail_wrap_counter, indirect = 0, seen_write = 0;
+    uint64_t total = 0, writable = 0;
+    uint16_t buf_id, flags;
+
+    c->nsegs = 0;
+    for (;;) {
+        const uint8_t *d = g->desc + (size_t)slot * DESC_SIZE;
+        uint64_t addr = ld64(d);
+        uint32_t len = ld32(d + DESC_LEN_OFF);
+        buf_id = ld16(d + DESC_ID_OFF);
+        flags = ld16(d + DESC_FLAGS_OFF);
+        slots++;
+        slot++;
+        if (slot == g->num) {
+            slot = 0;
+            wrap ^= 1;
+        }
+        if (flags & VRING_DESC_F_INDIRECT) {
+            if (c->nsegs || (flags & VRING_DESC_F_NEXT))
+                return guest_fail(g, head, "indirect descriptor chained with others");
+            if (len == 0 || len % DESC_SIZE)
+                return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
+            const uint8_t *table = mem_view(g->mem, addr, len);
+            if (table == NULL)
+                return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
+                                  (unsigned long long)addr, len);
+            indirect = 1;
+            for (uint32_t i = 0; i < len / DESC_SIZE; i++) {
+                const uint8_t *e = table + (size_t)i * DESC_SIZE;
+                uint64_t e_addr = ld64(e);
+                uint32_t e_len = ld32(e + DESC_LEN_OFF);
+                uint16_t e_flags = ld16(e + DESC_FLAGS_OFF);
+                if (e_flags & VRING_DESC_F_INDIRECT)
+                    return guest_fail(g, head, "indirect descriptor inside an indirect table");
+                if (take_segment(g, c, head, e_addr, e_len, e_flags, &seen_write, &total, &writable) < 0)
+                    return -1;
+            }
+        } else if (take_segment(g, c, head, addr, len, flags, &seen_write, &total, &writable) < 0) {
+            return -1;
+        }
+        if (indirect || !(flags & VRING_DESC_F_NEXT))
+            break;
+        if (slots == g->num)
+            return guest_fail(g, head, "chain longer than the ring");
+    }
+    /* The buffer id is the one of the last descriptor in the ring (2.8.6). */
+    if (buf_id >= g->num)
+        return guest_fail(g, head, "buffer id %u out of range", buf_id);
+    if (g->in_flight[buf_id])
+        return guest_fail(g, head, "buffer id %u made available while still in flight", buf_id);
+    g->in_flight[buf_id] = 1;
+    g->next_avail_idx = slot;
+    g->avail_wrap_counter = wrap;
+    c->id = buf_id;
+    c->ndescs = slots;
+    c->indirect = indirect;
+    c->writable_bytes = writable;
+    return 1;
+}
+
+/* mirrors packed.py:_used_flags: AVAIL/USED bits that mark a descriptor used under `wrap`. */
+static inline uint16_t used_flags_packed(int wrap)
+{
+    return wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
+}
+
+/* mirrors packed.py:PackedDeviceRing.push_used: any completion order is fine. */
+static int push_used_packed(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
+{
+    uint32_t slot = g->next_used_idx;
+    uint8_t *d = g->desc + (size_t)slot * DESC_SIZE;
+    st32(d + DESC_LEN_OFF, written);
+    st16(d + DESC_ID_OFF, t->id);
+    /* id and len must be visible before the flags turn the descriptor into a used one. */
+    wmb();
+    uint16_t flags = used_flags_packed(g->used_wrap_counter) | (t->writable_bytes ? VRING_DESC_F_WRITE : 0);
+    st16(d + DESC_FLAGS_OFF, flags);
+    g->in_flight[t->id] = 0;
+    g->next_used_idx += t->ndescs;
+    if (g->next_used_idx >= g->num) {
+        g->next_used_idx -= g->num;
+        g->used_wrap_counter ^= 1;
+    }
+    g->used_since_signal += t->ndescs;
+    spans[0].addr = g->desc_addr + (uint64_t)slot * DESC_SIZE;
+    spans[0].len = DESC_SIZE;
+    return 1;
+}
+
+/* mirrors packed.py:PackedDeviceRing.notify_area: the device event structure. */
+static Piece notify_area_packed(const DeviceSide *g)
+{
+    Piece p = {g->device_addr, PACKED_EVENT_SIZE};
+    return p;
+}
+
+/* mirrors packed.py:PackedDeviceRing.need_notify */
+static int need_notify_packed(DeviceSide *g)
+{
+    /* The used flags must be visible before we read the driver's event suppression. */
+    mb();
+    uint64_t moved = g->used_since_signal;
+    g->used_since_signal = 0;
+    if (moved == 0)
+        return 0;
+    uint16_t off_wrap = ld16(g->driver + EVENT_OFF_WRAP), flags = ld16(g->driver + EVENT_FLAGS);
+    if (flags == VRING_PACKED_EVENT_FLAG_DESC && g->event_idx)
+        return packed_need_event(off_wrap, g->next_used_idx, moved, g->used_wrap_counter, g->num);
+    return flags != VRING_PACKED_EVENT_FLAG_DISABLE;
+}
+
+/* mirrors packed.py:_write_event (off_wrap < 0: flags only) */
+static inline void write_event_packed(uint8_t *event, int32_t off_wrap, uint16_t flags)
+{
+    if (off_wrap >= 0) {
+        st16(event + EVENT_OFF_WRAP, (uint16_t)off_wrap);
+        /* The other side reads flags, then off_wrap: off_wrap must be there first. */
+        wmb();
+    }
+    st16(event + EVENT_FLAGS, flags);
+}
+
+/* mirrors packed.py:PackedDeviceRing.disable_notify */
+static void disable_notify_packed(DeviceSide *g)
+{
+    write_event_packed(g->device, -1, VRING_PACKED_EVENT_FLAG_DISABLE);
+}
+
+/* mirrors packed.py:PackedDeviceRing.enable_notify: 1 when no chain is already waiting. */
+static int enable_notify_packed(DeviceSide *g)
+{
+    if (g->event_idx)
+        write_event_packed(g->device, (int32_t)(g->next_avail_idx | (uint32_t)g->avail_wrap_counter << WRAP_BIT),
+                           VRING_PACKED_EVENT_FLAG_DESC);
+    else
+        write_event_packed(g->device, -1, VRING_PACKED_EVENT_FLAG_ENABLE);
+    /* The event store must be visible before we look at the ring once more. */
+    mb();
+    return !has_avail_packed(g);
+}
+
+/* ---- the guest ring's API: the layout is picked here, once ------------------------------------ */
+
+static inline int guest_pop(DeviceSide *g, Chain *c) { return g->packed ? pop_packed(g, c) : pop_split(g, c); }
+static inline int guest_push_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
+{
+    return g->packed ? push_used_packed(g, t, written, spans) : push_used_split(g, t, written, spans);
+}
+static inline Piece guest_notify_area(const DeviceSide *g)
+{
+    return g->packed ? notify_area_packed(g) : notify_area_split(g);
+}
+static inline int guest_need_notify(DeviceSide *g) { return g->packed ? need_notify_packed(g) : need_notify_split(g); }
+static inline void guest_disable_notify(DeviceSide *g)
+{
+    if (g->packed)
+        disable_notify_packed(g);
+    else
+        disable_notify_split(g);
+}
+static inline int guest_enable_notify(DeviceSide *g)
+{
+    return g->packed ? enable_notify_packed(g) : enable_notify_split(g);
+}
+
+/* ==== The shadow ring: we are its DRIVER ======================================================= */
+
+typedef struct {
+    int packed, event_idx, broken, cb_enabled;
+    uint32_t num;
+    PyObject *name;
+    uint8_t *desc, *driver, *device;
+    int has_area;                 /* an IndirectArea: one table of area_max entries per buffer id */
+    uint64_t area_gpa;
+    uint32_t area_max;
+    uint8_t *area_host;
+    uint16_t *next;               /* split: free list and chain links; packed: free list of ids */
+    uint32_t free_head, num_free;
+    uint64_t num_added;
+    uint8_t *in_use;              /* the reference's `_token[id] is not None` */
+    uint32_t *count;              /* ring slots the chain of this head / id took */
+    uint64_t *writable;           /* device-writable bytes of that chain */
+    Token *tok;
+    /* token arena: the writable guest segments of every chain in flight, one linked list each */
+    uint64_t *arena_addr;
+    uint32_t *arena_len, *arena_next;
+    uint32_t arena_free;
+    /* split */
+    uint16_t avail_idx_shadow, last_used_idx_split;
+    uint32_t used_event_off, avail_event_off;
+    /* packed */
+    uint32_t next_avail_idx, last_used_idx;
+    int avail_wrap_counter, used_wrap_counter;
+} DriverSide;
+
+static int shadow_fail(DriverSide *s, long long index, const char *fmt, ...)
+{
+    va_list ap;
+    s->broken = 1;
+    va_start(ap, fmt);
+    ring_failv(DeviceRingError, s->name, index, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* The reference's `self._token[id] = token` (plus _count and _writable): keep what
+ * forward_used() needs of the guest chain, its writable segments in the arena. */
+static void token_store(DriverSide *s, uint32_t id, const Chain *chain, uint32_t slots, uint64_t writable)
+{
+    Token *t = &s->tok[id];
+    t->id = chain->id;
+    t->ndescs = chain->ndescs;
+    t->writable_bytes = chain->writable_bytes;
+    t->seg_head = t->seg_tail = NO_NODE;
+    t->nsegs = 0;
+    for (uint32_t i = 0; i < chain->nsegs; i++) {
+        if (!chain->segs[i].write)
+            continue;
+        /* Never empty: a writable segment is at least one translated piece, and the pieces in
+         * flight are bounded by the ring (see relay_init). */
+        uint32_t node = s->arena_free;
+        s->arena_free = s->arena_next[node];
+        s->arena_addr[node] = chain->segs[i].addr;
+        s->arena_len[node] = chain->segs[i].len;
+        if (t->seg_tail == NO_NODE)
+            t->seg_head = node;
+        else
+            s->arena_next[t->seg_tail] = node;
+        t->seg_tail = node;
+        t->nsegs++;
+    }
+    s->in_use[id] = 1;
+    s->count[id] = slots;
+    s->writable[id] = writable;
+}
+
+/* The reference's `self._token[id] = None`. The nodes go back to the arena's free list but keep
+ * their contents until the next add(): the caller still logs them (forward_used). */
+static void token_release(DriverSide *s, uint32_t id)
+{
+    Token *t = &s->tok[id];
+    if (t->nsegs) {
+        s->arena_next[t->seg_tail] = s->arena_free;
+        s->arena_free = t->seg_head;
+    }
+    s->in_use[id] = 0;
+}
+
+/* The i-th buffer of out + in_ as (addr, len, flags), as add() builds `segs`. */
+static inline void seg_at(const Piece *out, uint32_t nout, const Piece *in, uint32_t i, uint64_t *addr,
+                          uint32_t *len, uint16_t *flags)
+{
+    const Piece *p = i < nout ? &out[i] : &in[i - nout];
+    *addr = p->addr;
+    *len = (uint32_t)p->len;
+    *flags = i < nout ? 0 : VRING_DESC_F_WRITE;
+}
+
+/* The checks add() makes before it writes anything (the relay never fails them: see _use_indirect). */
+static int add_check(DriverSide *s, uint32_t total, int use_indirect)
+{
+    if (s->broken)
+        return queue_broken(s->name);
+    if (total == 0) {
+        PyErr_SetString(PyExc_ValueError, "a chain needs at least one buffer");
+        return -1;
+    }
+    if (use_indirect && (!s->has_area || total > s->area_max)) {
+        PyErr_SetString(PyExc_ValueError, "indirect chain longer than the indirect area allows");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- split ----------------------------------------------------------------------------------- */
+
+static inline void write_desc_split(uint8_t *d, uint64_t addr, uint32_t len, uint16_t flags, uint16_t next)
+{
+    st64(d, addr);
+    st32(d + 8, len);
+    st16(d + 12, flags);
+    st16(d + 14, next);
+}
+
+/* mirrors split.py:SplitDriverRing.add: 0 when added, 1 when full (RingFull: nothing written). */
+static int add_split(DriverSide *s, const Piece *out, uint32_t nout, const Piece *in, uint32_t nin,
+                     const Chain *token, int indirect)
+{
+    uint32_t total = nout + nin;
+    int use_indirect = indirect && total > 1;
+    if (add_check(s, total, use_indirect) < 0)
+        return -1;
+    uint32_t slots = use_indirect ? 1 : total;
+    if (slots > s->num_free)
+        return 1;
+    uint32_t head = s->free_head, last, i;
+    uint64_t addr, writable = 0;
+    uint32_t len;
+    uint16_t flags;
+    if (use_indirect) {
+        uint64_t table = s->area_gpa + (uint64_t)head * s->area_max * DESC_SIZE;
+        uint8_t *t = s->area_host + (size_t)head * s->area_max * DESC_SIZE;
+        for (i = 0; i < total; i++) {
+            seg_at(out, nout, in, i, &addr, &len, &flags);
+            uint16_t nxt = i + 1 < total ? VRING_DESC_F_NEXT : 0;
+            write_desc_split(t + (size_t)i * DESC_SIZE, addr, len, flags | nxt, nxt ? (uint16_t)(i + 1) : 0);
+        }
+        write_desc_split(s->desc + (size_t)head * DESC_SIZE, table, total * DESC_SIZE, VRING_DESC_F_INDIRECT, 0);
+        last = head;
+    } else {
+        i = head;
+        last = head;
+        for (uint32_t n = 0; n < total; n++) {
+            seg_at(out, nout, in, n, &addr, &len, &flags);
+            uint16_t nxt = n + 1 < total ? VRING_DESC_F_NEXT : 0;
+            write_desc_split(s->desc + (size_t)i * DESC_SIZE, addr, len, flags | nxt, nxt ? s->next[i] : 0);
+            last = i;
+            i = s->next[i];
+        }
+    }
+    for (i = 0; i < nin; i++)
+        writable += in[i].len;
+    s->free_head = s->next[last];
+    s->num_free -= slots;
+    token_store(s, head, token, slots, writable);
+    /* Put the head in the avail ring, then publish the index: the device reads avail->idx and
+     * then the ring entry and the descriptors, so they must be visible first (2.7.13). */
+    st16(s->driver + AVAIL_RING + 2 * (s->avail_idx_shadow % s->num), (uint16_t)head);
+    wmb();
+    s->avail_idx_shadow++;
+    st16(s->driver + AVAIL_IDX, s->avail_idx_shadow);
+    s->num_added++;
+    return 0;
+}
+
+/* mirrors split.py:SplitDriverRing.kick_needed */
+static int kick_needed_split(DriverSide *s)
+{
+    /* The new avail idx must be visible before we read the device's suppression state, else the
+     * device may go to sleep having missed it while we skip the kick. */
+    mb();
+    uint16_t new_ = s->avail_idx_shadow, old = (uint16_t)(new_ - (uint16_t)s->num_added);
+    uint64_t added = s->num_added;
+    s->num_added = 0;
+    if (added == 0)
+        return 0;
+    if (s->event_idx)
+        return need_event(ld16(s->device + s->avail_event_off), new_, old);
+    return !(ld16(s->device + USED_FLAGS) & VRING_USED_F_NO_NOTIFY);
+}
+
+/* mirrors split.py:SplitDriverRing._free_chain */
+static void free_chain_split(DriverSide *s, uint32_t head)
+{
+    uint32_t last = head;
+    for (uint32_t k = 0; k + 1 < s->count[head]; k++)
+        last = s->next[last];
+    s->next[last] = (uint16_t)s->free_head;
+    s->free_head = head;
+    s->num_free += s->count[head];
+    token_release(s, head);
+}
+
+/* mirrors split.py:SplitDriverRing.get_used: 1 with the token and written length, 0 when none. */
+static int get_used_split(DriverSide *s, Token *tok, uint32_t *length)
+{
+    if (s->broken)
+        return queue_broken(s->name);
+    uint16_t used_idx = ld16(s->device + USED_IDX);
+    if (used_idx == s->last_used_idx_split)
+        return 0;
+    if ((uint16_t)(used_idx - s->last_used_idx_split) > s->num)
+        return shadow_fail(s, used_idx, "used idx jumped from %u to %u", s->last_used_idx_split, used_idx);
+    /* Only read the used element after used->idx said it is there. */
+    rmb();
+    uint32_t slot = s->last_used_idx_split % s->num;
+    const uint8_t *elem = s->device + USED_RING + USED_ELEM_SIZE * slot;
+    uint32_t head = ld32(elem), len = ld32(elem + 4);
+    if (head >= s->num)
+        return shadow_fail(s, slot, "id %u out of range", head);
+    if (!s->in_use[head])
+        return shadow_fail(s, slot, "id %u is not a head in use", head);
+    if (len > s->writable[head])
+        return shadow_fail(s, slot, "used length %u > writable %llu of id %u", len,
+                           (unsigned long long)s->writable[head], head);
+    *tok = s->tok[head];
+    free_chain_split(s, head);
+    s->last_used_idx_split++;
+    if (s->event_idx && s->cb_enabled) {
+        /* Ask for an interrupt at the next used entry; ordered before the next used->idx read. */
+        st16(s->driver + s->used_event_off, s->last_used_idx_split);
+        mb();
+    }
+    *length = len;
+    return 1;
+}
+
+/* mirrors split.py:SplitDriverRing.disable_cb */
+static void disable_cb_split(DriverSide *s)
+{
+    s->cb_enabled = 0;
+    if (!s->event_idx)
+        st16(s->driver + AVAIL_FLAGS, VRING_AVAIL_F_NO_INTERRUPT);
+}
+
+/* mirrors split.py:SplitDriverRing.enable_cb (_enable_cb_after(0)): 0 if used buffers are pending. */
+static int enable_cb_split(DriverSide *s)
+{
+    s->cb_enabled = 1;
+    if (s->event_idx)
+        st16(s->driver + s->used_event_off, s->last_used_idx_split);
+    else
+        st16(s->driver + AVAIL_FLAGS, 0);
+    /* The flag / used_event store must be visible before we look at used->idx once more. */
+    mb();
+    return (uint16_t)(ld16(s->device + USED_IDX) - s->last_used_idx_split) == 0;
+}
+
+/* ---- packed ---------------------------------------------------------------------------------- */
+
+/* mirrors packed.py:_avail_flags: AVAIL/USED bits that make a descriptor available under `wrap`. */
+static inline uint16_t avail_flags_packed(int wrap)
+{
+    return wrap ? VRING_PACKED_DESC_F_AVAIL : VRING_PACKED_DESC_F_USED;
+}
+
+/* mirrors packed.py:PackedDriverRing.add: 0 when added, 1 when full (RingFull: nothing written). */
+static int add_packed(DriverSide *s, const Piece *out, uint32_t nout, const Piece *in, uint32_t nin,
+                      const Chain *token, int indirect)
+{
+    uint32_t total = nout + nin;
+    int use_indirect = indirect && total > 1;
+    if (add_check(s, total, use_indirect) < 0)
+        return -1;
+    uint32_t slots = use_indirect ? 1 : total;
+    if (slots > s->num_free)
+        return 1;
+    uint32_t buf_id = s->free_head, i;
+    uint64_t addr, writable = 0;
+    uint32_t len;
+    uint16_t flags;
+    uint32_t head = s->next_avail_idx;
+    uint16_t head_flags;
+    if (use_indirect) {
+        uint64_t table = s->area_gpa + (uint64_t)buf_id * s->area_max * DESC_SIZE;
+        uint8_t *t = s->area_host + (size_t)buf_id * s->area_max * DESC_SIZE;
+        for (i = 0; i < total; i++) {
+            uint8_t *d = t + (size_t)i * DESC_SIZE;
+            seg_at(out, nout, in, i, &addr, &len, &flags);
+            st64(d, addr);
+            st32(d + DESC_LEN_OFF, len);
+            st16(d + DESC_ID_OFF, 0);
+            st16(d + DESC_FLAGS_OFF, flags);
+        }
+        /* The one ring descriptor: everything but its flags now, the flags last, below. */
+        uint8_t *d = s->desc + (size_t)head * DESC_SIZE;
+        head_flags = VRING_DESC_F_INDIRECT | avail_flags_packed(s->avail_wrap_counter);
+        st64(d, table);
+        st32(d + DESC_LEN_OFF, total * DESC_SIZE);
+        st16(d + DESC_ID_OFF, (uint16_t)buf_id);
+        if (++s->next_avail_idx == s->num) {
+            s->next_avail_idx = 0;
+            s->avail_wrap_counter ^= 1;
+        }
+    } else {
+        head_flags = (total > 1 ? VRING_DESC_F_NEXT : 0) | (nout ? 0 : VRING_DESC_F_WRITE) |
+                     avail_flags_packed(s->avail_wrap_counter);
+        for (i = 0; i < total; i++) {
+            uint32_t slot = s->next_avail_idx;
+            uint8_t *d = s->desc + (size_t)slot * DESC_SIZE;
+            seg_at(out, nout, in, i, &addr, &len, &flags);
+            flags |= i + 1 < total ? VRING_DESC_F_NEXT : 0;
+            st64(d, addr);
+            st32(d + DESC_LEN_OFF, len);
+            st16(d + DESC_ID_OFF, (uint16_t)buf_id);
+            if (i != 0) /* the head's flags last, below */
+                st16(d + DESC_FLAGS_OFF, flags | avail_flags_packed(s->avail_wrap_counter));
+            if (++s->next_avail_idx == s->num) {
+                s->next_avail_idx = 0;
+                s->avail_wrap_counter ^= 1;
+            }
+        }
+    }
+    for (i = 0; i < nin; i++)
+        writable += in[i].len;
+    s->free_head = s->next[buf_id];
+    s->num_free -= slots;
+    s->num_added += slots;
+    token_store(s, buf_id, token, slots, writable);
+    /* "The driver MUST NOT make the first descriptor in the list available before all subsequent
+     * descriptors comprising the list are made available" (2.8.21.1): the rest of the chain must
+     * be visible before the head's flags flip it to available. */
+    wmb();
+    st16(s->desc + (size_t)head * DESC_SIZE + DESC_FLAGS_OFF, head_flags);
+    return 0;
+}
+
+/* mirrors packed.py:PackedDriverRing.kick_needed */
+static int kick_needed_packed(DriverSide *s)
+{
+    /* The head flags must be visible before we read the device's event suppression. */
+    mb();
+    uint64_t moved = s->num_added;
+    s->num_added = 0;
+    if (moved == 0)
+        return 0;
+    uint16_t off_wrap = ld16(s->device + EVENT_OFF_WRAP), flags = ld16(s->device + EVENT_FLAGS);
+    if (flags == VRING_PACKED_EVENT_FLAG_DESC && s->event_idx)
+        return packed_need_event(off_wrap, s->next_avail_idx, moved, s->avail_wrap_counter, s->num);
+    return flags != VRING_PACKED_EVENT_FLAG_DISABLE;
+}
+
+/* mirrors packed.py:PackedDriverRing._is_used */
+static inline int is_used_packed(const DriverSide *s, uint32_t slot, int wrap)
+{
+    uint16_t flags = ld16(s->desc + (size_t)slot * DESC_SIZE + DESC_FLAGS_OFF);
+    int avail = (flags & VRING_PACKED_DESC_F_AVAIL) != 0;
+    return avail == ((flags & VRING_PACKED_DESC_F_USED) != 0) && avail == (wrap != 0);
+}
+
+/* mirrors packed.py:PackedDriverRing.get_used: 1 with the token and written length, 0 when none. */
+static int get_used_packed(DriverSide *s, Token *tok, uint32_t *length)
+{
+    if (s->broken)
+        return queue_broken(s->name);
+    uint32_t slot = s->last_used_idx;
+    if (!is_used_packed(s, slot, s->used_wrap_counter))
+        return 0;
+    /* Only read id and len after the flags said the descriptor is used. */
+    rmb();
+    const uint8_t *d = s->desc + (size_t)slot * DESC_SIZE;
+    uint32_t len = ld32(d + DESC_LEN_OFF);
+    uint16_t buf_id = ld16(d + DESC_ID_OFF);
+    if (buf_id >= s->num)
+        return shadow_fail(s, slot, "id %u out of range", buf_id);
+    if (!s->in_use[buf_id])
+        return shadow_fail(s, slot, "id %u is not in use", buf_id);
+    if (len > s->writable[buf_id])
+        return shadow_fail(s, slot, "used length %u > writable %llu of id %u", len,
+                           (unsigned long long)s->writable[buf_id], buf_id);
+    *tok = s->tok[buf_id];
+    s->last_used_idx += s->count[buf_id];
+    if (s->last_used_idx >= s->num) {
+        s->last_used_idx -= s->num;
+        s->used_wrap_counter ^= 1;
+    }
+    s->num_free += s->count[buf_id];
+    token_release(s, buf_id);
+    s->next[buf_id] = (uint16_t)s->free_head;
+    s->free_head = buf_id;
+    if (s->event_idx && s->cb_enabled) {
+        /* Ask for an interrupt at the next used descriptor; ordered before the next flags read. */
+        st16(s->driver + EVENT_OFF_WRAP, (uint16_t)(s->last_used_idx | (uint32_t)s->used_wrap_counter << WRAP_BIT));
+        mb();
+    }
+    *length = len;
+    return 1;
+}
+
+/* mirrors packed.py:PackedDriverRing.disable_cb */
+static void disable_cb_packed(DriverSide *s)
+{
+    s->cb_enabled = 0;
+    write_event_packed(s->driver, -1, VRING_PACKED_EVENT_FLAG_DISABLE);
+}
+
+/* mirrors packed.py:PackedDriverRing.enable_cb (_enable_cb_after(0)): 0 if a used buffer is pending. */
+static int enable_cb_packed(DriverSide *s)
+{
+    s->cb_enabled = 1;
+    uint32_t idx = s->last_used_idx;
+    int wrap = s->used_wrap_counter;
+    if (s->event_idx)
+        write_event_packed(s->driver, (int32_t)(idx | (uint32_t)wrap << WRAP_BIT), VRING_PACKED_EVENT_FLAG_DESC);
+    else
+        write_event_packed(s->driver, -1, VRING_PACKED_EVENT_FLAG_ENABLE);
+    /* The event store must be visible before we look at the ring once more. */
+    mb();
+    return !is_used_packed(s, idx, wrap);
+}
+
+/* ---- the shadow ring's API: the layout is picked here, once ----------------------------------- */
+
+static inline int shadow_add(DriverSide *s, const Piece *out, uint32_t nout, const Piece *in, uint32_t nin,
+                             const Chain *token, int indirect)
+{
+    return s->packed ? add_packed(s, out, nout, in, nin, token, indirect)
+                     : add_split(s, out, nout, in, nin, token, indirect);
+}
+static inline int shadow_kick_needed(DriverSide *s) { return s->packed ? kick_needed_packed(s) : kick_needed_split(s); }
+static inline int shadow_get_used(DriverSide *s, Token *tok, uint32_t *length)
+{
+    return s->packed ? get_used_packed(s, tok, length) : get_used_split(s, tok, length);
+}
+static inline void shadow_disable_cb(DriverSide *s)
+{
+    if (s->packed)
+        disable_cb_packed(s);
+    else
+        disable_cb_split(s);
+}
+static inline int shadow_enable_cb(DriverSide *s) { return s->packed ? enable_cb_packed(s) : enable_cb_split(s); }
+
+/* ==== The shadow virtqueue (relay.py) ========================================================== */
+
+typedef struct {
+    unsigned long long forwarded, returned, bytes_written, device_kicks, guest_calls, ring_full;
+} RelayStats;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;
+    int indirect;
+    PyObject *device_kick, *guest_call;
+    PyObject *error; /* the RingError that stopped this queue, or None */
+    RelayStats stats;
+    int held;        /* the reference's `_held is not None`: chain, out and in_ wait below */
+    Chain chain;     /* the guest chain being moved (or held) */
+    Piece *out, *in; /* its translated buffers */
+    uint64_t nout, nin, piece_cap;
+    DeviceSide guest;
+    DriverSide shadow;
+    MemTable guest_mem, shadow_mem;
+    IovaMapping *iova;
+    Py_ssize_t niova;
+    Py_buffer dirty_view; /* the DirtyBitmap's bytearray, when there is a dirty log */
+    int has_dirty;
+    uint64_t dirty_pages;
+    int ready;
+} Relay;
+
+static int svq_mark(Relay *q, uint64_t gpa, uint64_t length);
+static inline int svq_use_indirect(const Relay *q, uint64_t n);
+
+/* mirrors relay.py:ShadowVirtqueue._translate: q->chain's segments to q->out and q->in. */
+static int svq_translate(Relay *q)
+{
+    Chain *c = &q->chain;
+    Piece bad;
+    q->nout = q->nin = 0;
+    for (uint32_t i = 0; i < c->nsegs; i++) {
+        const Seg *sg = &c->segs[i];
+        Piece *dst = sg->write ? q->in : q->out;
+        uint64_t *n = sg->write ? &q->nin : &q->nout;
+        if (sg->len) {
+            if (iova_translate(q->iova, q->niova, sg->addr, sg->len, dst, q->piece_cap, n, &bad) < 0)
+                goto unmapped;
+        } else { /* keep an empty buffer as one, at its translated address */
+            Piece first;
+            uint64_t one = 0;
+            if (iova_translate(q->iova, q->niova, sg->addr, 1, &first, 1, &one, &bad) < 0)
+                goto unmapped;
+            if (*n < q->piece_cap) {
+                dst[*n].addr = first.addr;
+                dst[*n].len = 0;
+            }
+            (*n)++;
+        }
+    }
+    uint64_t total = q->nout + q->nin;
+    uint64_t slots = svq_use_indirect(q, total) ? 1 : total;
+    if (slots > q->shadow.num)
+        return ring_fail(GuestRingError, q->name, c->id, "chain of %llu descriptors can never fit the shadow ring",
+                         (unsigned long long)slots);
+    return 0;
+unmapped:
+    return ring_fail(GuestRingError, q->name, c->id, "chain %u: guest memory [0x%llx, +0x%llx): not mapped for the device",
+                     c->id, (unsigned long long)bad.addr, (unsigned long long)bad.len);
+}
+
+/* mirrors relay.py:ShadowVirtqueue._use_indirect */
+static inline int svq_use_indirect(const Relay *q, uint64_t n)
+{
+    return q->indirect && q->shadow.has_area && 1 < n && n <= q->shadow.area_max;
+}
+
+static int call_notifier(PyObject *fn)
+{
+    PyObject *r = PyObject_CallNoArgs(fn);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* mirrors relay.py:ShadowVirtqueue.forward_avail: chains moved, or -1 with an exception. */
+static Py_ssize_t svq_forward_avail(Relay *q)
+{
+    Py_ssize_t moved = 0;
+    for (;;) {
+        if (!q->held) {
+            int r = guest_pop(&q->guest, &q->chain);
+            if (r < 0)
+                return -1;
+            if (r == 0)
+                break;
+            if (svq_translate(q) < 0)
+                return -1;
+        }
+        int r = shadow_add(&q->shadow, q->out, (uint32_t)q->nout, q->in, (uint32_t)q->nin, &q->chain,
+                           svq_use_indirect(q, q->nout + q->nin));
+        if (r < 0)
+            return -1;
+        if (r == 1) {
+            /* Backpressure: keep this chain and take no more from the guest until the device
+             * frees room (forward_used() retries it). */
+            if (!q->held)
+                q->stats.ring_full++;
+            q->held = 1;
+            break;
+        }
+        q->held = 0;
+        moved++;
+    }
+    q->stats.forwarded += moved;
+    if (moved && shadow_kick_needed(&q->shadow)) {
+        q->stats.device_kicks++;
+        if (call_notifier(q->device_kick) < 0)
+            return -1;
+    }
+    return moved;
+}
+
+static int svq_log_written(Relay *q, const Token *t, uint32_t written);
+
+/* mirrors relay.py:ShadowVirtqueue.forward_used: buffers returned, or -1 with an exception. */
+static Py_ssize_t svq_forward_used(Relay *q)
+{
+    Py_ssize_t moved = 0;
+    Token t = {0};
+    uint32_t written = 0;
+    Piece spans[2];
+    for (;;) {
+        int r = shadow_get_used(&q->shadow, &t, &written);
+        if (r < 0)
+            return -1;
+        if (r == 0)
+            break;
+        if (svq_log_written(q, &t, written) < 0)
+            return -1;
+        int n = guest_push_used(&q->guest, &t, written, spans);
+        for (int i = 0; i < n; i++)
+            if (svq_mark(q, spans[i].addr, spans[i].len) < 0)
+                return -1;
+        q->stats.bytes_written += written;
+        moved++;
+    }
+    q->stats.returned += moved;
+    if (moved && guest_need_notify(&q->guest)) {
+        q->stats.guest_calls++;
+        if (call_notifier(q->guest_call) < 0)
+            return -1;
+    }
+    return moved;
+}
+
+/* mirrors relay.py:ShadowVirtqueue._log_written: the first `written` bytes of the writable
+ * segments, in order (the token's arena nodes are intact until the next add). */
+static int svq_log_written(Relay *q, const Token *t, uint32_t written)
+{
+    uint64_t left = written;
+    uint32_t node = t->seg_head;
+    for (uint32_t i = 0; i < t->nsegs; i++, node = q->shadow.arena_next[node]) {
+        if (left == 0)
+            break;
+        uint64_t len = q->shadow.arena_len[node];
+        uint64_t n = len < left ? len : left;
+        if (svq_mark(q, q->shadow.arena_addr[node], n) < 0)
+            return -1;
+        left -= n;
+    }
+    return 0;
+}
+
+/* mirrors relay.py:ShadowVirtqueue._mark (and dirty.py:DirtyBitmap.mark): every page that
+ * [gpa, gpa+length) touches, one atomic OR per page, in the vhost log format. */
+static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
+{
+    if (!q->has_dirty || length == 0)
+        return 0;
+    uint64_t first = gpa >> PAGE_SHIFT;
+    uint64_t last = (uint64_t)(((unsigned __int128)gpa + length - 1) >> PAGE_SHIFT);
+    if ((((unsigned __int128)gpa + length - 1) >> PAGE_SHIFT) >= q->dirty_pages) {
+        PyErr_Format(PyExc_ValueError, "dirty range [0x%llx, +0x%llx) beyond the log of %llu pages",
+                     (unsigned long long)gpa, (unsigned long long)length, (unsigned long long)q->dirty_pages);
+        return -1;
+    }
+    uint8_t *bits = q->dirty_view.buf;
+    for (uint64_t page = first; page <= last; page++)
+        __atomic_fetch_or(&bits[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+    return 0;
+}
+
+static int svq_drain_guest(Relay *q);
+static int svq_drain_device(Relay *q);
+static PyObject *svq_guarded(Relay *q, int (*work)(Relay *));
+
+/* mirrors relay.py:ShadowVirtqueue.on_guest_kick: relay what the guest made available, then ask
+ * for the next kick, race-free. */
+static PyObject *svq_on_guest_kick(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    return svq_guarded(q, svq_drain_guest);
+}
+
+/* mirrors relay.py:ShadowVirtqueue.on_device_call: return used buffers, retry a held chain,
+ * re-enable device interrupts. */
+static PyObject *svq_on_device_call(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    return svq_guarded(q, svq_drain_device);
+}
+
+static int svq_disable_guest_notify(Relay *q);
+static int svq_enable_guest_notify(Relay *q);
+
+/* mirrors relay.py:ShadowVirtqueue._drain_guest */
+static int svq_drain_guest(Relay *q)
+{
+    for (;;) {
+        if (svq_disable_guest_notify(q) < 0)
+            return -1;
+        if (svq_forward_avail(q) < 0)
+            return -1;
+        if (q->held)
+            return 0; /* ring full: the next device call resumes us */
+        int ok = svq_enable_guest_notify(q);
+        if (ok < 0)
+            return -1;
+        if (ok)
+            return 0;
+    }
+}
+
+/* mirrors relay.py:ShadowVirtqueue._drain_device */
+static int svq_drain_device(Relay *q)
+{
+    for (;;) {
+        shadow_disable_cb(&q->shadow);
+        if (svq_forward_used(q) < 0)
+            return -1;
+        if (q->held) {
+            if (svq_forward_avail(q) < 0)
+                return -1;
+            if (!q->held && svq_drain_guest(q) < 0)
+                return -1;
+        }
+        if (shadow_enable_cb(&q->shadow))
+            return 0;
+    }
+}
+
+/* mirrors relay.py:ShadowVirtqueue._disable_guest_notify */
+static int svq_disable_guest_notify(Relay *q)
+{
+    guest_disable_notify(&q->guest);
+    Piece area = guest_notify_area(&q->guest);
+    return svq_mark(q, area.addr, area.len);
+}
+
+/* mirrors relay.py:ShadowVirtqueue._enable_guest_notify: 1 when no chain is waiting, -1 on error. */
+static int svq_enable_guest_notify(Relay *q)
+{
+    int ok = guest_enable_notify(&q->guest);
+    Piece area = guest_notify_area(&q->guest);
+    if (svq_mark(q, area.addr, area.len) < 0)
+        return -1;
+    return ok;
+}
+
+/* mirrors relay.py:ShadowVirtqueue._guarded: never trust either side; a RingError stops this
+ * queue with a reason (kept in .error), other queues go on. */
+static PyObject *svq_guarded(Relay *q, int (*work)(Relay *))
+{
+    if (!q->ready) {
+        PyErr_SetString(PyExc_ValueError, "the C relay is closed");
+        return NULL;
+    }
+    if (q->error != Py_None)
+        Py_RETURN_NONE;
+    if (work(q) < 0) {
+        if (!PyErr_ExceptionMatches(RingError))
+            return NULL;
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL)
+            PyException_SetTraceback(value, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        Py_SETREF(q->error, value);
+    }
+    Py_RETURN_NONE;
+}
+
+/* ==== The Python type: construction from tables, attributes, methods =========================== */
+
+static void mem_table_release(MemTable *m)
+{
+    for (Py_ssize_t i = 0; i < m->n; i++)
+        PyBuffer_Release(&m->views[i]);
+    PyMem_Free(m->views);
+    PyMem_Free(m->r);
+    m->views = NULL;
+    m->r = NULL;
+    m->n = 0;
+}
+
+/* regions: a sequence of (gpa, size, writable buffer of at least size bytes), sorted by gpa. */
+static int mem_table_init(MemTable *m, PyObject *regions)
+{
+    PyObject *seq = PySequence_Fast(regions, "regions must be a sequence of (gpa, size, buffer)");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    m->r = PyMem_Calloc(n ? n : 1, sizeof(Region));
+    m->views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    m->n = 0;
+    if (m->r == NULL || m->views == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long gpa, size;
+        PyObject *obj;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKO", &gpa, &size, &obj))
+            goto fail;
+        if (PyObject_GetBuffer(obj, &m->views[i], PyBUF_WRITABLE) < 0)
+            goto fail;
+        m->n = i + 1;
+        if ((unsigned long long)m->views[i].len < size || (i > 0 && gpa < m->r[i - 1].gpa + m->r[i - 1].size)) {
+            PyErr_SetString(PyExc_ValueError, "regions must be sorted, disjoint and backed by enough bytes");
+            goto fail;
+        }
+        m->r[i].gpa = gpa;
+        m->r[i].size = size;
+        m->r[i].host = m->views[i].buf;
+    }
+    Py_DECREF(seq);
+    return 0;
+fail:
+    Py_DECREF(seq);
+    return -1;
+}
+
+static uint8_t *area(const MemTable *m, uint64_t gpa, uint64_t size, const char *what)
+{
+    uint8_t *p = mem_view(m, gpa, size);
+    if (p == NULL)
+        PyErr_Format(PyExc_ValueError, "%s [0x%llx, +0x%llx) is not in the ring's memory", what,
+                     (unsigned long long)gpa, (unsigned long long)size);
+    return p;
+}
+
+static int device_side_init(Relay *q, PyObject *spec)
+{
+    DeviceSide *g = &q->guest;
+    unsigned long long desc, driver, device, st[5];
+    PyObject *regions, *in_flight;
+    Py_buffer inf;
+    if (!PyArg_ParseTuple(spec, "pIKKKpUO(KKKKK)O", &g->packed, &g->num, &desc, &driver, &device, &g->event_idx,
+                          &g->name, &regions, &st[0], &st[1], &st[2], &st[3], &st[4], &in_flight))
+        return -1;
+    Py_INCREF(g->name);
+    if (g->num == 0 || g->num > 32768) {
+        PyErr_SetString(PyExc_ValueError, "ring size out of range");
+        return -1;
+    }
+    if (mem_table_init(&q->guest_mem, regions) < 0)
+        return -1;
+    g->mem = &q->guest_mem;
+    g->desc_addr = desc;
+    g->driver_addr = driver;
+    g->device_addr = device;
+    g->desc = area(g->mem, desc, (uint64_t)DESC_SIZE * g->num, "guest descriptor area");
+    g->driver = area(g->mem, driver, g->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)g->num, "guest driver area");
+    g->device = area(g->mem, device, g->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)g->num, "guest device area");
+    if (!g->desc || !g->driver || !g->device)
+        return -1;
+    if (g->packed) {
+        g->next_avail_idx = (uint32_t)st[0];
+        g->avail_wrap_counter = (int)(st[1] & 1);
+        g->next_used_idx = (uint32_t)st[2];
+        g->used_wrap_counter = (int)(st[3] & 1);
+        g->used_since_signal = st[4];
+        if (g->next_avail_idx >= g->num || g->next_used_idx >= g->num) {
+            PyErr_SetString(PyExc_ValueError, "packed ring state out of range");
+            return -1;
+        }
+    } else {
+        g->last_avail_idx = (uint16_t)st[0];
+        g->used_idx = (uint16_t)st[1];
+        g->signalled_used = (uint16_t)st[2];
+        g->used_event_off = AVAIL_RING + 2 * g->num;
+        g->avail_event_off = USED_RING + 8 * g->num;
+    }
+    g->in_flight = PyMem_Calloc(g->num, 1);
+    if (g->in_flight == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (PyObject_GetBuffer(in_flight, &inf, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (inf.len != g->num) {
+        PyBuffer_Release(&inf);
+        PyErr_SetString(PyExc_ValueError, "in_flight must have one byte per ring entry");
+        return -1;
+    }
+    memcpy(g->in_flight, inf.buf, g->num);
+    PyBuffer_Release(&inf);
+    return 0;
+}
+
+static int driver_side_init(Relay *q, PyObject *spec, int indirect)
+{
+    DriverSide *s = &q->shadow;
+    unsigned long long desc, driver, device, st[8];
+    PyObject *regions, *area_spec, *next;
+    if (!PyArg_ParseTuple(spec, "pIKKKpUOO(KKKKKKKK)O", &s->packed, &s->num, &desc, &driver, &device, &s->event_idx,
+                          &s->name, &regions, &area_spec, &st[0], &st[1], &st[2], &st[3], &st[4], &st[5], &st[6],
+                          &st[7], &next))
+        return -1;
+    Py_INCREF(s->name);
+    if (s->num == 0 || s->num > 32768) {
+        PyErr_SetString(PyExc_ValueError, "ring size out of range");
+        return -1;
+    }
+    if (mem_table_init(&q->shadow_mem, regions) < 0)
+        return -1;
+    const MemTable *m = &q->shadow_mem;
+    s->desc = area(m, desc, (uint64_t)DESC_SIZE * s->num, "shadow descriptor area");
+    s->driver = area(m, driver, s->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)s->num, "shadow driver area");
+    s->device = area(m, device, s->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)s->num, "shadow device area");
+    if (!s->desc || !s->driver || !s->device)
+        return -1;
+    if (area_spec != Py_None) {
+        unsigned long long gpa;
+        unsigned int max_entries;
+        if (!PyArg_ParseTuple(area_spec, "KI", &gpa, &max_entries))
+            return -1;
+        s->has_area = 1;
+        s->area_gpa = gpa;
+        s->area_max = max_entries;
+        s->area_host = area(m, gpa, (uint64_t)s->num * max_entries * DESC_SIZE, "shadow indirect area");
+        if (s->area_host == NULL)
+            return -1;
+    }
+    /* (free_head, num_free, num_added, cb_enabled, avail_idx_shadow | next_avail_idx,
+     *  avail_wrap_counter, last_used_idx, used_wrap_counter) */
+    s->free_head = (uint32_t)st[0];
+    s->num_free = (uint32_t)st[1];
+    s->num_added = st[2];
+    s->cb_enabled = st[3] != 0;
+    if (s->packed) {
+        s->next_avail_idx = (uint32_t)st[4];
+        s->avail_wrap_counter = (int)(st[5] & 1);
+        s->last_used_idx = (uint32_t)st[6];
+        s->used_wrap_counter = (int)(st[7] & 1);
+    } else {
+        s->avail_idx_shadow = (uint16_t)st[4];
+        s->last_used_idx_split = (uint16_t)st[6];
+        s->used_event_off = AVAIL_RING + 2 * s->num;
+        s->avail_event_off = USED_RING + 8 * s->num;
+    }
+    if (s->num_free != s->num || s->free_head > s->num) {
+        PyErr_SetString(PyExc_ValueError, "the C relay takes over a shadow ring with nothing in flight");
+        return -1;
+    }
+    s->next = PyMem_Calloc(s->num, sizeof(uint16_t));
+    s->in_use = PyMem_Calloc(s->num, 1);
+    s->count = PyMem_Calloc(s->num, sizeof(uint32_t));
+    s->writable = PyMem_Calloc(s->num, sizeof(uint64_t));
+    s->tok = PyMem_Calloc(s->num, sizeof(Token));
+    /* Writable guest segments in flight <= translated pieces in flight <= num * max(1, area_max):
+     * a direct chain takes one slot per piece, an indirect one a slot for up to area_max. */
+    uint64_t per_slot = (indirect && s->has_area && s->area_max > 1) ? s->area_max : 1;
+    uint64_t arena = (uint64_t)s->num * per_slot;
+    s->arena_addr = PyMem_Calloc(arena, sizeof(uint64_t));
+    s->arena_len = PyMem_Calloc(arena, sizeof(uint32_t));
+    s->arena_next = PyMem_Calloc(arena, sizeof(uint32_t));
+    if (!s->next || !s->in_use || !s->count || !s->writable || !s->tok || !s->arena_addr || !s->arena_len ||
+        !s->arena_next) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint64_t i = 0; i < arena; i++)
+        s->arena_next[i] = i + 1 < arena ? (uint32_t)(i + 1) : NO_NODE;
+    s->arena_free = 0;
+    PyObject *seq = PySequence_Fast(next, "next must be a sequence of ints");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != s->num) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "next must have one entry per ring entry");
+        return -1;
+    }
+    for (uint32_t i = 0; i < s->num; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (PyErr_Occurred() || v > s->num) {
+            Py_DECREF(seq);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "free list entry out of range");
+            return -1;
+        }
+        s->next[i] = (uint16_t)v;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static int relay_clear(Relay *q)
+{
+    Py_CLEAR(q->device_kick);
+    Py_CLEAR(q->guest_call);
+    Py_CLEAR(q->error);
+    return 0;
+}
+
+static int relay_traverse(Relay *q, visitproc visit, void *arg)
+{
+    Py_VISIT(q->device_kick);
+    Py_VISIT(q->guest_call);
+    Py_VISIT(q->error);
+    return 0;
+}
+
+static void relay_release(Relay *q)
+{
+    q->ready = 0;
+    mem_table_release(&q->guest_mem);
+    mem_table_release(&q->shadow_mem);
+    if (q->has_dirty) {
+        PyBuffer_Release(&q->dirty_view);
+        q->has_dirty = 0;
+    }
+}
+
+static void relay_dealloc(Relay *q)
+{
+    PyObject_GC_UnTrack(q);
+    relay_release(q);
+    relay_clear(q);
+    Py_CLEAR(q->name);
+    Py_CLEAR(q->guest.name);
+    Py_CLEAR(q->shadow.name);
+    PyMem_Free(q->chain.segs);
+    PyMem_Free(q->out);
+    PyMem_Free(q->in);
+    PyMem_Free(q->iova);
+    PyMem_Free(q->guest.in_flight);
+    DriverSide *s = &q->shadow;
+    PyMem_Free(s->next);
+    PyMem_Free(s->in_use);
+    PyMem_Free(s->count);
+    PyMem_Free(s->writable);
+    PyMem_Free(s->tok);
+    PyMem_Free(s->arena_addr);
+    PyMem_Free(s->arena_len);
+    PyMem_Free(s->arena_next);
+    Py_TYPE(q)->tp_free((PyObject *)q);
+}
+
+/* mirrors relay.py:ShadowVirtqueue.__init__, from tables (vdpa_svq.relay_impl builds them from
+ * a ShadowVirtqueue whose rings nothing has used yet). */
+static int relay_init(Relay *q, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", "indirect", "device_kick", "guest_call", "guest", "shadow",
+                             "iova", "dirty_bits", "dirty_pages", NULL};
+    PyObject *name, *device_kick, *guest_call, *guest, *shadow, *iova, *dirty_bits;
+    int indirect;
+    unsigned long long dirty_pages;
+    if (q->ready || q->name != NULL) {
+        PyErr_SetString(PyExc_TypeError, "CShadowVirtqueue is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "UpOOO!O!OOK", kwlist, &name, &indirect, &device_kick, &guest_call,
+                                     &PyTuple_Type, &guest, &PyTuple_Type, &shadow, &iova, &dirty_bits, &dirty_pages))
+        return -1;
+    if (!PyCallable_Check(device_kick) || !PyCallable_Check(guest_call)) {
+        PyErr_SetString(PyExc_TypeError, "device_kick and guest_call must be callable");
+        return -1;
+    }
+    q->name = Py_NewRef(name);
+    q->indirect = indirect;
+    q->device_kick = Py_NewRef(device_kick);
+    q->guest_call = Py_NewRef(guest_call);
+    q->error = Py_NewRef(Py_None);
+    if (device_side_init(q, guest) < 0 || driver_side_init(q, shadow, indirect) < 0)
+        return -1;
+
+    PyObject *seq = PySequence_Fast(iova, "iova must be a sequence of (gpa, size, iova)");
+    if (seq == NULL)
+        return -1;
+    q->niova = PySequence_Fast_GET_SIZE(seq);
+    q->iova = PyMem_Calloc(q->niova ? q->niova : 1, sizeof(IovaMapping));
+    if (q->iova == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < q->niova; i++) {
+        unsigned long long g, n, v;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKK", &g, &n, &v)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        q->iova[i].gpa = g;
+        q->iova[i].size = n;
+        q->iova[i].iova = v;
+    }
+    Py_DECREF(seq);
+
+    if (dirty_bits != Py_None) {
+        if (PyObject_GetBuffer(dirty_bits, &q->dirty_view, PyBUF_WRITABLE) < 0)
+            return -1;
+        q->has_dirty = 1;
+        if ((unsigned long long)q->dirty_view.len * 8 < dirty_pages) {
+            PyErr_SetString(PyExc_ValueError, "dirty bitmap smaller than its page count");
+            return -1;
+        }
+        q->dirty_pages = dirty_pages;
+    }
+
+    /* Scratch for one chain. A chain that fits the shadow ring has at most piece_cap pieces
+     * (direct: num slots; indirect: area_max entries) and so at most that many segments; a
+     * direct guest chain has at most the guest ring's size. Longer ones only exist on the way
+     * to an error: their segments grow the scratch (cold), their extra pieces are only counted. */
+    q->piece_cap = q->shadow.num;
+    if (q->shadow.has_area && q->shadow.area_max > q->piece_cap)
+        q->piece_cap = q->shadow.area_max;
+    q->chain.cap = (uint32_t)(q->piece_cap > q->guest.num ? q->piece_cap : q->guest.num);
+    q->chain.segs = PyMem_Calloc(q->chain.cap, sizeof(Seg));
+    q->out = PyMem_Calloc(q->piece_cap, sizeof(Piece));
+    q->in = PyMem_Calloc(q->piece_cap, sizeof(Piece));
+    if (!q->chain.segs || !q->out || !q->in) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    q->ready = 1;
+    return 0;
+}
+
+static PyObject *relay_forward_avail(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    if (!q->ready) {
+        PyErr_SetString(PyExc_ValueError, "the C relay is closed");
+        return NULL;
+    }
+    Py_ssize_t n = svq_forward_avail(q);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
+static PyObject *relay_forward_used(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    if (!q->ready) {
+        PyErr_SetString(PyExc_ValueError, "the C relay is closed");
+        return NULL;
+    }
+    Py_ssize_t n = svq_forward_used(q);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
+static PyObject *relay_close(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    relay_release(q);
+    Py_RETURN_NONE;
+}
+
+static PyObject *relay_ring_state(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    const DeviceSide *g = &q->guest;
+    if (g->packed)
+        return Py_BuildValue("{s:I,s:i,s:I,s:i}", "next_avail_idx", g->next_avail_idx, "avail_wrap_counter",
+                             g->avail_wrap_counter, "next_used_idx", g->next_used_idx, "used_wrap_counter",
+                             g->used_wrap_counter);
+    return Py_BuildValue("{s:H,s:H}", "last_avail_idx", g->last_avail_idx, "used_idx", g->used_idx);
+}
+
+static PyObject *relay_get_stats(Relay *q, void *Py_UNUSED(closure))
+{
+    const RelayStats *st = &q->stats;
+    return Py_BuildValue("(KKKKKK)", st->forwarded, st->returned, st->bytes_written, st->device_kicks,
+                         st->guest_calls, st->ring_full);
+}
+
+static PyObject *relay_get_error(Relay *q, void *Py_UNUSED(closure)) { return Py_NewRef(q->error); }
+
+static int relay_set_error(Relay *q, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL)
+        value = Py_None;
+    Py_SETREF(q->error, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *relay_get_broken(Relay *q, void *Py_UNUSED(closure)) { return PyBool_FromLong(q->error != Py_None); }
+static PyObject *relay_get_held(Relay *q, void *Py_UNUSED(closure)) { return PyBool_FromLong(q->held); }
+static PyObject *relay_get_name(Relay *q, void *Py_UNUSED(closure)) { return Py_NewRef(q->name ? q->name : Py_None); }
+
+static PyMethodDef relay_methods[] = {
+    {"on_guest_kick", (PyCFunction)svq_on_guest_kick, METH_NOARGS, "The guest made chains available: relay them."},
+    {"on_device_call", (PyCFunction)svq_on_device_call, METH_NOARGS, "The device used buffers: return them."},
+    {"forward_avail", (PyCFunction)relay_forward_avail, METH_NOARGS, "Move available guest chains to the shadow ring."},
+    {"forward_used", (PyCFunction)relay_forward_used, METH_NOARGS, "Return used shadow buffers to the guest."},
+    {"ring_state", (PyCFunction)relay_ring_state, METH_NOARGS, "The guest ring's indexes (for GET_VRING_BASE)."},
+    {"close", (PyCFunction)relay_close, METH_NOARGS, "Release the memory and dirty-log buffers."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef relay_getset[] = {
+    {"stats", (getter)relay_get_stats, NULL,
+     "(forwarded, returned, bytes_written, device_kicks, guest_calls, ring_full)", NULL},
+    {"error", (getter)relay_get_error, (setter)relay_set_error, "Why this queue stopped, if it did.", NULL},
+    {"broken", (getter)relay_get_broken, NULL, "Whether a RingError stopped this queue.", NULL},
+    {"held", (getter)relay_get_held, NULL, "Whether a chain waits for room in the shadow ring.", NULL},
+    {"name", (getter)relay_get_name, NULL, "The queue's name (for errors).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.CShadowVirtqueue",
+    .tp_basicsize = sizeof(Relay),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The datapath of one shadow virtqueue (relay.py's ShadowVirtqueue, in C).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)relay_init,
+    .tp_dealloc = (destructor)relay_dealloc,
+    .tp_traverse = (traverseproc)relay_traverse,
+    .tp_clear = (inquiry)relay_clear,
+    .tp_methods = relay_methods,
+    .tp_getset = relay_getset,
+};
+
+static struct PyModuleDef relay_module = {
+    PyModuleDef_HEAD_INIT, .m_name = "vdpa_svq._relay",
+    .m_doc = "The shadow virtqueue's hot loop in C; vdpa_svq.relay is the reference.", .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__relay(void)
+{
+    PyObject *errors = PyImport_ImportModule("vdpa_svq.errors");
+    if (errors == NULL)
+        return NULL;
+    RingError = PyObject_GetAttrString(errors, "RingError");
+    GuestRingError = PyObject_GetAttrString(errors, "GuestRingError");
+    DeviceRingError = PyObject_GetAttrString(errors, "DeviceRingError");
+    RingBroken = PyObject_GetAttrString(errors, "RingBroken");
+    Py_DECREF(errors);
+    if (!RingError || !GuestRingError || !DeviceRingError || !RingBroken)
+        return NULL;
+    if (PyType_Ready(&RelayType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&relay_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "CShadowVirtqueue", (PyObject *)&RelayType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

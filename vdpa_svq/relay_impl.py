@@ -1,0 +1,179 @@
+"""Which shadow-virtqueue implementation runs: the C hot loop or the Python reference (PEP 399).
+
+`make_shadow_virtqueue(..., impl="auto")` returns the C relay (vdpa_svq._relay) when it was
+built, else the Python ShadowVirtqueue; `impl="c"` insists on C, `impl="py"` on the reference.
+Both present the same interface: on_guest_kick(), on_device_call(), forward_avail(),
+forward_used(), stats, error, broken. `describe()` says which one runs and why.
+
+The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (it reads
+their sizes, addresses, event_idx, layouts, indirect area, memory regions, the IOVA map and the
+dirty bitmap), and from then on owns the datapath state: the Python rings' indexes go stale, so
+the wrapper does not expose them (`ring_state()` gives the guest ring's indexes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from vdpa_svq.dirty import DirtyBitmap
+from vdpa_svq.errors import RingError
+from vdpa_svq.memory.guest import GuestMemory
+from vdpa_svq.memory.iova import IovaMap
+from vdpa_svq.relay import RelayStats, ShadowVirtqueue
+from vdpa_svq.ring import DeviceRing, DriverRing, Layout
+
+try:
+    from vdpa_svq import _relay
+except ImportError as e:  # no compiler at install time: the Python reference runs
+    _relay = None
+    C_IMPORT_ERROR: str | None = str(e)
+else:
+    C_IMPORT_ERROR = None
+
+AVAILABLE_IMPLS: tuple[str, ...] = ("c", "py") if _relay is not None else ("py",)
+DEFAULT_IMPL = AVAILABLE_IMPLS[0]
+
+
+def describe() -> str:
+    """One line for logs and `--version`-like output: which relay runs by default, and why."""
+    if _relay is not None:
+        return "c (vdpa_svq._relay)"
+    return f"py (the C relay did not import: {C_IMPORT_ERROR})"
+
+
+def _regions(mem: GuestMemory) -> tuple[tuple[int, int, Any], ...]:
+    return tuple((r.gpa, r.size, r.mm) for r in mem)
+
+
+def _guest_spec(ring: DeviceRing) -> tuple:
+    if ring.broken:
+        raise ValueError(f"{ring.name}: ring is broken")
+    a = ring.addrs
+    if ring.layout is Layout.PACKED:
+        state = (ring.next_avail_idx, ring.avail_wrap_counter, ring.next_used_idx, ring.used_wrap_counter,
+                 ring._used_since_signal)
+    else:
+        state = (ring.last_avail_idx, ring.used_idx, ring.signalled_used, 0, 0)
+    return (ring.layout is Layout.PACKED, ring.num, a.desc, a.driver, a.device, ring.event_idx, ring.name,
+            _regions(ring.mem), state, bytes(ring._in_flight))
+
+
+def _shadow_spec(ring: DriverRing) -> tuple:
+    if ring.broken or any(t is not None for t in ring._token):
+        raise ValueError(f"{ring.name}: the C relay takes over a shadow ring with nothing in flight")
+    a = ring.addrs
+    area = ring.indirect_area
+    if ring.layout is Layout.PACKED:
+        state = (ring.free_head, ring.num_free, ring.num_added, ring._cb_enabled, ring.next_avail_idx,
+                 ring.avail_wrap_counter, ring.last_used_idx, ring.used_wrap_counter)
+        links = ring._next_id
+    else:
+        state = (ring.free_head, ring.num_free, ring.num_added, ring._cb_enabled, ring.avail_idx_shadow, 0,
+                 ring.last_used_idx, 0)
+        links = ring._next
+    return (ring.layout is Layout.PACKED, ring.num, a.desc, a.driver, a.device, ring.event_idx, ring.name,
+            _regions(ring.mem), None if area is None else (area.gpa, area.max_entries), state, tuple(links))
+
+
+class CShadowVirtqueue:
+    """ShadowVirtqueue's interface over vdpa_svq._relay.CShadowVirtqueue.
+
+    The C code marks the dirty log with atomic ORs and without DirtyBitmap's lock; each entry
+    point holds that lock instead, so that DirtyBitmap.harvest() (snapshot, then clear) never
+    runs between the two halves of a relay call and loses a bit. device_kick and guest_call run
+    under it too: they must not mark the same DirtyBitmap (they only write eventfds).
+    """
+
+    impl = "c"
+
+    def __init__(self, svq: ShadowVirtqueue) -> None:
+        if _relay is None:
+            raise ImportError(f"the C relay is not available: {C_IMPORT_ERROR}")
+        if svq._held is not None or svq.error is not None:
+            raise ValueError(f"{svq.name}: the C relay starts from a fresh ShadowVirtqueue")
+        self.name = svq.name
+        self.iova: IovaMap = svq.iova
+        self.dirty: DirtyBitmap | None = svq.dirty
+        self.indirect = svq.indirect
+        self.device_kick: Callable[[], None] = svq.device_kick
+        self.guest_call: Callable[[], None] = svq.guest_call
+        self._rings = (svq.guest, svq.shadow)  # keep their memory alive; their indexes go stale
+        self._lock = svq.dirty._lock if svq.dirty is not None else contextlib.nullcontext()
+        self._c = _relay.CShadowVirtqueue(
+            name=svq.name,
+            indirect=bool(svq.indirect),
+            device_kick=svq.device_kick,
+            guest_call=svq.guest_call,
+            guest=_guest_spec(svq.guest),
+            shadow=_shadow_spec(svq.shadow),
+            iova=tuple(svq.iova._maps),  # a snapshot: build a new relay if the IOVA map changes
+            dirty_bits=None if svq.dirty is None else svq.dirty.bits,
+            dirty_pages=0 if svq.dirty is None else svq.dirty.pages,
+        )
+
+    @property
+    def stats(self) -> RelayStats:
+        return RelayStats(*self._c.stats)
+
+    @property
+    def error(self) -> RingError | None:
+        return self._c.error
+
+    @error.setter
+    def error(self, value: RingError | None) -> None:
+        self._c.error = value
+
+    @property
+    def broken(self) -> bool:
+        return self._c.broken
+
+    def forward_avail(self) -> int:
+        with self._lock:
+            return self._c.forward_avail()
+
+    def forward_used(self) -> int:
+        with self._lock:
+            return self._c.forward_used()
+
+    def on_guest_kick(self) -> None:
+        with self._lock:
+            self._c.on_guest_kick()
+
+    def on_device_call(self) -> None:
+        with self._lock:
+            self._c.on_device_call()
+
+    def ring_state(self) -> dict[str, int]:
+        """The guest ring's indexes (what GET_VRING_BASE would report to the guest)."""
+        return self._c.ring_state()
+
+    def close(self) -> None:
+        """Release the relay's hold on guest/shadow memory and the dirty log (before closing them)."""
+        self._c.close()
+
+
+Relay = ShadowVirtqueue | CShadowVirtqueue
+
+
+def make_shadow_virtqueue(
+    guest: DeviceRing,
+    shadow: DriverRing,
+    iova: IovaMap,
+    dirty: DirtyBitmap | None,
+    *,
+    device_kick: Callable[[], None],
+    guest_call: Callable[[], None],
+    indirect: bool = False,
+    name: str = "svq",
+    impl: str = "auto",
+) -> Relay:
+    """A shadow virtqueue over fresh rings: "c", "py", or "auto" (C when it was built)."""
+    if impl == "auto":
+        impl = DEFAULT_IMPL
+    if impl not in ("c", "py"):
+        raise ValueError(f"impl must be 'auto', 'c' or 'py', not {impl!r}")
+    svq = ShadowVirtqueue(guest, shadow, iova, dirty, device_kick=device_kick, guest_call=guest_call,
+                          indirect=indirect, name=name)
+    return svq if impl == "py" else CShadowVirtqueue(svq)
