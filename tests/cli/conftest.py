@@ -34,3 +34,14 @@ def sample_dump(path: Path, rounds=SAMPLE_ROUNDS, regions=SAMPLE_REGIONS, **kw) 
     header = make_header(regions, **kw)
     write_dump(path, header, [(bitmap_of(header, r), 1_700_000_000.0 + i) for i, r in enumerate(rounds, 1)])
     return path
+
+
+def one_line_error(result) -> str:
+    """The stderr of a failed command, checked to be one `vdpa-svq: ...` line and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"not mapped: {result.exception!r}"
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vdpa-svq: "), result.stderr
+    return lines[0]
