@@ -361,7 +361,7 @@ class SplitDeviceRing:
             if nxt >= count:
                 self._fail(f"next {nxt} out of range", head)
             if len(segs) >= count:
-                pass  # MUTANT
+                self._fail("descriptor loop", head)
             index = nxt
 
     # -- returning chains -----------------------------------------------------------------
