@@ -29,7 +29,7 @@ kernel: venv  ## real-device tests, inside the kernel bench guest
 	$(PY) tools/kbench run -- $(abspath $(PY)) -m pytest -m kernel -q -p no:cacheprovider tests/kernel
 
 demo: deps venv
-	$(PY) -m vdpa_svq.cli demo
+	tools/demo
 
 bench: deps venv
 	$(PY) -m vdpa_svq.bench
