@@ -33,8 +33,8 @@ CASES = [
     (
         error_from_errno(errno.EBUSY, "open", DEV),
         ExitCode.USER,
-        f"{DEV}: device busy: another process (QEMU, or another vdpa-svq) has it open and vhost-vdpa allows one "
-        "opener; stop that process, or pick another node from `vdpa-svq list`",
+        f"{DEV}: device busy: it is already open (by QEMU? another vdpa-svq?) and vhost-vdpa allows one opener; "
+        "close it there, or pick another node from `vdpa-svq list`",
     ),
     (
         error_from_errno(errno.EBUSY, "VHOST_SET_OWNER", DEV),

@@ -147,7 +147,7 @@ def test_permission_denied(monkeypatch, no_sysfs):
 def test_device_opened_elsewhere_is_busy(monkeypatch, no_sysfs):
     _open_fails(monkeypatch, errno.EBUSY)
     line = one_line_error(run("info", "/dev/null"))
-    assert line.startswith("vdpa-svq: /dev/null: device busy: another process (QEMU, or another vdpa-svq) has it open")
+    assert line.startswith("vdpa-svq: /dev/null: device busy: it is already open (by QEMU? another vdpa-svq?)")
 
 
 def test_owner_already_set_is_busy(monkeypatch):

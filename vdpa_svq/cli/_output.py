@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,7 +16,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 
 
 def is_terminal() -> bool:
-    return click.get_text_stream("stdout").isatty()
+    # sys.stdout at call time: click's test runner swaps it.
+    return sys.stdout.isatty()
 
 
 def echo_json(obj: Any) -> None:
@@ -47,12 +49,17 @@ def print_fields(title: str, fields: Sequence[tuple[str, str]]) -> None:
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     rows = [list(map(str, row)) for row in rows]
     if is_terminal():
+        from rich import box
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=Text(title, style="bold") if title else None, title_justify="left")
-        for name in columns:
-            table.add_column(name)
+        # Light box, no outer padding: a device listing still fits an 80-column console.
+        table = Table(title=Text(title, style="bold") if title else None, title_justify="left",
+                      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        for i, name in enumerate(columns):
+            # The first column names the thing (a device node, a round): never folded. The others fold
+            # rather than end in "…": a cut "vdpa_sim_n…" is useless.
+            table.add_column(name, overflow="fold", no_wrap=i == 0)
         for row in rows:
             table.add_row(*(Text(cell) for cell in row))
         _console().print(table)

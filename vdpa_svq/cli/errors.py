@@ -45,8 +45,8 @@ PICK = "pick a node from `vdpa-svq list`, or soft:net / soft:blk"
 def _busy(e: kerr.DeviceBusy) -> str:
     if e.op == kerr.OPEN:
         return (
-            f"{e.path}: device busy: another process (QEMU, or another vdpa-svq) has it open and "
-            "vhost-vdpa allows one opener; stop that process, or pick another node from `vdpa-svq list`"
+            f"{e.path}: device busy: it is already open (by QEMU? another vdpa-svq?) and vhost-vdpa allows "
+            "one opener; close it there, or pick another node from `vdpa-svq list`"
         )
     if e.op == "VHOST_SET_OWNER":
         return f"{e.path}: device busy: it already has an owner (VHOST_SET_OWNER: EBUSY); close the other user first"

@@ -22,7 +22,7 @@ def relay_impls() -> tuple[str, list[str]]:
     try:
         from vdpa_svq.relay_impl import AVAILABLE_IMPLS, DEFAULT_IMPL
     except ImportError:
-        return "python", ["python"]
+        return "py", ["py"]  # the Python reference relay is always there
     return DEFAULT_IMPL, list(AVAILABLE_IMPLS)
 
 

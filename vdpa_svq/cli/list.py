@@ -62,7 +62,7 @@ def list_devices(as_json: bool) -> None:
         return
     print_table(
         None,
-        ["NODE", "VDPA DEVICE", "MGMTDEV", "DRIVER", "TYPE", "VQS", "MAX VQ SIZE"],
+        ["NODE", "VDPA DEVICE", "MGMTDEV", "DRIVER", "TYPE", "VQS", "QSIZE"],
         [
             [d.dev_path, d.vdpa_name, d.mgmtdev or "-", d.provider or "-", device_type(d),
              "-" if d.max_vqs is None else str(d.max_vqs), "-" if d.max_vq_size is None else str(d.max_vq_size)]
