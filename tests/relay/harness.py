@@ -207,6 +207,9 @@ class RelayRig:
         assert self.svq.error is None, self.svq.error
 
     def close(self) -> None:
+        if self.svq.error is not None:
+            # The Python relay's error keeps the ring's frames, and so views of guest memory, alive.
+            self.svq.error.__traceback__ = None
         if self.impl == "c":
             self.svq.close()  # its exports keep the memory mapped: release them first
         for r in (self.drv, self.dev, *self.relay_rings):

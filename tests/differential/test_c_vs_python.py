@@ -1,0 +1,421 @@
+"""The C relay (vdpa_svq._relay) against the Python reference (vdpa_svq.relay), step by step.
+
+The same Hypothesis-generated op sequences run through two RelayRigs that differ only in `impl`,
+with the same seeds: after every step the guest memory (rings and buffers), the shadow memory
+(ring and indirect tables), the dirty bitmap, the stats, the notifications and the used
+(token, len) sequence must be identical, and so must any error (class, queue, reason, index).
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.relay.harness import RelayRig
+from vdpa_svq.errors import DeviceRingError, GuestRingError
+from vdpa_svq.memory.iova import IovaMap
+from vdpa_svq.ring import Chain, Layout
+from vdpa_svq.ring.chain import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+PAIRS = [(g, s) for g in Layout for s in Layout]
+
+
+def test_c_relay_is_built():
+    """The C extension must import here: a broken build may not pass as the Python fallback."""
+    mod = importlib.import_module("vdpa_svq._relay")
+    from vdpa_svq import relay_impl
+
+    assert relay_impl.AVAILABLE_IMPLS == ("c", "py")
+    assert relay_impl.describe().startswith("c ")
+    assert hasattr(mod, "CShadowVirtqueue")
+
+
+# -- the two rigs ---------------------------------------------------------------------------------
+def make_pair(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, indirect, seed):
+    return [RelayRig(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, seed=seed, indirect=indirect,
+                     impl=impl) for impl in ("py", "c")]
+
+
+def error_of(rig: RelayRig):
+    e = rig.svq.error
+    return None if e is None else (type(e), e.queue, e.reason, e.index)
+
+
+def snapshot(rig: RelayRig) -> dict:
+    return {
+        "guest memory": bytes(rig.guest_mem.regions[0].mm),
+        "shadow memory": bytes(rig.shadow_mem.regions[0].mm),
+        "dirty bitmap": bytes(rig.dirty.bits),
+        "stats": rig.svq.stats,
+        "used (token, len)": list(rig.used_log),
+        "notifications": (rig.device_kicks, rig.guest_calls, rig.device_kicked, rig.guest_called),
+        "error": error_of(rig),
+        "broken": rig.svq.broken,
+    }
+
+
+def assert_same(py: RelayRig, c: RelayRig, where: str) -> None:
+    a, b = snapshot(py), snapshot(c)
+    for key in a:
+        if a[key] != b[key]:
+            detail = ""
+            if isinstance(a[key], bytes):
+                first = next(i for i, (x, y) in enumerate(zip(a[key], b[key], strict=True)) if x != y)
+                detail = f" (first difference at byte {first:#x}: py {a[key][first]:#04x}, c {b[key][first]:#04x})"
+            pytest.fail(f"{where}: {key} differs{detail}\n  py: {a[key]!r:.300}\n  c:  {b[key]!r:.300}")
+
+
+def apply(rig: RelayRig, op: tuple) -> None:
+    kind = op[0]
+    if kind == "add":
+        for _ in range(op[1]):
+            rig.guest_add()
+    elif kind == "kick":
+        rig.guest_kick()
+    elif kind == "pop":
+        rig.device_on_kick(op[1])
+    elif kind == "complete":
+        rig.device_complete(op[1])
+    elif kind == "reap":
+        rig.guest_on_call()
+    else:  # pragma: no cover
+        raise ValueError(kind)
+
+
+def drain_both(py: RelayRig, c: RelayRig) -> None:
+    """Run both to completion; only a queue stopped by a RingError may leave buffers behind."""
+    outcome = []
+    for rig in (py, c):
+        try:
+            rig.drain()
+        except AssertionError:
+            if rig.svq.error is None:
+                raise  # a stall without an error: a lost notification
+        outcome.append(error_of(rig))
+    assert outcome[0] == outcome[1]
+    assert_same(py, c, "after drain")
+    if outcome[0] is None:
+        assert py.reaped == py.next_token
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 4)),
+        st.just(("kick",)),
+        st.tuples(st.just("pop"), st.integers(1, 4)),
+        st.tuples(st.just("complete"), st.integers(1, 4)),
+        st.just(("reap",)),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pair=st.sampled_from(PAIRS),
+    guest_num=st.sampled_from([1, 2, 4, 8]),
+    shadow_num=st.sampled_from([1, 2, 3, 4, 5, 8, 16]),
+    event_idx=st.booleans(),
+    indirect=st.booleans(),
+    seed=st.integers(0, 2**32),
+    ops=OPS,
+)
+def test_c_relay_writes_the_same_bytes_as_the_python_relay(pair, guest_num, shadow_num, event_idx, indirect, seed,
+                                                           ops):
+    """Small rings (wrap-around every few chains), every layout pair, event_idx and indirect on and off.
+
+    Shadow rings too small for the guest's chains are allowed on purpose: both relays must then
+    stop with the same "can never fit" error, or hold the same chain for backpressure.
+    """
+    guest_layout, shadow_layout = pair
+    if shadow_layout is Layout.SPLIT and shadow_num & (shadow_num - 1):
+        shadow_num = 4
+    py, c = make_pair(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, indirect, seed)
+    try:
+        assert_same(py, c, "fresh")
+        for step, op in enumerate(ops):
+            for rig in (py, c):
+                apply(rig, op)
+            assert_same(py, c, f"after step {step} {op}")
+        drain_both(py, c)
+    finally:
+        py.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+@pytest.mark.parametrize("event_idx", [False, True])
+@pytest.mark.parametrize("indirect", [False, True])
+def test_c_relay_matches_over_many_laps(guest_layout, shadow_layout, event_idx, indirect):
+    """Long runs wrap the 16-bit indexes' low bits and both wrap counters many times over."""
+    from tests.relay.test_relay import run
+
+    shadow_num = 8 if indirect else 16
+    py, c = make_pair(guest_layout, shadow_layout, 4, shadow_num, event_idx, indirect, 11)
+    try:
+        for lap in range(12):
+            for rig in (py, c):
+                run(rig, 200)
+            assert_same(py, c, f"after lap {lap}")
+        assert py.reaped == py.next_token > 100
+    finally:
+        py.close()
+        c.close()
+
+
+# -- a guest that breaks its ring ----------------------------------------------------------------
+U16, U32, U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+FAR = 0x7FFF_0000_0000
+
+
+def _desc(rig: RelayRig, i: int) -> int:
+    return rig.g_addrs.desc + 16 * i
+
+
+def _w(rig: RelayRig, fmt: struct.Struct, gpa: int, value: int) -> None:
+    rig.guest_mem.write(gpa, fmt.pack(value))
+
+
+def _flags_off(rig):
+    return 12 if rig.guest_layout is Layout.SPLIT else 14
+
+
+# Each corruption: (name, layouts it applies to, function(rig, head_desc_index)). The guest has
+# just made one chain of two direct descriptors (readable, then writable) available at slot 0.
+def bad_avail_idx(rig, _):
+    _w(rig, U16, rig.g_addrs.driver + 2, rig.guest_num + 3)
+
+
+def bad_head(rig, _):
+    _w(rig, U16, rig.g_addrs.driver + 4, rig.guest_num + 1)
+
+
+def buffer_outside(rig, d):
+    _w(rig, U64, _desc(rig, d), FAR)
+
+
+def writable_then_readable(rig, d):
+    flags = U16.unpack(rig.guest_mem.read(_desc(rig, d) + _flags_off(rig), 2))[0]
+    _w(rig, U16, _desc(rig, d) + _flags_off(rig), flags | VRING_DESC_F_WRITE)
+    nxt = d + 1 if rig.guest_layout is Layout.PACKED else U16.unpack(rig.guest_mem.read(_desc(rig, d) + 14, 2))[0]
+    flags = U16.unpack(rig.guest_mem.read(_desc(rig, nxt) + _flags_off(rig), 2))[0]
+    _w(rig, U16, _desc(rig, nxt) + _flags_off(rig), flags & ~VRING_DESC_F_WRITE)
+
+
+def next_out_of_range(rig, d):
+    _w(rig, U16, _desc(rig, d) + 14, rig.guest_num + 2)
+
+
+def descriptor_loop(rig, d):
+    nxt = U16.unpack(rig.guest_mem.read(_desc(rig, d) + 14, 2))[0]
+    _w(rig, U16, _desc(rig, nxt) + 12, VRING_DESC_F_NEXT)
+    _w(rig, U16, _desc(rig, nxt) + 14, d)
+
+
+def indirect_bad_length(rig, d):
+    flags = U16.unpack(rig.guest_mem.read(_desc(rig, d) + _flags_off(rig), 2))[0]
+    _w(rig, U16, _desc(rig, d) + _flags_off(rig), (flags & ~VRING_DESC_F_NEXT) | VRING_DESC_F_INDIRECT)
+    _w(rig, U32, _desc(rig, d) + 8, 24)
+
+
+def indirect_outside(rig, d):
+    indirect_bad_length(rig, d)
+    _w(rig, U32, _desc(rig, d) + 8, 32)
+    _w(rig, U64, _desc(rig, d), FAR)
+
+
+def indirect_chained(rig, d):
+    flags = U16.unpack(rig.guest_mem.read(_desc(rig, d) + _flags_off(rig), 2))[0]
+    _w(rig, U16, _desc(rig, d) + _flags_off(rig), flags | VRING_DESC_F_INDIRECT)
+
+
+def indirect_nested(rig, d):
+    """An indirect table whose only entry is itself indirect."""
+    table = rig.g_indirect.gpa
+    split = rig.guest_layout is Layout.SPLIT  # split: addr, len, flags, next; packed: addr, len, id, flags
+    entry = (table, 16, VRING_DESC_F_INDIRECT, 0) if split else (table, 16, 0, VRING_DESC_F_INDIRECT)
+    rig.guest_mem.write(table, struct.pack("<QIHH", *entry))
+    indirect_bad_length(rig, d)
+    _w(rig, U32, _desc(rig, d) + 8, 16)
+    _w(rig, U64, _desc(rig, d), table)
+
+
+def buffer_id_out_of_range(rig, d):
+    _w(rig, U16, _desc(rig, d + 1) + 12, rig.guest_num + 4)
+
+
+def chain_longer_than_ring(rig, d):
+    """NEXT on every descriptor of the ring (the ones after the chain are writable, like its tail)."""
+    flags = U16.unpack(rig.guest_mem.read(_desc(rig, d + 1) + 14, 2))[0]
+    _w(rig, U16, _desc(rig, d + 1) + 14, flags | VRING_DESC_F_NEXT)
+    for i in range(d + 2, rig.guest_num):
+        _w(rig, U16, _desc(rig, i) + 14, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE)
+
+
+CORRUPTIONS = [
+    (bad_avail_idx, {Layout.SPLIT}, "avail idx moved from 0 to"),
+    (bad_head, {Layout.SPLIT}, "out of range"),
+    (buffer_outside, set(Layout), "outside guest memory"),
+    (writable_then_readable, set(Layout), "readable descriptor after a writable one"),
+    (next_out_of_range, {Layout.SPLIT}, "next"),
+    (descriptor_loop, {Layout.SPLIT}, "descriptor loop"),
+    (indirect_bad_length, set(Layout), "is not a multiple of 16"),
+    (indirect_outside, set(Layout), "indirect table"),
+    (indirect_chained, set(Layout), "indirect descriptor chained with others"),
+    (indirect_nested, set(Layout), "indirect descriptor inside an indirect table"),
+    (buffer_id_out_of_range, {Layout.PACKED}, "buffer id"),
+    (chain_longer_than_ring, {Layout.PACKED}, "chain longer than the ring"),
+]
+
+
+def _one_chain_then(rig: RelayRig, corrupt) -> None:
+    base = rig.data
+    rig.drv.add([(base, 64)], [(base + 256, 64)], 0)
+    corrupt(rig, 0)
+    rig.svq.on_guest_kick()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+@pytest.mark.parametrize(("corrupt", "layouts", "reason"), CORRUPTIONS, ids=[c[0].__name__ for c in CORRUPTIONS])
+def test_malformed_guest_ring_gives_the_same_error(guest_layout, shadow_layout, corrupt, layouts, reason):
+    """Never trust the guest (VIRTIO 1.2 2.7.5.3, 2.8.6): same GuestRingError, reason and index."""
+    if guest_layout not in layouts:
+        pytest.skip("not expressible in this layout")
+    py, c = make_pair(guest_layout, shadow_layout, 4, 8, False, True, 0)
+    try:
+        for rig in (py, c):
+            _one_chain_then(rig, corrupt)
+        assert isinstance(py.svq.error, GuestRingError), py.svq.error
+        assert reason in py.svq.error.reason
+        assert error_of(py) == error_of(c)
+        assert_same(py, c, "after the error")
+        for rig in (py, c):  # a broken queue ignores further events
+            rig.svq.on_guest_kick()
+            rig.svq.on_device_call()
+        assert_same(py, c, "after more events")
+    finally:
+        py.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+def test_chain_that_can_never_fit_the_shadow_ring_gives_the_same_error(guest_layout, shadow_layout):
+    py, c = make_pair(guest_layout, shadow_layout, 8, 2, False, False, 0)
+    try:
+        for rig in (py, c):
+            base = rig.data
+            rig.drv.add([(base, 8), (base + 256, 8)], [(base + 512, 8)], 0)
+            rig.svq.on_guest_kick()
+        assert isinstance(py.svq.error, GuestRingError)
+        assert py.svq.error.reason == "chain of 3 descriptors can never fit the shadow ring"
+        assert error_of(py) == error_of(c)
+    finally:
+        py.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+@pytest.mark.parametrize("zero_length", [False, True])
+def test_buffer_the_device_cannot_reach_gives_the_same_error(guest_layout, shadow_layout, zero_length):
+    """A guest buffer in a hole of the IOVA map: the translation error names the unmapped piece."""
+    py, c = make_pair(guest_layout, shadow_layout, 4, 8, False, False, 0)
+    try:
+        for rig in (py, c):
+            hole = IovaMap()
+            region = rig.guest_mem.regions[0]
+            hole.add(0, rig.data + 0x100, 0)  # the second block of the data area onwards is unmapped
+            hole.add(rig.data + 0x200, region.size - rig.data - 0x200, rig.data + 0x200)
+            if rig.impl == "c":
+                rig.svq.close()
+            rig.svq = rig.make_svq(hole)
+            # [data+0xF0, +0x40) crosses into the hole; an empty buffer at the hole is still translated.
+            rig.drv.add([(rig.data + 0x100, 0) if zero_length else (rig.data + 0xF0, 0x40)], [], 0)
+            rig.svq.on_guest_kick()
+        assert isinstance(py.svq.error, GuestRingError)
+        assert "not mapped for the device" in py.svq.error.reason
+        assert error_of(py) == error_of(c)
+    finally:
+        py.close()
+        c.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pair=st.sampled_from(PAIRS),
+    seed=st.integers(0, 2**32),
+    pokes=st.lists(st.tuples(st.integers(0, 0x3FF), st.integers(0, 255)), min_size=1, max_size=12),
+    adds=st.integers(1, 4),
+)
+def test_random_guest_ring_corruption_gives_the_same_outcome(pair, seed, pokes, adds):
+    """Random bytes written over the guest's descriptor and driver areas, then a kick: the relays
+    must agree on everything (forwarding, or the same error)."""
+    py, c = make_pair(*pair, 4, 8, True, True, seed)
+    try:
+        for rig in (py, c):
+            for _ in range(adds):
+                rig.guest_add()
+            span = 16 * rig.guest_num + 0x40
+            for off, value in pokes:
+                rig.guest_mem.write(rig.g_addrs.desc + off % span, bytes([value]))
+            rig.svq.on_guest_kick()
+            rig.device_on_kick(8)
+        assert_same(py, c, "after the corrupted kick")
+    finally:
+        py.close()
+        c.close()
+
+
+# -- a device that breaks the shadow ring ---------------------------------------------------------
+def _device_returns(rig: RelayRig, how: str) -> None:
+    rig.guest_add()
+    rig.guest_add()
+    rig.guest_kick()
+    rig.device_on_kick(4)
+    assert rig.at_device, "the device got nothing to break"
+    good = rig.at_device[0]
+    n = rig.shadow_num
+    if how == "id out of range":
+        bad = Chain(n + 3, good.segments, good.ndescs, good.indirect, good.writable_bytes)
+        rig.dev._in_flight.extend(bytes(8))  # our device ring would refuse to write it otherwise
+        rig.dev.push_used(bad, 0)
+    elif how == "id not in use":
+        free_id = next(i for i in range(n) if not rig.dev._in_flight[i])
+        bad = Chain(free_id, good.segments, good.ndescs, good.indirect, good.writable_bytes)
+        rig.dev.push_used(bad, 0)
+    elif how == "length over writable":
+        rig.dev.push_used(good, good.writable_bytes + 1)
+    elif how == "used idx jumped":
+        rig.dev_mem.write(rig.s_addrs.device + 2, U16.pack(n + 2))
+    rig.svq.on_device_call()
+
+
+DEVICE_FAULTS = {
+    "id out of range": "out of range",
+    "id not in use": "is not",
+    "length over writable": "used length",
+    "used idx jumped": "used idx jumped",
+}
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+@pytest.mark.parametrize("how", list(DEVICE_FAULTS))
+def test_device_returning_a_bad_used_element_gives_the_same_error(guest_layout, shadow_layout, how):
+    """Never trust the device (VIRTIO 1.2 2.7.8, 2.8.7): same DeviceRingError, reason and index."""
+    if how == "used idx jumped" and shadow_layout is Layout.PACKED:
+        pytest.skip("packed rings have no used index")
+    py, c = make_pair(guest_layout, shadow_layout, 4, 8, False, False, 5)
+    try:
+        for rig in (py, c):
+            _device_returns(rig, how)
+        assert isinstance(py.svq.error, DeviceRingError), py.svq.error
+        assert DEVICE_FAULTS[how] in py.svq.error.reason
+        assert error_of(py) == error_of(c)
+        assert_same(py, c, "after the error")
+    finally:
+        py.close()
+        c.close()
