@@ -2,46 +2,94 @@
 
 `soft:net` and `soft:blk` are the software loopback net device and ramdisk (vdpa_svq.softdev), for
 hosts without vDPA; `soft:net-sim` is the net one restricted to what vdpa_sim offers (split only).
+
+Pointing at the wrong thing gets the right message: before opening, a path that is not a vhost-vdpa
+character device is refused by what sysfs says it is; after opening, VHOST_VDPA_GET_DEVICE_ID
+doubles as a probe — every vhost-vdpa kernel answers it, and anything else (/dev/null,
+/dev/vhost-net) answers ENOTTY.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any
 
-from kernel_iface import VhostVdpa
+from kernel_iface import NotSupported, VhostVdpa
+from kernel_iface.discovery import VHOST_VDPA_NODE
+from kernel_iface.errors import ENOIOCTLCMD, errno_name
 from vdpa_svq.errors import VdpaSvqError
 
 SOFT_DEVICES = ("soft:net", "soft:blk", "soft:net-sim")
+SYS_DEV_CHAR = "/sys/dev/char"  # <major>:<minor> -> the device's sysfs directory
+
+_FILE_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class NotAVhostVdpaNode(VdpaSvqError):
     """The path exists but is not a vhost-vdpa character device."""
 
 
+def _not_vhost_vdpa(path: str, what: str) -> NotAVhostVdpaNode:
+    return NotAVhostVdpaNode(f"{path}: is not a vhost-vdpa device ({what})")
+
+
 def is_soft(spec: str) -> bool:
     return spec.startswith("soft:")
 
 
-def open_device(spec: str) -> Any:
-    """An open device with the VhostVdpa methods; the caller closes it."""
-    if is_soft(spec):
-        from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
-
-        if spec == "soft:net":
-            return SoftNetDevice()
-        if spec == "soft:net-sim":
-            return SoftNetDevice.like_vdpa_sim(path=spec)
-        if spec == "soft:blk":
-            return SoftBlkDevice()
-        raise VdpaSvqError(f"{spec}: unknown software device; choose one of {', '.join(SOFT_DEVICES)}")
+def check_node(path: str) -> None:
+    """Refuse a path that exists and is certainly not a vhost-vdpa node; a missing one is left to
+    open(), whose errno the kernel_iface table maps."""
     try:
-        st = os.stat(spec)
+        st = os.stat(path)
     except OSError:
-        st = None  # let VhostVdpa.open() report it with the errno mapping
-    if st is not None and not stat.S_ISCHR(st.st_mode):
-        raise NotAVhostVdpaNode(f"{spec}: not a character device (expected /dev/vhost-vdpa-N)")
-    if st is not None and os.path.basename(spec) == "vhost-net":
-        raise NotAVhostVdpaNode(f"{spec}: this is vhost-net (the kernel's virtio-net backend), not a vhost-vdpa device")
-    return VhostVdpa.open(spec)
+        return
+    if not stat.S_ISCHR(st.st_mode):
+        raise _not_vhost_vdpa(path, _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a character device"))
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    sys_path = os.path.join(SYS_DEV_CHAR, f"{major}:{minor}")
+    if not os.path.exists(sys_path):
+        return  # no sysfs (a container): the ioctl probe decides
+    real = os.path.realpath(sys_path)
+    if not VHOST_VDPA_NODE.match(os.path.basename(real)):
+        name = "/".join(real.split(os.sep)[-2:])
+        raise _not_vhost_vdpa(path, f"character device {major}:{minor} is {name}")
+
+
+def _soft_device(spec: str) -> Any:
+    from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
+
+    if spec == "soft:net":
+        return SoftNetDevice()
+    if spec == "soft:net-sim":
+        return SoftNetDevice.like_vdpa_sim(path=spec)
+    if spec == "soft:blk":
+        return SoftBlkDevice()
+    raise VdpaSvqError(f"{spec}: unknown software device; choose one of {', '.join(SOFT_DEVICES)}")
+
+
+def open_device(spec: str) -> Any:
+    """An open device with the VhostVdpa methods (not yet owned); the caller closes it."""
+    if is_soft(spec):
+        return _soft_device(spec)
+    check_node(spec)
+    dev = VhostVdpa.open(spec)
+    try:
+        dev.device_id()
+    except NotSupported as e:
+        dev.close()
+        if e.errno in (errno.ENOTTY, ENOIOCTLCMD):
+            raise _not_vhost_vdpa(spec, f"{e.op} answered {errno_name(e.errno)}") from None
+        raise
+    except BaseException:
+        dev.close()
+        raise
+    return dev

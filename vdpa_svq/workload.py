@@ -34,6 +34,9 @@ class AttachOptions:
     impl: str = "py"
 
     def device_packed(self) -> bool | None:
+        if self.shadow_layout == "auto" and self.switch_after is not None:
+            # Passthrough first: the device must run the guest's own layout.
+            return self.guest_layout is Layout.PACKED
         return {"auto": None, "split": False, "packed": True}[self.shadow_layout]
 
 
@@ -164,13 +167,16 @@ class AttachRun:
         opts, g, s = self.opts, self.guest, self.summary
         assert g is not None and s is not None
         self.started = time.monotonic()
-        round_len = opts.duration / max(opts.rounds, 1)
-        next_round, rounds_done, last_tick = round_len, 0, 0.0
+        # Rounds divide the shadowed time (dirty logging starts with shadowing).
+        shadow_from = opts.switch_after or 0.0
+        round_len = max(opts.duration - shadow_from, 0.0) / max(opts.rounds, 1)
+        next_round, rounds_done, last_tick = shadow_from + round_len, 0, 0.0
         while not self._stop:
             now = self.elapsed()
             if opts.switch_after is not None and g.mode == PASSTHROUGH and now >= opts.switch_after:
                 g.switch_to_shadow(impl=opts.impl)
                 s.switches.append(f"{PASSTHROUGH}->{SHADOW} at {now:.2f}s")
+                next_round = self.elapsed() + round_len
             if now >= opts.duration:
                 break
             self._step()

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kernel_iface.errors import error_from_errno
+from vdpa_svq import devices
 from vdpa_svq.cli import _device, main
 from vdpa_svq.cli.info import decode_blk_config, decode_net_config
 
@@ -26,7 +27,7 @@ def run(*args: str, **kw):
 @pytest.fixture
 def no_sysfs(monkeypatch, tmp_path):
     """As in a container without /sys/dev/char: only the ioctl probe can tell."""
-    monkeypatch.setattr(_device, "SYS_DEV_CHAR", str(tmp_path / "no-sysfs"))
+    monkeypatch.setattr(devices, "SYS_DEV_CHAR", str(tmp_path / "no-sysfs"))
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def fake_sysfs(monkeypatch, tmp_path):
         target.mkdir(parents=True)
         (tmp_path / "char").mkdir()
         os.symlink(target, tmp_path / "char" / f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
-        monkeypatch.setattr(_device, "SYS_DEV_CHAR", str(tmp_path / "char"))
+        monkeypatch.setattr(devices, "SYS_DEV_CHAR", str(tmp_path / "char"))
 
     return make
 
@@ -100,11 +101,11 @@ def test_vhost_net_is_not_a_vhost_vdpa_device(fake_sysfs):
 
 
 def test_dev_null_is_not_a_vhost_vdpa_device_by_ioctl(no_sysfs):
-    """Without sysfs, /dev/null answers VHOST_SET_OWNER with ENOTTY."""
+    """Without sysfs, /dev/null answers VHOST_VDPA_GET_DEVICE_ID (the probe) with ENOTTY."""
     result = run("info", "/dev/null")
     assert result.exit_code == 1
     assert one_line_error(result) == (
-        f"vdpa-svq: /dev/null: is not a vhost-vdpa device (VHOST_SET_OWNER answered ENOTTY); {PICK}"
+        f"vdpa-svq: /dev/null: is not a vhost-vdpa device (VHOST_VDPA_GET_DEVICE_ID answered ENOTTY); {PICK}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -43,6 +44,8 @@ def print_summary(s: Summary) -> None:
     if s.device_type == "net":
         echo(f"  frames: {s.frames_sent} sent, {s.frames_tx_done} completed, {s.frames_received} received, "
              f"{s.frames_verified} verified, {s.frames_failed} damaged, {s.frames_duplicated} duplicated")
+        if s.frames_sent and not s.frames_received:
+            echo("  (nothing came back: expected unless the device loops frames back, as vdpa_sim net does)")
     else:
         echo(f"  blk: {s.blk_writes} writes, {s.blk_reads_verified} read back equal, {s.blk_failed} failed, "
              f"{s.blk_bytes} bytes")
@@ -101,7 +104,9 @@ def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, 
     )
     live = None
     on_tick = None
-    if not as_json and sys.stdout.isatty():
+    # A live table only on a real terminal (not through a serial console or a pipe).
+    terminal = sys.stdout.isatty() and os.environ.get("TERM", "dumb") != "dumb" and "NO_COLOR" not in os.environ
+    if not as_json and terminal:
         from rich.live import Live
 
         live = Live(refresh_per_second=4, transient=True)
