@@ -31,7 +31,8 @@ kernel: venv  ## real-device tests, inside the kernel bench guest
 demo: deps venv
 	tools/demo
 
-bench: deps venv
+bench: deps venv  ## relay throughput: direct vs Python vs C relay, written to BENCHMARKS.md
+	$(PY) setup.py -q build_ext --inplace  # the C relay as it is now, not as the venv stamp last saw it
 	$(PY) -m vdpa_svq.bench
 
 clean:
