@@ -1746,14 +1746,39 @@ static PyObject *relay_close(Relay *q, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* The datapath state the C relay owns, under the Python rings' attribute names. */
 static PyObject *relay_ring_state(Relay *q, PyObject *Py_UNUSED(ignored))
 {
     const DeviceSide *g = &q->guest;
+    const DriverSide *s = &q->shadow;
+    unsigned int in_flight = 0;
+    for (uint32_t i = 0; i < s->num; i++)
+        in_flight += s->in_use[i];
+    PyObject *guest, *shadow;
     if (g->packed)
-        return Py_BuildValue("{s:I,s:i,s:I,s:i}", "next_avail_idx", g->next_avail_idx, "avail_wrap_counter",
-                             g->avail_wrap_counter, "next_used_idx", g->next_used_idx, "used_wrap_counter",
-                             g->used_wrap_counter);
-    return Py_BuildValue("{s:H,s:H}", "last_avail_idx", g->last_avail_idx, "used_idx", g->used_idx);
+        guest = Py_BuildValue("{s:I,s:i,s:I,s:i,s:i}", "next_avail_idx", g->next_avail_idx, "avail_wrap_counter",
+                              g->avail_wrap_counter, "next_used_idx", g->next_used_idx, "used_wrap_counter",
+                              g->used_wrap_counter, "broken", g->broken);
+    else
+        guest = Py_BuildValue("{s:H,s:H,s:H,s:i}", "last_avail_idx", g->last_avail_idx, "used_idx", g->used_idx,
+                              "signalled_used", g->signalled_used, "broken", g->broken);
+    if (s->packed)
+        shadow = Py_BuildValue("{s:I,s:i,s:I,s:i,s:I,s:I,s:K,s:I,s:i}", "next_avail_idx", s->next_avail_idx,
+                               "avail_wrap_counter", s->avail_wrap_counter, "last_used_idx", s->last_used_idx,
+                               "used_wrap_counter", s->used_wrap_counter, "free_head", s->free_head, "num_free",
+                               s->num_free, "num_added", (unsigned long long)s->num_added, "in_flight", in_flight,
+                               "broken", s->broken);
+    else
+        shadow = Py_BuildValue("{s:H,s:H,s:I,s:I,s:K,s:I,s:i}", "avail_idx_shadow", s->avail_idx_shadow,
+                               "last_used_idx", s->last_used_idx_split, "free_head", s->free_head, "num_free",
+                               s->num_free, "num_added", (unsigned long long)s->num_added, "in_flight", in_flight,
+                               "broken", s->broken);
+    if (guest == NULL || shadow == NULL) {
+        Py_XDECREF(guest);
+        Py_XDECREF(shadow);
+        return NULL;
+    }
+    return Py_BuildValue("{s:N,s:N}", "guest", guest, "shadow", shadow);
 }
 
 static PyObject *relay_get_stats(Relay *q, void *Py_UNUSED(closure))
@@ -1782,7 +1807,7 @@ static PyMethodDef relay_methods[] = {
     {"on_device_call", (PyCFunction)svq_on_device_call, METH_NOARGS, "The device used buffers: return them."},
     {"forward_avail", (PyCFunction)relay_forward_avail, METH_NOARGS, "Move available guest chains to the shadow ring."},
     {"forward_used", (PyCFunction)relay_forward_used, METH_NOARGS, "Return used shadow buffers to the guest."},
-    {"ring_state", (PyCFunction)relay_ring_state, METH_NOARGS, "The guest ring's indexes (for GET_VRING_BASE)."},
+    {"ring_state", (PyCFunction)relay_ring_state, METH_NOARGS, "{'guest': {...}, 'shadow': {...}}: ring indexes."},
     {"close", (PyCFunction)relay_close, METH_NOARGS, "Release the memory and dirty-log buffers."},
     {NULL, NULL, 0, NULL},
 };

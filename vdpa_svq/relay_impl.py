@@ -7,8 +7,10 @@ forward_used(), stats, error, broken. `describe()` says which one runs and why.
 
 The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (it reads
 their sizes, addresses, event_idx, layouts, indirect area, memory regions, the IOVA map and the
-dirty bitmap), and from then on owns the datapath state: the Python rings' indexes go stale, so
-the wrapper does not expose them (`ring_state()` gives the guest ring's indexes).
+dirty bitmap), and from then on owns the datapath state: the Python rings' indexes go stale. So
+its `guest` and `shadow` are read-only views: their configuration (num, addrs, layout, name, ...)
+comes from the Python ring, their indexes (last_used_idx, avail_idx_shadow, state(), ...) from the
+C relay, and anything else raises AttributeError rather than answer with a stale value.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from vdpa_svq.errors import RingError
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay import RelayStats, ShadowVirtqueue
-from vdpa_svq.ring import DeviceRing, DriverRing, Layout
+from vdpa_svq.ring import DeviceRing, DriverRing, Layout, RingState
 
 try:
     from vdpa_svq import _relay
@@ -77,6 +79,38 @@ def _shadow_spec(ring: DriverRing) -> tuple:
             _regions(ring.mem), None if area is None else (area.gpa, area.max_entries), state, tuple(links))
 
 
+class _RingView:
+    """A relay-owned ring as its users may look at it: configuration from the Python ring, indexes live
+    from the C relay."""
+
+    _CONFIG = frozenset({"num", "addrs", "layout", "name", "event_idx", "indirect_area", "mem", "close"})
+
+    def __init__(self, ring: DeviceRing | DriverRing, c: Any, side: str) -> None:
+        self._ring, self._c, self._side = ring, c, side
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in self._CONFIG:
+            return getattr(self._ring, attr)
+        state = self._c.ring_state()[self._side]
+        if attr in state:
+            return state[attr] if attr != "broken" else bool(state[attr])
+        raise AttributeError(f"{self._ring.name}: {attr!r} is datapath state the C relay does not expose")
+
+    @property
+    def in_flight(self) -> int:
+        return self._c.ring_state()[self._side]["in_flight"]
+
+    def state(self) -> RingState:
+        """Where the device side stands (guest ring only), as the Python rings' state() says it."""
+        if self._side != "guest":
+            raise AttributeError("state() is the device side's (the guest ring's)")
+        st = self._c.ring_state()["guest"]
+        if self._ring.layout is Layout.PACKED:
+            return RingState(st["next_avail_idx"], st["next_used_idx"], st["avail_wrap_counter"],
+                             st["used_wrap_counter"])
+        return RingState(st["last_avail_idx"], st["used_idx"])
+
+
 class CShadowVirtqueue:
     """ShadowVirtqueue's interface over vdpa_svq._relay.CShadowVirtqueue.
 
@@ -99,7 +133,6 @@ class CShadowVirtqueue:
         self.indirect = svq.indirect
         self.device_kick: Callable[[], None] = svq.device_kick
         self.guest_call: Callable[[], None] = svq.guest_call
-        self._rings = (svq.guest, svq.shadow)  # keep their memory alive; their indexes go stale
         self._lock = svq.dirty._lock if svq.dirty is not None else contextlib.nullcontext()
         self._c = _relay.CShadowVirtqueue(
             name=svq.name,
@@ -112,6 +145,8 @@ class CShadowVirtqueue:
             dirty_bits=None if svq.dirty is None else svq.dirty.bits,
             dirty_pages=0 if svq.dirty is None else svq.dirty.pages,
         )
+        self.guest = _RingView(svq.guest, self._c, "guest")
+        self.shadow = _RingView(svq.shadow, self._c, "shadow")
 
     @property
     def stats(self) -> RelayStats:
@@ -129,6 +164,11 @@ class CShadowVirtqueue:
     def broken(self) -> bool:
         return self._c.broken
 
+    @property
+    def held(self) -> bool:
+        """A guest chain is waiting for room in the shadow ring."""
+        return self._c.held
+
     def forward_avail(self) -> int:
         with self._lock:
             return self._c.forward_avail()
@@ -145,8 +185,8 @@ class CShadowVirtqueue:
         with self._lock:
             self._c.on_device_call()
 
-    def ring_state(self) -> dict[str, int]:
-        """The guest ring's indexes (what GET_VRING_BASE would report to the guest)."""
+    def ring_state(self) -> dict[str, dict[str, int]]:
+        """{"guest": {...}, "shadow": {...}}: the indexes the C relay owns, under the rings' names."""
         return self._c.ring_state()
 
     def close(self) -> None:

@@ -45,8 +45,19 @@ def error_of(rig: RelayRig):
     return None if e is None else (type(e), e.queue, e.reason, e.index)
 
 
+def ring_state_of(rig: RelayRig) -> dict:
+    """What the relay's users read of its rings (the attach engine's switch back to passthrough)."""
+    g, s = rig.svq.guest, rig.svq.shadow
+    names = ["last_used_idx", "num_free", "free_head", "in_flight", "broken"]
+    names += ["avail_idx_shadow"] if rig.shadow_layout is Layout.SPLIT else [
+        "next_avail_idx", "avail_wrap_counter", "used_wrap_counter"]
+    return {"guest": g.state(), "guest broken": g.broken, "held": rig.svq.held,
+            **{f"shadow {n}": getattr(s, n) for n in names}}
+
+
 def snapshot(rig: RelayRig) -> dict:
     return {
+        "ring state": ring_state_of(rig),
         "guest memory": bytes(rig.guest_mem.regions[0].mm),
         "shadow memory": bytes(rig.shadow_mem.regions[0].mm),
         "dirty bitmap": bytes(rig.dirty.bits),
