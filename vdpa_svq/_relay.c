@@ -1262,8 +1262,10 @@ static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
     uint64_t first = gpa >> PAGE_SHIFT;
     uint64_t last = (uint64_t)(((unsigned __int128)gpa + length - 1) >> PAGE_SHIFT);
     if ((((unsigned __int128)gpa + length - 1) >> PAGE_SHIFT) >= q->dirty_pages) {
-        PyErr_Format(PyExc_ValueError, "dirty range [0x%llx, +0x%llx) beyond the log of %llu pages",
-                     (unsigned long long)gpa, (unsigned long long)length, (unsigned long long)q->dirty_pages);
+        char msg[128]; /* PyErr_Format has no %llx before 3.12 */
+        snprintf(msg, sizeof msg, "dirty range [0x%llx, +0x%llx) beyond the log of %llu pages",
+                 (unsigned long long)gpa, (unsigned long long)length, (unsigned long long)q->dirty_pages);
+        PyErr_SetString(PyExc_ValueError, msg);
         return -1;
     }
     uint8_t *bits = q->dirty_view.buf;
@@ -1426,9 +1428,12 @@ fail:
 static uint8_t *area(const MemTable *m, uint64_t gpa, uint64_t size, const char *what)
 {
     uint8_t *p = mem_view(m, gpa, size);
-    if (p == NULL)
-        PyErr_Format(PyExc_ValueError, "%s [0x%llx, +0x%llx) is not in the ring's memory", what,
-                     (unsigned long long)gpa, (unsigned long long)size);
+    if (p == NULL) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s [0x%llx, +0x%llx) is not in the ring's memory", what, (unsigned long long)gpa,
+                 (unsigned long long)size);
+        PyErr_SetString(PyExc_ValueError, msg);
+    }
     return p;
 }
 

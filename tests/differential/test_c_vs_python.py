@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.relay.harness import RelayRig
-from vdpa_svq.errors import DeviceRingError, GuestRingError
+from vdpa_svq.errors import DeviceRingError, GuestRingError, RingBroken
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.ring import Chain, Layout
 from vdpa_svq.ring.chain import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
@@ -426,6 +426,38 @@ def test_device_returning_a_bad_used_element_gives_the_same_error(guest_layout, 
         assert isinstance(py.svq.error, DeviceRingError), py.svq.error
         assert DEVICE_FAULTS[how] in py.svq.error.reason
         assert error_of(py) == error_of(c)
+        assert_same(py, c, "after the error")
+        broken = []
+        for rig in (py, c):  # called directly (not through the guarded handlers), the broken ring refuses
+            with pytest.raises(RingBroken) as exc:
+                rig.svq.forward_used()
+            broken.append(str(exc.value))
+        assert broken[0] == broken[1] == "shadow: queue is broken"
+    finally:
+        py.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+def test_dirty_log_too_small_gives_the_same_error(guest_layout, shadow_layout):
+    """A log that ends before the buffers: DirtyBitmap.mark's ValueError, same message, same moment."""
+    from vdpa_svq.dirty import DirtyBitmap
+
+    py, c = make_pair(guest_layout, shadow_layout, 4, 8, False, False, 3)
+    errors = []
+    try:
+        for rig in (py, c):
+            rig.dirty = DirtyBitmap(rig.data)  # the rings are logged, the data pages are beyond the log
+            rig.svq = rig.make_svq(rig.iova)
+            rig.drv.add([], [(rig.data + 0x10, 0x40)], 0)
+            rig.guest_kick()
+            rig.device_on_kick(4)
+            (chain,) = rig.at_device
+            rig.dev.push_used(chain, 0x40)
+            with pytest.raises(ValueError) as exc:
+                rig.svq.on_device_call()  # not a RingError: it goes up to the event loop, in both
+            errors.append(str(exc.value))
+        assert errors[0] == errors[1] and "beyond the log" in errors[0]
         assert_same(py, c, "after the error")
     finally:
         py.close()
