@@ -342,6 +342,9 @@ static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
                 return guest_fail(g, head, "indirect descriptor chained with others");
             if (len == 0 || len % DESC_SIZE)
                 return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
+            if (len / DESC_SIZE > (uint32_t)g->num)
+                return guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u",
+                                  len / DESC_SIZE, (unsigned)g->num);
             table = mem_view(g->mem, addr, len);
             if (table == NULL)
                 return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
@@ -501,6 +504,9 @@ static int pop_packed(DeviceSide *g, Chain *c)
                 return guest_fail(g, head, "indirect descriptor chained with others");
             if (len == 0 || len % DESC_SIZE)
                 return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
+            if (len / DESC_SIZE > (uint32_t)g->num)
+                return guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u",
+                                  len / DESC_SIZE, (unsigned)g->num);
             const uint8_t *table = mem_view(g->mem, addr, len);
             if (table == NULL)
                 return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
@@ -744,6 +750,11 @@ static int add_check(DriverSide *s, uint32_t total, int use_indirect)
         return queue_broken(s->name);
     if (total == 0) {
         PyErr_SetString(PyExc_ValueError, "a chain needs at least one buffer");
+        return -1;
+    }
+    if (total > s->num) {
+        PyErr_Format(PyExc_ValueError, "%U: a chain of %u descriptors is longer than the queue (%u)", s->name,
+                     (unsigned)total, (unsigned)s->num);
         return -1;
     }
     if (use_indirect && (!s->has_area || total > s->area_max)) {
@@ -1152,7 +1163,7 @@ unmapped:
 /* mirrors relay.py:ShadowVirtqueue._use_indirect */
 static inline int svq_use_indirect(const Relay *q, uint64_t n)
 {
-    return q->indirect && q->shadow.has_area && 1 < n && n <= q->shadow.area_max;
+    return q->indirect && q->shadow.has_area && 1 < n && n <= q->shadow.area_max && n <= q->shadow.num;
 }
 
 static int call_notifier(PyObject *fn)

@@ -103,7 +103,7 @@ class InProcessGuest:
         s.start()
         self.mode = PASSTHROUGH
 
-    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "py") -> None:
+    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "auto") -> None:
         self.shadow = ShadowSession(self.session, self.mem, impl=impl)
         for i, addrs in enumerate(self.layout.rings):
             self.shadow.add_queue(
@@ -120,7 +120,7 @@ class InProcessGuest:
         self.mode = SHADOW
 
     # -- the live switch -------------------------------------------------------------------
-    def switch_to_shadow(self, *, impl: str = "py") -> list[RingState]:
+    def switch_to_shadow(self, *, impl: str = "auto") -> list[RingState]:
         """Passthrough -> shadowed, mid-traffic: suspend, take the ring state, relay from there."""
         if self.mode != PASSTHROUGH:
             raise SessionError(f"{self.device.path}: not in passthrough (mode {self.mode or 'down'})")
@@ -213,7 +213,7 @@ def bring_up(
     shadow: bool = False,
     guest_layout: Layout | None = None,
     guest_event_idx: bool = True,
-    impl: str = "py",
+    impl: str = "auto",
     **opts: Any,
 ) -> InProcessGuest:
     """Negotiate, lay the guest out, connect it (passthrough or shadowed), DRIVER_OK."""

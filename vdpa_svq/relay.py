@@ -29,6 +29,8 @@ class RelayStats:
 
 
 class ShadowVirtqueue:
+    impl = "py"  # which relay this is (the C one says "c")
+
     def __init__(
         self,
         guest: DeviceRing,
@@ -57,6 +59,9 @@ class ShadowVirtqueue:
     def broken(self) -> bool:
         return self.error is not None
 
+    def close(self) -> None:
+        """Nothing to release (the C relay's twin releases its memory views)."""
+
     @property
     def held(self) -> bool:
         """A guest chain is waiting for room in the shadow ring."""
@@ -81,8 +86,9 @@ class ShadowVirtqueue:
         return out, in_
 
     def _use_indirect(self, n: int) -> bool:
+        # An indirect table counts as a chain of n descriptors: no longer than the queue (2.7.5.3.1).
         area = self.shadow.indirect_area
-        return self.indirect and area is not None and 1 < n <= area.max_entries
+        return self.indirect and area is not None and 1 < n <= min(area.max_entries, self.shadow.num)
 
     def forward_avail(self) -> int:
         """Move every available guest chain to the shadow ring (until it is full); kick if needed."""
@@ -187,5 +193,6 @@ class ShadowVirtqueue:
         try:
             work()
         except RingError as e:
-            # Never trust either side: this queue stops with a reason; other queues go on.
-            self.error = e
+            # Never trust either side: this queue stops with a reason; other queues go on. Keep
+            # no traceback: its frames would hold views of guest memory alive.
+            self.error = e.with_traceback(None)

@@ -19,7 +19,7 @@ from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import RelayLoop
 from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
 from vdpa_svq.memory.iova import IovaMap
-from vdpa_svq.relay import ShadowVirtqueue
+from vdpa_svq.relay_impl import Relay, make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
 from vdpa_svq.ring.layout import (
     Layout,
@@ -267,7 +267,7 @@ class ShadowQueue:
     """One relayed queue: the guest's notifiers on one side, the device queue on the other."""
 
     index: int
-    svq: ShadowVirtqueue
+    svq: Relay
     device_queue: Queue
     guest_kick_fd: int  # the guest writes it when it made buffers available
     guest_call_fd: int  # the relay writes it when the guest should look at its used buffers
@@ -282,7 +282,7 @@ class ShadowSession:
     the descriptor ring and device event area (packed).
     """
 
-    def __init__(self, dev: DeviceSession, guest_mem: GuestMemory, *, impl: str = "py") -> None:
+    def __init__(self, dev: DeviceSession, guest_mem: GuestMemory, *, impl: str = "auto") -> None:
         self.dev = dev
         self.guest_mem = guest_mem
         self.impl = impl
@@ -363,7 +363,7 @@ class ShadowSession:
         if guest_call is None:
             guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._fds.append(guest_call)
-        svq = ShadowVirtqueue(
+        svq = make_shadow_virtqueue(
             guest_ring,
             shadow_ring,
             self.iova,
@@ -372,6 +372,7 @@ class ShadowSession:
             guest_call=lambda: os.eventfd_write(guest_call, 1),
             indirect=indirect,
             name=f"svq{index}",
+            impl=self.impl,
         )
         self.loop.add(guest_kick, svq.on_guest_kick)
         self.loop.add(dq.call_fd, svq.on_device_call)
@@ -398,6 +399,9 @@ class ShadowSession:
             try:
                 self.dev.close()
             finally:
+                # The C relay holds views of guest and shadow memory: release them before the memory.
+                for q in self.queues.values():
+                    q.svq.close()
                 for ring in self._rings:
                     ring.close()
                 self._rings.clear()

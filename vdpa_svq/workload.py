@@ -31,7 +31,7 @@ class AttachOptions:
     rounds: int = 1
     dirty_log: str | None = None
     num: int = 256
-    impl: str = "py"
+    impl: str = "auto"
 
     def device_packed(self) -> bool | None:
         if self.shadow_layout == "auto" and self.switch_after is not None:
@@ -282,6 +282,7 @@ class AttachRun:
         if g.shadow is not None:
             for i, q in g.shadow.queues.items():
                 s.queues[i] = asdict(q.svq.stats)
+                s.relay_impl = q.svq.impl
             s.errors = g.errors()
 
     def _finish(self) -> None:

@@ -107,6 +107,8 @@ class RelayRig:
         n_in = self.rng.randint(0 if n_out else 1, MAX_SEGS)
         n = n_out + n_in
         indirect = self.rng.random() < 0.3
+        if n > min(self.guest_num, self.shadow_num):
+            return False  # no chain is longer than a queue (2.7.5.3.1), indirect ones included
         if len(self.free) < n or (1 if indirect else n) > self.drv.num_free:
             return False
         segs = []

@@ -103,8 +103,8 @@ class RingPair:
     # -- driver operations ---------------------------------------------------------------
     def add(self, n_out: int, n_in: int, lens: list[int], indirect: bool) -> bool:
         n = n_out + n_in
-        if len(self.free_blocks) < n:
-            return False
+        if n > self.num or len(self.free_blocks) < n:
+            return False  # no chain is longer than the queue (2.7.5.3.1), indirect ones included
         slots = 1 if (indirect and n > 1) else n
         if slots > self.drv.num_free:
             return False

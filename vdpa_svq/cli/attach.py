@@ -79,8 +79,8 @@ def print_summary(s: Summary) -> None:
               help="Write the dirty-page log rounds to FILE (see `vdpa-svq dirty-log show`).")
 @click.option("--rounds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Dirty-log sync rounds over the shadowed time, like migration pre-copy rounds.")
-@click.option("--impl", type=click.Choice(["py", "c", "auto"]), default="py", show_default=True,
-              help="Relay implementation: the Python reference or the C hot loop.")
+@click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
+              help="Relay implementation: the C hot loop, or the Python reference; auto takes C when it was built.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, switch_after: float | None,
            dirty_log: str | None, rounds: int, impl: str, as_json: bool) -> None:

@@ -126,6 +126,9 @@ class SplitDriverRing:
         total = len(segs)
         if total == 0:
             raise ValueError("a chain needs at least one buffer")
+        if total > self.num:
+            # 2.7.5.3.1: the driver MUST NOT create a chain longer than the queue, indirect or not.
+            raise ValueError(f"{self.name}: a chain of {total} descriptors is longer than the queue ({self.num})")
         use_indirect = indirect and total > 1
         if use_indirect and (self.indirect_area is None or total > self.indirect_area.max_entries):
             raise ValueError("indirect chain longer than the indirect area allows")
@@ -338,6 +341,10 @@ class SplitDeviceRing:
                     self._fail("indirect descriptor chained with others", head)
                 if length == 0 or length % DESC_SIZE:
                     self._fail(f"indirect table length {length} is not a multiple of 16", head)
+                if length // DESC_SIZE > self.num:
+                    # 2.7.5.3.1: no chain, indirect tables included, is longer than the queue size.
+                    self._fail(f"indirect table of {length // DESC_SIZE} descriptors is longer than the queue "
+                               f"size {self.num}", head)
                 try:
                     table = self.mem.view(addr, length)
                 except GuestMemoryError:
