@@ -326,6 +326,7 @@ static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
 {
     const uint8_t *table = g->desc;
     uint32_t count = g->num, index = head;
+    uint32_t here = 0, ring_descs = 0; /* descriptors read in the current table; in the ring's table */
     int indirect = 0, seen_write = 0;
     uint64_t total = 0, writable = 0;
 
@@ -338,7 +339,7 @@ static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
         if (flags & VRING_DESC_F_INDIRECT) {
             if (indirect)
                 return guest_fail(g, head, "indirect descriptor inside an indirect table");
-            if (c->nsegs || (flags & VRING_DESC_F_NEXT))
+            if (flags & VRING_DESC_F_NEXT)
                 return guest_fail(g, head, "indirect descriptor chained with others");
             if (len == 0 || len % DESC_SIZE)
                 return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
@@ -349,23 +350,26 @@ static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
             if (table == NULL)
                 return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
                                   (unsigned long long)addr, len);
+            ring_descs = here + 1;
             indirect = 1;
             count = len / DESC_SIZE;
             index = 0;
+            here = 0;
             continue;
         }
         if (take_segment(g, c, head, addr, len, flags, &seen_write, &total, &writable) < 0)
             return -1;
+        here++;
         if (!(flags & VRING_DESC_F_NEXT)) {
             c->id = head;
-            c->ndescs = indirect ? 1 : c->nsegs;
+            c->ndescs = indirect ? ring_descs : c->nsegs;
             c->indirect = indirect;
             c->writable_bytes = writable;
             return 0;
         }
         if (nxt >= count)
             return guest_fail(g, head, "next %u out of range", nxt);
-        if (c->nsegs >= count)
+        if (here >= count)
             return guest_fail(g, head, "descriptor loop");
         index = nxt;
     }
@@ -1023,6 +1027,9 @@ static int get_used_packed(DriverSide *s, Token *tok, uint32_t *length)
     const uint8_t *d = s->desc + (size_t)slot * DESC_SIZE;
     uint32_t len = ld32(d + DESC_LEN_OFF);
     uint16_t buf_id = ld16(d + DESC_ID_OFF);
+    /* 2.8.4: without WRITE the used length is reserved, and ignored: nothing was written. */
+    if (!(ld16(d + DESC_FLAGS_OFF) & VRING_DESC_F_WRITE))
+        len = 0;
     if (buf_id >= s->num)
         return shadow_fail(s, slot, "id %u out of range", buf_id);
     if (!s->in_use[buf_id])

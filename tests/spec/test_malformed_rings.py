@@ -346,12 +346,6 @@ def test_indirect_descriptor_chained_with_others_is_rejected(make_driver, layout
     broke_with(g.dev, GuestRingError, index, "indirect descriptor chained with others")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ring code bug: split.py SplitDeviceRing._read_chain rejects a valid layout: "
-    "`if segs or flags & VRING_DESC_F_NEXT: self._fail(\"indirect descriptor chained with others\", head)` "
-    "- the `segs` half breaks the queue of a driver that chains normal descriptors before one INDIRECT one",
-)
 def test_split_normal_descriptors_then_one_indirect_are_accepted(make_driver):
     """2.7.5.3.2: the device MUST handle zero or more normal chained descriptors followed by a single
     INDIRECT descriptor ("while unusual ... such a layout is valid")."""
@@ -631,11 +625,6 @@ def test_used_length_over_writable_bytes_is_rejected(make_device, layout, n_out,
     broke_with(d.drv, DeviceRingError, 0, f"used length {length} > writable {64 * n_in}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ring code bug: packed.py PackedDriverRing.get_used checks `if length > self._writable[buf_id]` "
-    "(and returns `length`) even when the used descriptor has no WRITE flag, where the length is reserved",
-)
 def test_packed_used_length_without_write_flag_is_ignored(make_device):
     """2.8.4: "Element Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE flag,
     and is ignored by drivers" (2.8.3: WRITE says whether the device wrote anything)."""

@@ -226,6 +226,8 @@ class PackedDriverRing:
         # Only read id and len after the flags said the descriptor is used.
         rmb()
         length, buf_id = _LEN_ID.unpack_from(self._a.desc, slot * DESC_SIZE + _DESC_LEN_OFF)
+        if not self._a.flags(slot) & VRING_DESC_F_WRITE:
+            length = 0  # 2.8.4: without WRITE the used length is reserved, and ignored: nothing was written
         if buf_id >= self.num:
             self._fail(f"id {buf_id} out of range", slot)
         token = self._token[buf_id]

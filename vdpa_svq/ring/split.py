@@ -330,14 +330,16 @@ class SplitDeviceRing:
         segs: list[tuple[int, int, bool]] = []
         table, count, index = self._a.desc, self.num, head
         indirect = False
+        here = ring_descs = 0  # descriptors read in the current table; in the ring's own table
         total = writable = 0
         seen_write = False
-        while True:  # ends: every pass appends a segment, and at most `count` fit
+        while True:  # ends: every pass reads a descriptor, and at most `count` per table fit
             addr, length, flags, nxt = DESC.unpack_from(table, index * DESC_SIZE)
             if flags & VRING_DESC_F_INDIRECT:
                 if indirect:
                     self._fail("indirect descriptor inside an indirect table", head)
-                if segs or flags & VRING_DESC_F_NEXT:
+                # 2.7.5.3.2: zero or more normal descriptors, then one indirect one, ending the chain.
+                if flags & VRING_DESC_F_NEXT:
                     self._fail("indirect descriptor chained with others", head)
                 if length == 0 or length % DESC_SIZE:
                     self._fail(f"indirect table length {length} is not a multiple of 16", head)
@@ -349,7 +351,8 @@ class SplitDeviceRing:
                     table = self.mem.view(addr, length)
                 except GuestMemoryError:
                     self._fail(f"indirect table [{addr:#x}, +{length:#x}) outside guest memory", head)
-                indirect, count, index = True, length // DESC_SIZE, 0
+                ring_descs = here + 1
+                indirect, count, index, here = True, length // DESC_SIZE, 0, 0
                 continue
             write = bool(flags & VRING_DESC_F_WRITE)
             if write:
@@ -363,11 +366,12 @@ class SplitDeviceRing:
             if total > MAX_CHAIN_BYTES:
                 self._fail("chain longer than 4 GiB", head)
             segs.append((addr, length, write))
+            here += 1
             if not flags & VRING_DESC_F_NEXT:
-                return Chain(head, segs, 1 if indirect else len(segs), indirect, writable)
+                return Chain(head, segs, ring_descs if indirect else len(segs), indirect, writable)
             if nxt >= count:
                 self._fail(f"next {nxt} out of range", head)
-            if len(segs) >= count:
+            if here >= count:
                 self._fail("descriptor loop", head)
             index = nxt
 
