@@ -31,7 +31,7 @@ from vdpa_svq.ring.event import (
     VRING_PACKED_EVENT_FLAG_DISABLE,
     VRING_PACKED_EVENT_FLAG_ENABLE,
     WRAP_BIT,
-    packed_need_event,
+    packed_notify_needed,
 )
 from vdpa_svq.ring.layout import (
     DESC,
@@ -200,12 +200,9 @@ class PackedDriverRing:
         # The head flags must be visible before we read the device's event suppression.
         mb()
         moved, self.num_added = self.num_added, 0
-        if moved == 0:
-            return False
-        off_wrap, flags = struct.unpack_from("<HH", self._a.device_event, 0)
-        if flags == VRING_PACKED_EVENT_FLAG_DESC and self.event_idx:
-            return packed_need_event(off_wrap, self.next_avail_idx, moved, self.avail_wrap_counter, self.num)
-        return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+        return packed_notify_needed(
+            self._a.device_event, self.next_avail_idx, moved, self.avail_wrap_counter, self.num, self.event_idx
+        )
 
     # -- reaping --------------------------------------------------------------------------
     def _is_used(self, slot: int, wrap: int) -> bool:
@@ -428,12 +425,9 @@ class PackedDeviceRing:
         # The used flags must be visible before we read the driver's event suppression.
         mb()
         moved, self._used_since_signal = self._used_since_signal, 0
-        if moved == 0:
-            return False
-        off_wrap, flags = struct.unpack_from("<HH", self._a.driver_event, 0)
-        if flags == VRING_PACKED_EVENT_FLAG_DESC and self.event_idx:
-            return packed_need_event(off_wrap, self.next_used_idx, moved, self.used_wrap_counter, self.num)
-        return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+        return packed_notify_needed(
+            self._a.driver_event, self.next_used_idx, moved, self.used_wrap_counter, self.num, self.event_idx
+        )
 
     # -- available buffer notifications (driver -> device) --------------------------------
     def disable_notify(self) -> None:
