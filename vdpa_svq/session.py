@@ -282,7 +282,12 @@ class ShadowSession:
     the descriptor ring and device event area (packed).
     """
 
-    def __init__(self, dev: DeviceSession, guest_mem: GuestMemory, *, impl: str = "auto") -> None:
+    def __init__(
+        self, dev: DeviceSession, guest_mem: GuestMemory, *, impl: str = "auto", dirty: DirtyBitmap | bool | None = True
+    ) -> None:
+        """`dirty`: True logs into a fresh bitmap over guest memory; a DirtyBitmap logs into that one
+        (a vhost-user frontend's shared log); None logs nothing (sparse guest-physical spaces whose
+        bitmap would be huge, when nobody asked for a log)."""
         self.dev = dev
         self.guest_mem = guest_mem
         self.impl = impl
@@ -291,7 +296,9 @@ class ShadowSession:
         for region in guest_mem:
             self.iova.add(region.gpa, region.size, region.gpa)
         dev.map_memory(guest_mem)
-        self.dirty = DirtyBitmap(max(r.end for r in guest_mem))
+        self.dirty: DirtyBitmap | None = (
+            DirtyBitmap(max(r.end for r in guest_mem)) if dirty is True else dirty or None
+        )
         self.shadow_mem = GuestMemory()
         self.loop = RelayLoop()
         self.queues: dict[int, ShadowQueue] = {}

@@ -21,8 +21,10 @@ from vdpa_svq.cli.attach import attach  # noqa: E402
 from vdpa_svq.cli.dirty_log import dirty_log  # noqa: E402
 from vdpa_svq.cli.info import info  # noqa: E402
 from vdpa_svq.cli.list import list_devices  # noqa: E402
+from vdpa_svq.cli.serve import serve  # noqa: E402
 
 main.add_command(attach)
 main.add_command(list_devices)
 main.add_command(info)
 main.add_command(dirty_log)
+main.add_command(serve)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from vdpa_svq.devices import open_device
+from vdpa_svq.vhost_user.backend import Server
+
+
+class RunningServer:
+    def __init__(self, path: str) -> None:
+        self.device = open_device("soft:net")
+        self.server = Server(self.device, path)
+        self.path = path
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.path)
+        s.settimeout(10)
+        return s
+
+    def wait_connections(self, n: int, timeout: float = 10) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.server.summaries) < n:
+            assert time.monotonic() < deadline, f"{len(self.server.summaries)} of {n} connections finished"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.device.close()
+
+
+@pytest.fixture
+def server(tmp_path) -> Iterator[RunningServer]:
+    srv = RunningServer(str(tmp_path / "vu.sock"))
+    yield srv
+    srv.stop()

@@ -1,0 +1,146 @@
+"""The backend against a Python vhost-user frontend (tests/vhost_user/client.py) over soft:net."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from vdpa_svq.dirty import pages_of
+from vdpa_svq.guest.frames import build_frame, parse_frame
+from vdpa_svq.guest.net import NetDriver
+from vdpa_svq.ring import Layout
+from vdpa_svq.vhost_user import messages as m
+from vdpa_svq.vhost_user.messages import Request
+
+from .client import VhostUserFrontend, recv_reply, send
+
+
+def loop_frames(drv: NetDriver, count: int, timeout: float = 10) -> list[int]:
+    """Send `count` frames and collect the loopback's copies; the sequence numbers received."""
+    seqs: list[int] = []
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while len(seqs) < count:
+        assert time.monotonic() < deadline, f"{len(seqs)} of {count} frames came back ({sent} sent)"
+        while sent < count and drv.send(build_frame(sent, 64 + sent % 1400)):
+            sent += 1
+        drv.flush()
+        for frame in drv.reap():
+            seq = parse_frame(frame)
+            assert seq is not None
+            seqs.append(seq)
+        if len(seqs) < count:
+            drv.wait(0.05)
+    return seqs
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_frames_loop_back_through_the_relay(server, layout, event_idx):
+    fe = VhostUserFrontend(server.connect(), layout, event_idx=event_idx)
+    try:
+        drv = fe.setup()
+        assert sorted(loop_frames(drv, 500)) == list(range(500))
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    (summary,) = server.server.summaries
+    assert summary.error is None
+    assert summary.guest_layout == layout.value
+    assert summary.queues[1]["forwarded"] >= 500 and summary.queues[0]["returned"] >= 500
+
+
+def test_reconnect_serves_the_next_frontend(server):
+    for n, layout in enumerate([Layout.SPLIT, Layout.PACKED, Layout.SPLIT], 1):
+        fe = VhostUserFrontend(server.connect(), layout)
+        try:
+            assert sorted(loop_frames(fe.setup(), 100)) == list(range(100))
+        finally:
+            fe.close()
+        server.wait_connections(n)
+    assert all(s.error is None and s.started == 1 for s in server.server.summaries)
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_dirty_log_holds_every_page_the_device_wrote(server, layout):
+    """VHOST_F_LOG_ALL + SET_LOG_BASE: after GET_VRING_BASE (the frontend's last sync of a stopped
+    ring), the shared log has every RX buffer page the device wrote and the RX device area."""
+    fe = VhostUserFrontend(server.connect(), layout, log_all=True)
+    try:
+        drv = fe.setup()
+        drv.rx_spans = []
+        loop_frames(drv, 200)
+        for i in range(2):
+            fe.get_vring_base(i)
+        assert fe.log_mm is not None
+        logged = set(pages_of(bytes(fe.log_mm)))
+        wanted = {p for gpa, n in drv.rx_spans for p in range(gpa >> 12, (gpa + n - 1 >> 12) + 1)}
+        device_area = fe.plan.rings[0].device
+        wanted.add(device_area >> 12)
+        assert wanted <= logged, f"pages missing from the log: {sorted(wanted - logged)[:10]}"
+        # Only pages the device or the relay wrote: no TX buffer page (the device only reads them).
+        tx_pool = fe.plan.pools[1]
+        tx_pages = set(range(tx_pool.gpa >> 12, (tx_pool.gpa + tx_pool.size) >> 12))
+        assert not logged & tx_pages
+    finally:
+        fe.close()
+
+
+def test_get_vring_base_returns_the_ring_state(server):
+    fe = VhostUserFrontend(server.connect(), Layout.SPLIT)
+    try:
+        loop_frames(fe.setup(), 10)
+        # TX: 10 chains taken. RX: the 64 buffers posted first, and the 10 reposted after reaping.
+        assert fe.get_vring_base(1) == 10
+        assert fe.get_vring_base(0) == fe.num + 10
+    finally:
+        fe.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(m.HEADER.pack(Request.SET_FEATURES, 1, 4) + b"\0" * 4, id="short-u64"),
+        pytest.param(m.HEADER.pack(999, 1, 0), id="unknown-request"),
+        pytest.param(m.HEADER.pack(Request.SET_FEATURES, 2, 8) + bytes(8), id="bad-version"),
+        pytest.param(m.HEADER.pack(Request.SET_MEM_TABLE, 1, 8) + bytes(8), id="zero-regions"),
+        pytest.param(m.HEADER.pack(Request.SET_VRING_NUM, 1, 8) + m.VringState(7, 64).encode(), id="bad-queue"),
+        pytest.param(m.HEADER.pack(Request.SET_VRING_KICK, 1, 8) + m.U64.pack(0), id="kick-without-fd"),
+        pytest.param(m.HEADER.pack(Request.GET_FEATURES, 1, 1 << 20), id="oversize"),
+    ],
+)
+def test_malformed_message_closes_the_connection_server_survives(server, bad):
+    s = server.connect()
+    s.sendall(bad)
+    # The backend hangs up without answering (a reset when the rest of our message is unread).
+    with contextlib.suppress(ConnectionResetError):
+        assert s.recv(64) == b""
+    s.close()
+    server.wait_connections(1)
+    assert server.server.summaries[0].error is not None
+    fe = VhostUserFrontend(server.connect(), Layout.PACKED)
+    try:
+        assert sorted(loop_frames(fe.setup(), 50)) == list(range(50))
+    finally:
+        fe.close()
+
+
+def test_truncated_message_then_hangup(server):
+    s = server.connect()
+    s.sendall(m.HEADER.pack(Request.SET_VRING_NUM, 1, 8) + b"\0\0")
+    s.close()
+    server.wait_connections(1)
+    assert "truncated" in server.server.summaries[0].error
+
+
+def test_get_features_offers_what_the_relay_serves(server):
+    s = server.connect()
+    try:
+        send(s, Request.GET_FEATURES)
+        features = m.U64.unpack(recv_reply(s, Request.GET_FEATURES))[0]
+        for b in (32, 34, 29, 28, 30, 26):
+            assert features >> b & 1
+    finally:
+        s.close()

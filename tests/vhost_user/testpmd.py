@@ -1,0 +1,99 @@
+"""DPDK testpmd with virtio-user as a vhost-user frontend, against `vdpa-svq serve DEV`.
+
+testpmd forwards in io mode after a first TX burst (--tx-first): every frame a loopback device
+returns on RX is sent again on TX, so RX and TX counts grow together and differ by the frames in
+flight. Needs dpdk-testpmd (Debian dpdk-dev, installed by `make test`): a missing binary FAILS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+RUN_S = 6  # seconds of traffic per run; the whole run is bounded by TIMEOUT_S
+TIMEOUT_S = 20
+IN_FLIGHT = 2 * 256 + 32  # both rings' worth of buffers plus the first burst
+
+
+def find_testpmd() -> str:
+    path = shutil.which("dpdk-testpmd")
+    if path is None:
+        pytest.fail("dpdk-testpmd not found: `apt-get install -y dpdk-dev` (make test installs it)", pytrace=False)
+    return path
+
+
+def accumulated(log: str) -> tuple[int, int]:
+    """(RX-packets, TX-packets) from testpmd's "Accumulated forward statistics for all ports"."""
+    tail = log.split("Accumulated forward statistics", 1)
+    assert len(tail) == 2, f"testpmd printed no accumulated statistics:\n{log[-3000:]}"
+    rx = re.search(r"RX-packets:\s+(\d+)", tail[1])
+    tx = re.search(r"TX-packets:\s+(\d+)", tail[1])
+    assert rx and tx, tail[1][:500]
+    return int(rx.group(1)), int(tx.group(1))
+
+
+def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = RUN_S,
+                timeout_s: float = TIMEOUT_S) -> str:
+    cmd = [
+        binary, "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "512", "--no-pci",
+        f"--file-prefix=vdpasvq-{os.getpid()}-{tag}",
+        "--vdev", f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)},server=0",
+        "--", "--forward-mode=io", "--tx-first", "--stats-period", "1", "--nb-cores=1",
+        "--total-num-mbufs=16384",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(run_s)
+        proc.send_signal(signal.SIGINT)  # testpmd stops forwarding and prints its statistics
+        out, _ = proc.communicate(timeout=timeout_s - run_s)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return out
+
+
+def start_serve(device: str, sock: str) -> subprocess.Popen:
+    """`vdpa-svq serve DEV --socket SOCK --json-stats`, listening when this returns."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--json-stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        assert proc.poll() is None, f"vdpa-svq serve exited: {proc.communicate()}"
+        assert time.monotonic() < deadline, "vdpa-svq serve did not listen within 60 s"
+        time.sleep(0.05)
+    return proc
+
+
+def split_then_packed(binary: str, sock: str, proc: subprocess.Popen, run_s: float = RUN_S,
+                      timeout_s: float = TIMEOUT_S) -> dict[str, tuple[int, int]]:
+    """testpmd split, then packed (a reconnect); checks counts and the server's JSON summaries."""
+    counts = {}
+    for packed in (False, True):
+        tag = "packed" if packed else "split"
+        log = run_testpmd(binary, sock, packed, tag, run_s, timeout_s)
+        rx, tx = accumulated(log)
+        counts[tag] = (rx, tx)
+        print(f"testpmd {tag}: RX {rx}, TX {tx} in {run_s} s ({rx / run_s:,.0f} pps)")
+        assert rx > 0 and tx > 0, log[-3000:]
+        assert 0 <= tx - rx <= IN_FLIGHT, f"{tag}: RX {rx} and TX {tx} differ by more than the in-flight window"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    summaries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [s["guest_layout"] for s in summaries] == ["split", "packed"], out + err
+    for s, (tag, (rx, tx)) in zip(summaries, counts.items(), strict=True):
+        assert s["error"] is None, s
+        # The relay returned at least what testpmd counted.
+        assert s["queues"]["0"]["returned"] >= rx and s["queues"]["1"]["returned"] >= tx - IN_FLIGHT, (tag, s)
+    return counts

@@ -1,0 +1,63 @@
+"""`vdpa-svq serve DEV --socket PATH`: a vhost-user backend whose datapath is shadow virtqueues on DEV."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+
+import click
+
+from vdpa_svq.devices import open_device
+from vdpa_svq.vhost_user.backend import ConnectionSummary, Server
+
+
+def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(s.to_json()), nl=True)
+        return
+    verdict = "closed" if s.error is None else f"closed on error: {s.error}"
+    click.echo(f"{s.peer}: {s.messages} messages, features {s.features:#x}, protocol features "
+               f"{s.protocol_features:#x}, relayed {s.duration:.1f}s in {s.started} run(s) "
+               f"(guest {s.guest_layout or '-'} rings -> shadow {s.shadow_layout or '-'} rings), {verdict}")
+    for i, q in sorted(s.queues.items()):
+        click.echo(f"  queue {i}: {q['forwarded']} forwarded, {q['returned']} returned, "
+                   f"{q['bytes_written']} bytes written by the device")
+    if s.log_syncs:
+        click.echo(f"  dirty log: {s.log_syncs} syncs into the frontend's log")
+
+
+@click.command()
+@click.argument("device", metavar="DEV")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Unix socket to listen on (the frontend connects as client; a stale socket is replaced).")
+@click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
+              help="Relay implementation: the C hot loop, or the Python reference.")
+@click.option("--json-stats", "as_json", is_flag=True, help="Print each connection's summary as one JSON line.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every connection's progress on stderr.")
+def serve(device: str, socket_path: str, impl: str, as_json: bool, verbose: bool) -> None:
+    """Serve vhost-user frontends (QEMU, DPDK virtio-user) through shadow virtqueues on DEV.
+
+    DEV is /dev/vhost-vdpa-N, or soft:net / soft:blk. One frontend at a time; when it disconnects
+    the device is reset and the next one is accepted. Runs until SIGINT or SIGTERM; prints a
+    summary per connection.
+
+    \b
+    Example:
+      vdpa-svq serve /dev/vhost-vdpa-0 --socket /tmp/vu.sock
+      dpdk-testpmd --no-huge -m 512 --no-pci --vdev net_virtio_user0,path=/tmp/vu.sock,packed_vq=1 -- ...
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vdpa-svq: %(message)s")
+    dev = open_device(device)
+    try:
+        server = Server(dev, socket_path, impl=impl)
+        previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if not as_json:
+            click.echo(f"{device}: serving vhost-user on {socket_path}", err=True)
+        try:
+            server.serve_forever(on_connection=lambda s: _print_summary(s, as_json))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        dev.close()

@@ -1,0 +1,613 @@
+"""The vhost-user backend: a frontend (QEMU, DPDK virtio-user) drives a vhost-vdpa device through
+shadow virtqueues.
+
+Layers, as in DPDK's lib/vhost: the transport (a listening AF_UNIX socket, one frontend at a time,
+file descriptors as SCM_RIGHTS) in Server; the messages (messages.py, one table row each) handled
+by Connection, one method per request; the datapath is ShadowSession (session.py), unchanged.
+
+Security model: do not assume received fields are sane. messages.decode() checks every field
+before a handler runs; a handler checks what depends on state (queue index, ring inside guest
+memory). Any error closes that connection with one log line, and the server takes the next one.
+
+The frontend's rings are the guest-visible rings: SET_VRING_ADDR gives their addresses in the
+frontend's virtual address space, translated to guest-physical through the memory table's
+userspace_addr. When every queue is configured (size, addresses, kick) and enabled, the device is
+negotiated (DeviceSession.negotiate, as attach does) and each queue becomes
+ShadowSession.add_queue with the frontend's kick and call eventfds.
+
+Dirty log (VHOST_F_LOG_ALL + SET_LOG_BASE with LOG_SHMFD): the relay marks its own bitmap; the
+backend moves it (harvest, then OR) into the frontend's shared log every LOG_SYNC_S while a log is
+set, and always before GET_VRING_BASE answers, which is where a migrating frontend takes its last
+log sync of a stopped device.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import mmap
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernel_iface import uapi
+from vdpa_svq.dirty import DirtyBitmap
+from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.memory.guest import GuestMemory
+from vdpa_svq.ring import Layout, RingAddresses, RingState
+from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
+from vdpa_svq.session import DeviceSession, ShadowSession
+from vdpa_svq.vhost_user import messages as m
+from vdpa_svq.vhost_user.messages import (
+    HEADER,
+    MAX_FDS,
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    Request,
+)
+
+log = logging.getLogger("vdpa_svq.vhost_user")
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+# Virtio features offered to the frontend, each for a reason. The relay implements both layouts,
+# EVENT_IDX and indirect tables on the guest side whatever the device has, so these do not depend
+# on the device; no device-specific bits (the frontend then needs no config space).
+GUEST_FEATURES = {
+    uapi.VIRTIO_F_VERSION_1: "modern little-endian layout; the rings assume it",
+    uapi.VIRTIO_F_RING_PACKED: "the relay serves packed guest rings (2.8)",
+    uapi.VIRTIO_RING_F_EVENT_IDX: "notification suppression by event index, both ways",
+    uapi.VIRTIO_RING_F_INDIRECT_DESC: "the relay flattens guest indirect tables",
+    VHOST_USER_F_PROTOCOL_FEATURES: "vhost-user protocol features (rings start disabled)",
+    VHOST_F_LOG_ALL: "dirty logging into the frontend's shared log (live migration)",
+}
+OFFERED_FEATURES = sum(bit(b) for b in GUEST_FEATURES)
+PROTOCOL_FEATURES = {
+    ProtocolFeature.REPLY_ACK: "NEED_REPLY answered with a u64 status",
+    ProtocolFeature.LOG_SHMFD: "the dirty log is a shared memory fd (SET_LOG_BASE)",
+    ProtocolFeature.STATUS: "SET_STATUS/GET_STATUS (virtio-user uses them)",
+}
+OFFERED_PROTOCOL_FEATURES = sum(bit(b) for b in PROTOCOL_FEATURES)
+
+# Own dirty bitmap only up to this guest-physical span (its bitmap: span / 32 KiB bytes). A DPDK
+# --no-huge frontend puts memory at its virtual addresses (~2^47): no log there unless asked for.
+MAX_LOGGED_SPAN = 1 << 36
+LOG_SYNC_S = 0.02
+POLL_S = 0.2
+
+
+class BackendError(VdpaSvqError):
+    """A request that is well formed but cannot be served; the connection is closed."""
+
+
+class ConnectionClosed(Exception):
+    """The frontend went away."""
+
+
+@dataclass
+class VuQueue:
+    """One queue as the frontend configured it (addresses still in its user address space)."""
+
+    index: int
+    num: int = 0
+    addr: m.VringAddr | None = None
+    state: RingState = field(default_factory=RingState)
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    kicked: bool = False  # SET_VRING_KICK since the last GET_VRING_BASE: the ring may start
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.kick_fd, self.call_fd, self.err_fd) if fd is not None]
+
+
+@dataclass
+class ConnectionSummary:
+    peer: str
+    messages: int = 0
+    started: int = 0  # relay starts
+    duration: float = 0.0
+    features: int = 0
+    protocol_features: int = 0
+    guest_layout: str = ""
+    shadow_layout: str = ""
+    queues: dict[int, dict[str, int]] = field(default_factory=dict)
+    log_syncs: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (v if k != "queues" else {str(i): q for i, q in v.items()}) for k, v in self.__dict__.items()}
+
+
+def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
+    """One message off the socket: (request, flags, payload, fds); fds travel with the header."""
+    fds = array.array("i")
+    data, anc, flags, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    received = list(fds)
+    try:
+        if not data:
+            raise ConnectionClosed()
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"more than {MAX_FDS} file descriptors with one message")
+        data += _recv_exact(sock, HEADER.size - len(data))
+        request, mflags, size = m.decode_header(data)
+        return request, mflags, _recv_exact(sock, size), received
+    except BaseException:
+        for fd in received:
+            os.close(fd)
+        raise
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ProtocolError(f"message truncated: {len(buf)} of {n} bytes, then the frontend hung up")
+        buf += chunk
+    return buf
+
+
+class Connection:
+    """One frontend connection: its memory, queues and log, and the shadow relay under them."""
+
+    def __init__(self, session: DeviceSession, sock: socket.socket, *, impl: str = "auto", peer: str = "") -> None:
+        self.session = session
+        self.device = session.device
+        self.sock = sock
+        self.impl = impl
+        self.summary = ConnectionSummary(peer or "frontend")
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.mem: GuestMemory | None = None
+        self.table: tuple[m.MemRegion, ...] = ()
+        self.log_mm: mmap.mmap | None = None
+        self.shadow: ShadowSession | None = None
+        self.stats: dict[int, dict[str, int]] = {}  # queue -> counters of finished relay runs
+        self._started_at = 0.0
+        dev_id = self.device.device_id()
+        self.nqueues = 2 if dev_id == uapi.VIRTIO_ID_NET else self.device.vqs_count()
+        self.queues = [VuQueue(i) for i in range(self.nqueues)]
+        self._last_sync = 0.0
+
+    # -- the message loop -------------------------------------------------------------------
+    def serve(self, stop: threading.Event | None = None) -> ConnectionSummary:
+        """Handle messages until the frontend hangs up, breaks the protocol, or `stop` is set."""
+        try:
+            while stop is None or not stop.is_set():
+                ready, _, _ = select.select([self.sock], [], [], LOG_SYNC_S if self._logging() else POLL_S)
+                if ready:
+                    self.handle_one()
+                self._maybe_sync_log()
+        except ConnectionClosed:
+            pass
+        except (ProtocolError, BackendError, OSError, VdpaSvqError, ValueError) as e:
+            self.summary.error = f"{type(e).__name__}: {e}"
+            log.error("%s: closing the connection: %s", self.summary.peer, self.summary.error)
+        finally:
+            self.close()
+        return self.summary
+
+    def handle_one(self) -> None:
+        request, flags, body, fds = recv_message(self.sock)
+        try:
+            msg = m.decode(request, flags, body, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.summary.messages += 1
+        spec = m.MESSAGES[msg.request]
+        handler = getattr(self, "on_" + msg.request.name.lower())
+        try:
+            reply = handler(msg)
+        except BaseException:
+            for fd in msg.fds:  # handlers take the fds only once they succeed
+                _close_quietly(fd)
+            raise
+        if spec.reply:
+            self._send(m.encode_reply(msg.request, reply or b""))
+        elif msg.need_reply and self.protocol_features & bit(ProtocolFeature.REPLY_ACK):
+            self._send(m.encode_reply(msg.request, m.U64.pack(0)))
+
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    # -- handlers: one per row of messages.MESSAGES ------------------------------------------
+    def on_get_features(self, msg: Message) -> bytes:
+        return m.U64.pack(OFFERED_FEATURES)
+
+    def on_set_features(self, msg: Message) -> None:
+        features = msg.payload
+        assert isinstance(features, int)
+        if features & ~OFFERED_FEATURES:
+            raise BackendError(f"SET_FEATURES: bits {features & ~OFFERED_FEATURES:#x} were not offered")
+        running = self.shadow is not None
+        changes_rings = (features ^ self.features) & ~bit(VHOST_F_LOG_ALL)
+        if running and changes_rings:
+            raise BackendError(f"SET_FEATURES: ring features changed ({changes_rings:#x}) while the rings run")
+        self.features = features
+        self.summary.features = features
+
+    def on_set_owner(self, msg: Message) -> None:
+        pass  # the connection is the owner; the device is owned by the server for its lifetime
+
+    def on_reset_owner(self, msg: Message) -> None:
+        self._stop_relay()
+        self.features = 0
+
+    def on_get_protocol_features(self, msg: Message) -> bytes:
+        return m.U64.pack(OFFERED_PROTOCOL_FEATURES)
+
+    def on_set_protocol_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, int)
+        if msg.payload & ~OFFERED_PROTOCOL_FEATURES:
+            raise BackendError(f"SET_PROTOCOL_FEATURES: bits {msg.payload & ~OFFERED_PROTOCOL_FEATURES:#x} not offered")
+        self.protocol_features = msg.payload
+        self.summary.protocol_features = msg.payload
+
+    def on_get_queue_num(self, msg: Message) -> bytes:
+        return m.U64.pack(self.nqueues)
+
+    def on_set_mem_table(self, msg: Message) -> None:
+        table = msg.payload
+        assert isinstance(table, m.MemTable)
+        restart = self.shadow is not None
+        self._stop_relay()
+        new = GuestMemory()
+        try:
+            for region, fd in zip(table.regions, msg.fds, strict=True):
+                if region.mmap_offset % mmap.ALLOCATIONGRANULARITY:
+                    raise BackendError(f"SET_MEM_TABLE: mmap_offset {region.mmap_offset:#x} not page aligned")
+                new.add_region(region.gpa, region.size, fd, region.mmap_offset, owns_fd=True)
+        except BaseException:
+            taken = {r.fd for r in new}
+            new.close()
+            for fd in msg.fds:
+                if fd not in taken:
+                    _close_quietly(fd)
+            msg.fds.clear()
+            raise
+        msg.fds.clear()
+        if self.mem is not None:
+            self.mem.close()
+        self.mem, self.table = new, table.regions
+        if restart:
+            self._maybe_start()
+
+    def on_set_log_base(self, msg: Message) -> bytes:
+        area = msg.payload
+        assert isinstance(area, m.LogArea)
+        fd = msg.fds[0]
+        try:
+            if area.mmap_offset % mmap.ALLOCATIONGRANULARITY:
+                raise BackendError(f"SET_LOG_BASE: mmap_offset {area.mmap_offset:#x} not page aligned")
+            try:
+                mm = mmap.mmap(fd, area.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=area.mmap_offset)
+            except (OSError, ValueError) as e:
+                raise BackendError(f"SET_LOG_BASE: cannot map the log ({area.mmap_size} bytes): {e}") from None
+        finally:
+            os.close(fd)
+            msg.fds.clear()
+        self.sync_log()  # pages dirtied so far go into the log they were dirtied under
+        if self.log_mm is not None:
+            self.log_mm.close()
+        self.log_mm = mm
+        return b""  # QEMU waits for a reply with no payload (as DPDK's vhost_user_set_log_base sends)
+
+    def on_set_log_fd(self, msg: Message) -> None:
+        _close_quietly(msg.fds.pop())  # LOG_SHMFD... not the log-fd eventfd: not offered, ignored
+
+    def _queue(self, request: Request, index: int) -> VuQueue:
+        if not 0 <= index < self.nqueues:
+            raise BackendError(f"{request.name}: queue {index}, the device has {self.nqueues}")
+        return self.queues[index]
+
+    def on_set_vring_num(self, msg: Message) -> None:
+        st = msg.payload
+        assert isinstance(st, m.VringState)
+        q = self._queue(msg.request, st.index)
+        if not 1 <= st.num <= 32768:
+            raise BackendError(f"SET_VRING_NUM: queue {st.index} size {st.num} (1..32768)")
+        q.num = st.num
+
+    def on_set_vring_addr(self, msg: Message) -> None:
+        addr = msg.payload
+        assert isinstance(addr, m.VringAddr)
+        self._queue(msg.request, addr.index).addr = addr
+
+    def on_set_vring_base(self, msg: Message) -> None:
+        st = msg.payload
+        assert isinstance(st, m.VringState)
+        q = self._queue(msg.request, st.index)
+        if self._packed():
+            # Bits 0-14 avail index, bit 15 avail wrap counter. QEMU adds the used half in bits
+            # 16-31; DPDK's virtio-user sends only the avail half: then the device starts used
+            # where avail is (as DPDK's backend does).
+            avail = RingState.from_vring_base(Layout.PACKED, st.num)
+            if st.num >> 16 == 0:
+                avail = RingState(avail.avail_idx, avail.avail_idx, avail.avail_wrap, avail.avail_wrap)
+            q.state = avail
+        else:
+            q.state = RingState(st.num & 0xFFFF, st.num & 0xFFFF)
+
+    def on_get_vring_base(self, msg: Message) -> bytes:
+        st = msg.payload
+        assert isinstance(st, m.VringState)
+        q = self._queue(msg.request, st.index)
+        self._stop_relay()  # the ring stops; the others restart once they are ready again
+        q.kicked = False
+        q.enabled = False
+        layout = Layout.PACKED if self._packed() else Layout.SPLIT
+        return m.VringState(q.index, q.state.to_vring_base(layout)).encode()
+
+    def _set_vring_fd(self, msg: Message, attr: str) -> VuQueue:
+        assert isinstance(msg.payload, int)
+        q = self._queue(msg.request, msg.payload & m.VRING_IDX_MASK)
+        new = msg.fds.pop() if msg.fds else None
+        old = getattr(q, attr)
+        if old is not None and new is not None and self.shadow is not None and attr == "call_fd":
+            # The running relay writes the old fd number: point that number at the new eventfd.
+            os.dup2(new, old)
+            os.close(new)
+            return q
+        if old is not None:
+            if self.shadow is not None:
+                self._stop_relay()
+            os.close(old)
+        setattr(q, attr, new)
+        return q
+
+    def on_set_vring_kick(self, msg: Message) -> None:
+        q = self._set_vring_fd(msg, "kick_fd")
+        if q.kick_fd is None:
+            raise BackendError(f"SET_VRING_KICK: queue {q.index} without a kick fd (polling) is not supported")
+        q.kicked = True
+        if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            q.enabled = True  # without protocol features a ring starts on its kick fd
+        self._maybe_start()
+
+    def on_set_vring_call(self, msg: Message) -> None:
+        self._set_vring_fd(msg, "call_fd")
+
+    def on_set_vring_err(self, msg: Message) -> None:
+        self._set_vring_fd(msg, "err_fd")
+
+    def on_set_vring_enable(self, msg: Message) -> None:
+        st = msg.payload
+        assert isinstance(st, m.VringState)
+        q = self._queue(msg.request, st.index)
+        if st.num not in (0, 1):
+            raise BackendError(f"SET_VRING_ENABLE: queue {st.index} enable={st.num}")
+        q.enabled = bool(st.num)
+        if q.enabled:
+            self._maybe_start()
+        elif self.shadow is not None:
+            self._stop_relay()
+
+    def on_send_rarp(self, msg: Message) -> None:
+        pass  # RARP not offered
+
+    def on_net_set_mtu(self, msg: Message) -> None:
+        pass  # MTU not offered
+
+    def on_get_config(self, msg: Message) -> bytes:
+        raise BackendError("GET_CONFIG: protocol feature CONFIG was not offered")
+
+    def on_set_config(self, msg: Message) -> None:
+        raise BackendError("SET_CONFIG: protocol feature CONFIG was not offered")
+
+    def on_set_status(self, msg: Message) -> None:
+        assert isinstance(msg.payload, int)
+        if msg.payload > 0xFF:
+            raise BackendError(f"SET_STATUS: {msg.payload:#x} is not a status byte")
+        self.status = msg.payload
+        if self.status == 0:
+            self._stop_relay()
+        elif self.status & uapi.VIRTIO_CONFIG_S_DRIVER_OK:
+            self._maybe_start()
+
+    def on_get_status(self, msg: Message) -> bytes:
+        return m.U64.pack(self.status)
+
+    # -- the relay ----------------------------------------------------------------------------
+    def _packed(self) -> bool:
+        return bool(self.features & bit(uapi.VIRTIO_F_RING_PACKED))
+
+    def _ready(self, q: VuQueue) -> bool:
+        return q.num > 0 and q.addr is not None and q.kicked and q.enabled and q.kick_fd is not None
+
+    def to_gpa(self, uaddr: int, length: int, what: str) -> int:
+        """A frontend user address -> guest-physical, through the memory table; the whole range must fit."""
+        for r in self.table:
+            if r.uaddr <= uaddr and uaddr + length <= r.uaddr + r.size:
+                return r.gpa + (uaddr - r.uaddr)
+        raise BackendError(f"{what} at user address {uaddr:#x} (+{length:#x}) is not in the memory table")
+
+    def _maybe_start(self) -> None:
+        if self.shadow is not None or self.mem is None or not all(self._ready(q) for q in self.queues):
+            return
+        layout = Layout.PACKED if self._packed() else Layout.SPLIT
+        plan = []
+        for q in self.queues:
+            assert q.addr is not None
+            name = f"queue {q.index}"
+            addrs = RingAddresses(
+                self.to_gpa(q.addr.desc, desc_area_size(q.num), f"{name} descriptor ring"),
+                self.to_gpa(q.addr.avail, driver_area_size(layout, q.num), f"{name} driver area"),
+                self.to_gpa(q.addr.used, device_area_size(layout, q.num), f"{name} device area"),
+            )
+            plan.append((q, addrs))
+        span = max(r.end for r in self.mem)
+        self.session.negotiate()
+        shadow = ShadowSession(self.session, self.mem, impl=self.impl, dirty=True if span <= MAX_LOGGED_SPAN else None)
+        try:
+            for q, addrs in plan:
+                shadow.add_queue(
+                    q.index,
+                    layout,
+                    q.num,
+                    addrs,
+                    guest_event_idx=bool(self.features & bit(uapi.VIRTIO_RING_F_EVENT_IDX)),
+                    guest_kick_fd=q.kick_fd,
+                    guest_call_fd=q.call_fd,
+                    guest_state=q.state,
+                )
+            shadow.start()
+        except BaseException:
+            shadow.close()
+            raise
+        self.shadow = shadow
+        self._started_at = time.monotonic()
+        self.summary.started += 1
+        self.summary.guest_layout = layout.value
+        self.summary.shadow_layout = self.session.layout.value
+        if self.features & bit(VHOST_F_LOG_ALL) and shadow.dirty is None:
+            log.warning("%s: LOG_ALL: guest-physical space of %#x bytes is too sparse to log", self.summary.peer, span)
+        log.info("%s: relaying %d queues, guest %s rings -> shadow %s rings", self.summary.peer,
+                 len(plan), layout.value, self.session.layout.value)
+        for q in self.queues:
+            os.eventfd_write(q.kick_fd, 1)  # buffers made available before the relay ran
+
+    def _stop_relay(self) -> None:
+        """Stop relaying: return what the device finished, keep each ring's state, reset the device."""
+        shadow = self.shadow
+        if shadow is None:
+            return
+        self.shadow = None
+        try:
+            shadow.loop.stop()
+            for i, sq in shadow.queues.items():
+                if not sq.svq.broken:
+                    sq.svq.forward_used()
+                if sq.svq.error is None:
+                    self.queues[i].state = sq.svq.guest.state()
+                stats = self.stats.setdefault(i, {"forwarded": 0, "returned": 0, "bytes_written": 0})
+                s = sq.svq.stats
+                stats["forwarded"] += s.forwarded
+                stats["returned"] += s.returned
+                stats["bytes_written"] += s.bytes_written
+            for i, e in shadow.errors().items():
+                log.error("%s: queue %d stopped: %s", self.summary.peer, i, e)
+            self._sync_log_from(shadow)
+        finally:
+            self.summary.duration += time.monotonic() - self._started_at
+            shadow.close()
+
+    # -- dirty log ------------------------------------------------------------------------------
+    def _logging(self) -> bool:
+        return self.log_mm is not None and bool(self.features & bit(VHOST_F_LOG_ALL))
+
+    def _maybe_sync_log(self) -> None:
+        if self._logging() and time.monotonic() - self._last_sync >= LOG_SYNC_S:
+            self.sync_log()
+
+    def sync_log(self) -> None:
+        if self.shadow is not None:
+            self._sync_log_from(self.shadow)
+
+    def _sync_log_from(self, shadow: ShadowSession) -> None:
+        self._last_sync = time.monotonic()
+        if shadow.dirty is None:
+            return
+        bits = shadow.dirty.harvest()  # atomic against the relay's marks: nothing is lost
+        if not self._logging() or not any(bits):
+            return  # no log to write into: nobody asked for these pages
+        assert self.log_mm is not None
+        self.summary.log_syncs += 1
+        n = min(len(bits), len(self.log_mm))
+        dirty = DirtyBitmap(0)
+        dirty.bits = bytearray(bits[:n])
+        dirty.write_into(memoryview(self.log_mm))
+        if any(bits[n:]):
+            log.error("%s: dirty pages beyond the frontend's log of %d bytes", self.summary.peer, len(self.log_mm))
+
+    # -- teardown -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Reset the device, unmap the frontend's memory and log, close every fd it sent."""
+        try:
+            self._stop_relay()
+        except Exception as e:  # noqa: BLE001 - teardown goes on; the reason is logged
+            log.error("%s: stopping the relay: %s", self.summary.peer, e)
+        for i, counters in self.stats.items():
+            self.summary.queues[i] = dict(counters)
+        for q in self.queues:
+            for fd in q.fds():
+                _close_quietly(fd)
+            q.kick_fd = q.call_fd = q.err_fd = None
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        if self.log_mm is not None:
+            self.log_mm.close()
+            self.log_mm = None
+        self.sock.close()
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class Server:
+    """Listen on `path`; serve one frontend connection at a time until stop() is called."""
+
+    def __init__(self, device: Any, path: str, *, impl: str = "auto") -> None:
+        self.session = DeviceSession(device)
+        self.path = path
+        self.impl = impl
+        self.summaries: list[ConnectionSummary] = []
+        self._stop = threading.Event()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(path) and not os.path.isdir(path):
+                os.unlink(path)  # a stale socket from a previous run
+            self.listener.bind(path)
+            self.listener.listen(1)
+        except BaseException:
+            self.listener.close()
+            raise
+
+    def serve_forever(self, on_connection: Any = None) -> list[ConnectionSummary]:
+        n = 0
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([self.listener], [], [], POLL_S)
+                if not ready:
+                    continue
+                sock, _ = self.listener.accept()
+                n += 1
+                summary = self.serve_connection(sock, peer=f"connection {n}")
+                if on_connection is not None:
+                    on_connection(summary)
+        finally:
+            self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        return self.summaries
+
+    def serve_connection(self, sock: socket.socket, *, peer: str = "frontend") -> ConnectionSummary:
+        log.info("%s: frontend connected", peer)
+        summary = Connection(self.session, sock, impl=self.impl, peer=peer).serve(self._stop)
+        self.summaries.append(summary)
+        return summary
+
+    def stop(self) -> None:
+        self._stop.set()
