@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import pytest
@@ -86,6 +87,28 @@ def test_dirty_log_holds_every_page_the_device_wrote(server, layout):
         assert not logged & tx_pages
     finally:
         fe.close()
+
+
+def test_notifiers_replaced_while_relaying(server):
+    """New kick and call eventfds for a running ring (QEMU does this, e.g. when irqfds change):
+    traffic goes on through the new ones, and the frontend is interrupted on the new call fd."""
+    fe = VhostUserFrontend(server.connect(), Layout.PACKED)
+    try:
+        drv = fe.setup()
+        assert sorted(loop_frames(drv, 50)) == list(range(50))
+        for i in range(2):
+            for request, fds in ((Request.SET_VRING_KICK, fe.kick_fds), (Request.SET_VRING_CALL, fe.call_fds)):
+                new = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                fe.ack(request, m.U64.pack(i), [new])
+                os.close(fds[i])
+                fds[i] = new
+        drv.call_fds = (fe.call_fds[0], fe.call_fds[1])
+        assert sorted(loop_frames(drv, 100)) == list(range(100))
+        assert drv.stats.interrupts > 0
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    assert server.server.summaries[0].started == 1  # no restart was needed
 
 
 def test_get_vring_base_returns_the_ring_state(server):

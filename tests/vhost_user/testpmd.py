@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -41,7 +42,9 @@ def accumulated(log: str) -> tuple[int, int]:
 
 
 def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = RUN_S,
-                timeout_s: float = TIMEOUT_S) -> str:
+                timeout_s: float = TIMEOUT_S, peer_mac: str | None = None) -> str:
+    """testpmd for `run_s` seconds, then SIGINT; its output. `peer_mac`: the destination of the
+    first burst (io mode forwards frames unchanged), for devices that filter on it (vdpa_sim)."""
     cmd = [
         binary, "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "512", "--no-pci",
         f"--file-prefix=vdpasvq-{os.getpid()}-{tag}",
@@ -49,15 +52,36 @@ def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = R
         "--", "--forward-mode=io", "--tx-first", "--stats-period", "1", "--nb-cores=1",
         "--total-num-mbufs=16384",
     ]
+    if peer_mac is not None:
+        cmd.append(f"--eth-peer=0,{peer_mac}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    forwarding = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "start packet forwarding" in line:
+                forwarding.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started = time.monotonic()
     try:
-        time.sleep(run_s)
+        # EAL start-up takes seconds under TCG: count the run from when forwarding starts.
+        if forwarding.wait(timeout_s - run_s):
+            time.sleep(run_s)
         proc.send_signal(signal.SIGINT)  # testpmd stops forwarding and prints its statistics
-        out, _ = proc.communicate(timeout=timeout_s - run_s)
+        proc.wait(max(1.0, timeout_s - (time.monotonic() - started)))
     except BaseException:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         raise
+    finally:
+        reader.join(5)
+    out = "".join(lines)
+    assert forwarding.is_set(), f"testpmd did not start forwarding within {timeout_s - run_s} s:\n{out[-3000:]}"
     return out
 
 
@@ -76,16 +100,20 @@ def start_serve(device: str, sock: str) -> subprocess.Popen:
 
 
 def split_then_packed(binary: str, sock: str, proc: subprocess.Popen, run_s: float = RUN_S,
-                      timeout_s: float = TIMEOUT_S) -> dict[str, tuple[int, int]]:
+                      timeout_s: float = TIMEOUT_S, peer_mac: str | None = None) -> dict[str, tuple[int, int]]:
     """testpmd split, then packed (a reconnect); checks counts and the server's JSON summaries."""
     counts = {}
     for packed in (False, True):
         tag = "packed" if packed else "split"
-        log = run_testpmd(binary, sock, packed, tag, run_s, timeout_s)
+        log = run_testpmd(binary, sock, packed, tag, run_s, timeout_s, peer_mac)
         rx, tx = accumulated(log)
         counts[tag] = (rx, tx)
         print(f"testpmd {tag}: RX {rx}, TX {tx} in {run_s} s ({rx / run_s:,.0f} pps)")
-        assert rx > 0 and tx > 0, log[-3000:]
+        if not rx:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"{tag}: testpmd received nothing (TX {tx})\n{log[-2000:]}\nvdpa-svq serve:\n{out}\n{err}")
+        assert tx > 0, log[-3000:]
         assert 0 <= tx - rx <= IN_FLIGHT, f"{tag}: RX {rx} and TX {tx} differ by more than the in-flight window"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)

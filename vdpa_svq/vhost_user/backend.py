@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import uapi
-from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import Layout, RingAddresses, RingState
@@ -185,6 +184,7 @@ class Connection:
         self.nqueues = 2 if dev_id == uapi.VIRTIO_ID_NET else self.device.vqs_count()
         self.queues = [VuQueue(i) for i in range(self.nqueues)]
         self._last_sync = 0.0
+        self._retired: list[int] = []  # replaced kick fds the running relay loop still polls
 
     # -- the message loop -------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None) -> ConnectionSummary:
@@ -363,14 +363,23 @@ class Connection:
         q = self._queue(msg.request, msg.payload & m.VRING_IDX_MASK)
         new = msg.fds.pop() if msg.fds else None
         old = getattr(q, attr)
-        if old is not None and new is not None and self.shadow is not None and attr == "call_fd":
+        running = self.shadow.queues.get(q.index) if self.shadow is not None else None
+        if running is not None and old is not None and new is not None and attr == "call_fd":
             # The running relay writes the old fd number: point that number at the new eventfd.
             os.dup2(new, old)
             os.close(new)
             return q
+        if running is not None and old is not None and new is not None and attr == "kick_fd":
+            assert self.shadow is not None
+            self.shadow.loop.add(new, running.svq.on_guest_kick)
+            running.guest_kick_fd = new
+            # The loop thread may be about to read the old fd: close it only once the loop stopped.
+            self._retired.append(old)
+            setattr(q, attr, new)
+            return q
+        if running is not None and attr != "err_fd":
+            self._stop_relay()  # a notifier appears or goes away: restart with it (_maybe_start)
         if old is not None:
-            if self.shadow is not None:
-                self._stop_relay()
             os.close(old)
         setattr(q, attr, new)
         return q
@@ -382,10 +391,13 @@ class Connection:
         q.kicked = True
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             q.enabled = True  # without protocol features a ring starts on its kick fd
+        if self.shadow is not None:
+            os.eventfd_write(q.kick_fd, 1)  # a replaced kick fd: buffers made available meanwhile
         self._maybe_start()
 
     def on_set_vring_call(self, msg: Message) -> None:
         self._set_vring_fd(msg, "call_fd")
+        self._maybe_start()
 
     def on_set_vring_err(self, msg: Message) -> None:
         self._set_vring_fd(msg, "err_fd")
@@ -510,6 +522,9 @@ class Connection:
         finally:
             self.summary.duration += time.monotonic() - self._started_at
             shadow.close()
+            for fd in self._retired:
+                os.close(fd)
+            self._retired.clear()
 
     # -- dirty log ------------------------------------------------------------------------------
     def _logging(self) -> bool:
@@ -533,9 +548,7 @@ class Connection:
         assert self.log_mm is not None
         self.summary.log_syncs += 1
         n = min(len(bits), len(self.log_mm))
-        dirty = DirtyBitmap(0)
-        dirty.bits = bytearray(bits[:n])
-        dirty.write_into(memoryview(self.log_mm))
+        or_into(memoryview(self.log_mm), bits[:n])
         if any(bits[n:]):
             log.error("%s: dirty pages beyond the frontend's log of %d bytes", self.summary.peer, len(self.log_mm))
 
@@ -559,6 +572,22 @@ class Connection:
             self.log_mm.close()
             self.log_mm = None
         self.sock.close()
+
+
+LOG_CHUNK = 4096  # bytes of log (128 MiB of guest memory) ORed at once
+
+
+def or_into(log_view: memoryview, bits: bytes) -> None:
+    """log |= bits, chunk by chunk, skipping clean chunks. Not atomic against the frontend clearing
+    bits as it syncs: a race can only leave a page marked that it just cleared (sent once more),
+    never lose one, since nobody but us sets bits in this log."""
+    for start in range(0, len(bits), LOG_CHUNK):
+        chunk = bits[start : start + LOG_CHUNK]
+        if not any(chunk):
+            continue
+        end = start + len(chunk)
+        merged = int.from_bytes(log_view[start:end], "little") | int.from_bytes(chunk, "little")
+        log_view[start:end] = merged.to_bytes(len(chunk), "little")
 
 
 def _close_quietly(fd: int) -> None:
