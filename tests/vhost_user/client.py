@@ -61,6 +61,7 @@ class VhostUserFrontend:
     call_fds: list[int] = field(default_factory=list)
     log_fd: int = -1
     log_mm: mmap.mmap | None = None
+    features: int = 0
 
     def __post_init__(self) -> None:
         self.plan = plan_layout(self.layout, self.num, 2, RX_BUFFER, self.num)
@@ -92,6 +93,7 @@ class VhostUserFrontend:
         want_pf = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.LOG_SHMFD)
         assert pf & want_pf == want_pf
         send(s, Request.SET_PROTOCOL_FEATURES, m.U64.pack(want_pf))
+        self.features = want
         self.ack(Request.SET_FEATURES, m.U64.pack(want))
         (region,) = self.mem.regions
         table = m.MemTable((m.MemRegion(region.gpa, region.size, region.gpa + UADDR_OFFSET, 0),))
@@ -124,6 +126,7 @@ class VhostUserFrontend:
         return drv
 
     def set_log_base(self) -> None:
+        assert self.log_mm is None
         size = -(-(self.mem.size // 4096 // 8 + 1) // 4096) * 4096
         self.log_fd = os.memfd_create("client-log", os.MFD_CLOEXEC)
         os.ftruncate(self.log_fd, size)

@@ -111,6 +111,44 @@ def test_notifiers_replaced_while_relaying(server):
     assert server.server.summaries[0].started == 1  # no restart was needed
 
 
+def test_dirty_log_started_mid_traffic(server):
+    """QEMU's migration order: the rings run, then SET_FEATURES adds LOG_ALL and SET_LOG_BASE
+    hands over the log; pages the device writes from then on reach the log (synced every
+    LOG_SYNC_S, and before GET_VRING_BASE answers). Changing ring features while running is refused."""
+    fe = VhostUserFrontend(server.connect(), Layout.SPLIT)
+    try:
+        drv = fe.setup()
+        loop_frames(drv, 50)
+        fe.ack(Request.SET_FEATURES, m.U64.pack(fe.features | 1 << m.VHOST_F_LOG_ALL))
+        fe.set_log_base()
+        drv.rx_spans = []
+        loop_frames(drv, 100)
+        deadline = time.monotonic() + 5
+        wanted = {gpa >> 12 for gpa, _ in drv.rx_spans}
+        while not wanted <= set(pages_of(bytes(fe.log_mm))):
+            assert time.monotonic() < deadline, "the periodic sync did not bring the pages to the log"
+            time.sleep(0.01)
+        fe.get_vring_base(0)
+        fe.get_vring_base(1)
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    assert server.server.summaries[0].log_syncs > 0
+
+
+def test_ring_features_cannot_change_while_relaying(server):
+    fe = VhostUserFrontend(server.connect(), Layout.SPLIT)
+    try:
+        loop_frames(fe.setup(), 10)
+        send(fe.sock, Request.SET_FEATURES, m.U64.pack(fe.features ^ 1 << 29))
+        with contextlib.suppress(ConnectionResetError):
+            assert fe.sock.recv(64) == b""
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    assert "while the rings run" in server.server.summaries[0].error
+
+
 def test_get_vring_base_returns_the_ring_state(server):
     fe = VhostUserFrontend(server.connect(), Layout.SPLIT)
     try:

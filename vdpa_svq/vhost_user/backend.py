@@ -610,6 +610,9 @@ class Server:
                 os.unlink(path)  # a stale socket from a previous run
             self.listener.bind(path)
             self.listener.listen(1)
+        except OSError as e:
+            self.listener.close()
+            raise BackendError(f"{path}: cannot listen on this socket path: {(e.strerror or str(e)).lower()}") from None
         except BaseException:
             self.listener.close()
             raise
