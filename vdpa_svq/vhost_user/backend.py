@@ -30,6 +30,7 @@ import mmap
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -200,6 +201,9 @@ class Connection:
         except (ProtocolError, BackendError, OSError, VdpaSvqError, ValueError) as e:
             self.summary.error = f"{type(e).__name__}: {e}"
             log.error("%s: closing the connection: %s", self.summary.peer, self.summary.error)
+        except Exception as e:  # a bug in vdpa-svq: this connection dies with a traceback, the server goes on
+            self.summary.error = f"internal error: {type(e).__name__}: {e}"
+            log.exception("%s: closing the connection: %s", self.summary.peer, self.summary.error)
         finally:
             self.close()
         return self.summary
@@ -275,6 +279,7 @@ class Connection:
             for region, fd in zip(table.regions, msg.fds, strict=True):
                 if region.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                     raise BackendError(f"SET_MEM_TABLE: mmap_offset {region.mmap_offset:#x} not page aligned")
+                _check_backing(fd, region.mmap_offset, region.size, f"SET_MEM_TABLE: region at {region.gpa:#x}")
                 new.add_region(region.gpa, region.size, fd, region.mmap_offset, owns_fd=True)
         except BaseException:
             taken = {r.fd for r in new}
@@ -298,6 +303,7 @@ class Connection:
         try:
             if area.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                 raise BackendError(f"SET_LOG_BASE: mmap_offset {area.mmap_offset:#x} not page aligned")
+            _check_backing(fd, area.mmap_offset, area.mmap_size, "SET_LOG_BASE: the log")
             try:
                 mm = mmap.mmap(fd, area.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                offset=area.mmap_offset)
@@ -510,7 +516,7 @@ class Connection:
                 if not sq.svq.broken:
                     sq.svq.forward_used()
                 if sq.svq.error is None:
-                    self.queues[i].state = sq.svq.guest.state()
+                    self.queues[i].state = rewound(sq.svq.guest.state(), self._packed())
                 stats = self.stats.setdefault(i, {"forwarded": 0, "returned": 0, "bytes_written": 0})
                 s = sq.svq.stats
                 stats["forwarded"] += s.forwarded
@@ -574,6 +580,19 @@ class Connection:
         self.sock.close()
 
 
+def rewound(state: RingState, packed: bool) -> RingState:
+    """Where the guest ring restarts after the device was reset: at the first buffer not used yet.
+
+    Chains the relay took but the device never used (RX buffers waiting for frames, chains in the
+    shadow ring) die with the device reset; the guest still owns them as available, untouched in
+    its ring, so the next run reads them again from there. This assumes the device used buffers in
+    the order they were made available (as QEMU's vhost-vdpa rewind does); a net device does.
+    """
+    if packed:
+        return RingState(state.used_idx, state.used_idx, state.used_wrap, state.used_wrap)
+    return RingState(state.used_idx, state.used_idx)
+
+
 LOG_CHUNK = 4096  # bytes of log (128 MiB of guest memory) ORed at once
 
 
@@ -588,6 +607,19 @@ def or_into(log_view: memoryview, bits: bytes) -> None:
         end = start + len(chunk)
         merged = int.from_bytes(log_view[start:end], "little") | int.from_bytes(chunk, "little")
         log_view[start:end] = merged.to_bytes(len(chunk), "little")
+
+
+def _check_backing(fd: int, offset: int, size: int, what: str) -> None:
+    """Refuse a mapping past the end of its file: touching it would raise SIGBUS in the relay
+    and kill the server. (A frontend that shrinks the file later can still do that, as with
+    any vhost-user backend.)"""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise BackendError(f"{what}: the fd is not a memory file (mode {st.st_mode:#o})")
+    if offset + size > st.st_size:
+        raise BackendError(
+            f"{what}: {size:#x} bytes at offset {offset:#x}, past the end of its {st.st_size:#x}-byte file"
+        )
 
 
 def _close_quietly(fd: int) -> None:
