@@ -7,13 +7,14 @@ from collections.abc import Iterator
 import pytest
 
 from vdpa_svq.devices import open_device
+from vdpa_svq.relay_impl import AVAILABLE_IMPLS
 from vdpa_svq.vhost_user.backend import Server
 
 
 class RunningServer:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, impl: str = "auto") -> None:
         self.device = open_device("soft:net")
-        self.server = Server(self.device, path)
+        self.server = Server(self.device, path, impl=impl)
         self.path = path
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -42,5 +43,13 @@ class RunningServer:
 @pytest.fixture
 def server(tmp_path) -> Iterator[RunningServer]:
     srv = RunningServer(str(tmp_path / "vu.sock"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=AVAILABLE_IMPLS)
+def server_impl(request, tmp_path) -> Iterator[RunningServer]:
+    """The server with each relay implementation that was built (C and the Python reference)."""
+    srv = RunningServer(str(tmp_path / "vu.sock"), impl=request.param)
     yield srv
     srv.stop()
