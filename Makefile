@@ -35,5 +35,9 @@ bench: deps venv  ## relay throughput: direct vs Python vs C relay, written to B
 	$(PY) setup.py -q build_ext --inplace  # the C relay as it is now, not as the venv stamp last saw it
 	$(PY) -m vdpa_svq.bench
 
+.PHONY: bench-vhost-user
+bench-vhost-user: deps venv  ## vhost-user: testpmd virtio-user through `vdpa-svq serve soft:net` vs DPDK's vhost PMD
+	$(PY) -m vdpa_svq.vhost_user.bench
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
