@@ -235,6 +235,17 @@ def test_mapping_past_the_end_of_the_file_is_refused(server, request_id):
     assert "past the end" in server.server.summaries[0].error
 
 
+def test_frontend_stalled_mid_message_is_dropped(server, monkeypatch):
+    from vdpa_svq.vhost_user import backend
+
+    monkeypatch.setattr(backend, "MESSAGE_TIMEOUT_S", 0.2)
+    s = server.connect()
+    s.sendall(m.HEADER.pack(Request.SET_VRING_NUM, 1, 8) + b"\0\0")  # and nothing more, but stay connected
+    server.wait_connections(1)
+    assert "timed out" in server.server.summaries[0].error
+    s.close()
+
+
 def test_truncated_message_then_hangup(server):
     s = server.connect()
     s.sendall(m.HEADER.pack(Request.SET_VRING_NUM, 1, 8) + b"\0\0")

@@ -85,6 +85,7 @@ OFFERED_PROTOCOL_FEATURES = sum(bit(b) for b in PROTOCOL_FEATURES)
 MAX_LOGGED_SPAN = 1 << 36
 LOG_SYNC_S = 0.02
 POLL_S = 0.2
+MESSAGE_TIMEOUT_S = 5.0  # the rest of a message that started arriving; a frontend stalled mid-message is dropped
 
 
 class BackendError(VdpaSvqError):
@@ -170,6 +171,7 @@ class Connection:
         self.session = session
         self.device = session.device
         self.sock = sock
+        sock.settimeout(MESSAGE_TIMEOUT_S)
         self.impl = impl
         self.summary = ConnectionSummary(peer or "frontend")
         self.features = 0
