@@ -1027,9 +1027,8 @@ static int get_used_packed(DriverSide *s, Token *tok, uint32_t *length)
     const uint8_t *d = s->desc + (size_t)slot * DESC_SIZE;
     uint32_t len = ld32(d + DESC_LEN_OFF);
     uint16_t buf_id = ld16(d + DESC_ID_OFF);
-    /* 2.8.4: without WRITE the used length is reserved, and ignored: nothing was written. */
-    if (!(ld16(d + DESC_FLAGS_OFF) & VRING_DESC_F_WRITE))
-        len = 0;
+    /* 2.8.4 calls the length reserved without WRITE, but QEMU never sets WRITE in used descriptors
+     * and Linux reads the length regardless: so do we (checked against the chain below). */
     if (buf_id >= s->num)
         return shadow_fail(s, slot, "id %u out of range", buf_id);
     if (!s->in_use[buf_id])

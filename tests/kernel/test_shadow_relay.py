@@ -31,14 +31,16 @@ def check_dirty_log(guest, drv) -> None:
         assert used_ring_page in logged, "the relay's writes to the guest used ring must be logged"
 
 
+@pytest.mark.parametrize("impl", ["c", "py"])
 @pytest.mark.parametrize("guest_layout", [Layout.SPLIT, Layout.PACKED], ids=["guest-split", "guest-packed"])
-def test_vdpa_sim_net_through_split_shadow(vdpa_sim_net, guest_layout):
+def test_vdpa_sim_net_through_split_shadow(vdpa_sim_net, guest_layout, impl):
     count = 200
     with VhostVdpa.open(vdpa_sim_net) as dev:
-        guest, drv = net_guest(dev, num=64, shadow=True, guest_layout=guest_layout)
+        guest, drv = net_guest(dev, num=64, shadow=True, guest_layout=guest_layout, impl=impl)
         drv.rx_spans = []
         try:
             assert guest.session.layout is Layout.SPLIT
+            assert guest.shadow.queues[0].svq.impl == impl
             frames = [build_frame(seq, 60 + (seq * 37) % 1400) for seq in range(count)]
             check_all_arrived(exchange(drv, frames, count), count)
             assert guest.shadow.errors() == {}
@@ -49,14 +51,15 @@ def test_vdpa_sim_net_through_split_shadow(vdpa_sim_net, guest_layout):
             guest.close()
 
 
+@pytest.mark.parametrize("impl", ["c", "py"])
 @pytest.mark.parametrize("guest_layout", [Layout.SPLIT, Layout.PACKED], ids=["guest-split", "guest-packed"])
-def test_vp_vdpa_through_packed_shadow_with_event_idx(vp_vdpa, peer_iface, guest_layout):
+def test_vp_vdpa_through_packed_shadow_with_event_idx(vp_vdpa, peer_iface, guest_layout, impl):
     count = 60
     peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
     peer.bind((peer_iface, ETHERTYPE))
     peer.settimeout(0.05)
     with VhostVdpa.open(vp_vdpa) as dev:
-        guest, drv = net_guest(dev, num=64, shadow=True, guest_layout=guest_layout, packed=True)
+        guest, drv = net_guest(dev, num=64, shadow=True, guest_layout=guest_layout, packed=True, impl=impl)
         drv.rx_spans = []
         try:
             assert guest.session.layout is Layout.PACKED

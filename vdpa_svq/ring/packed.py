@@ -223,8 +223,8 @@ class PackedDriverRing:
         # Only read id and len after the flags said the descriptor is used.
         rmb()
         length, buf_id = _LEN_ID.unpack_from(self._a.desc, slot * DESC_SIZE + _DESC_LEN_OFF)
-        if not self._a.flags(slot) & VRING_DESC_F_WRITE:
-            length = 0  # 2.8.4: without WRITE the used length is reserved, and ignored: nothing was written
+        # 2.8.4 calls the length reserved without VIRTQ_DESC_F_WRITE, but QEMU never sets WRITE in used
+        # descriptors and Linux reads the length regardless: so do we (checked against the chain below).
         if buf_id >= self.num:
             self._fail(f"id {buf_id} out of range", slot)
         token = self._token[buf_id]
