@@ -62,6 +62,7 @@ class VhostUserFrontend:
     log_fd: int = -1
     log_mm: mmap.mmap | None = None
     features: int = 0
+    ring_uaddr_offset: int = UADDR_OFFSET  # where the rings are said to be (a wrong one, to test refusals)
 
     def __post_init__(self) -> None:
         self.plan = plan_layout(self.layout, self.num, 2, RX_BUFFER, self.num)
@@ -112,7 +113,7 @@ class VhostUserFrontend:
             self.ack(Request.SET_VRING_NUM, m.VringState(i, self.num).encode())
             base = 0x8000 if self.layout is Layout.PACKED else 0
             self.ack(Request.SET_VRING_BASE, m.VringState(i, base).encode())
-            u = UADDR_OFFSET
+            u = self.ring_uaddr_offset
             # vhost's names: "used" is the device area, "avail" the driver area (packed too).
             self.ack(Request.SET_VRING_ADDR, m.VringAddr(i, 0, addrs.desc + u, addrs.device + u,
                                                          addrs.driver + u, addrs.device).encode())

@@ -246,6 +246,31 @@ def test_frontend_stalled_mid_message_is_dropped(server, monkeypatch):
     s.close()
 
 
+def test_ring_outside_the_memory_table_is_refused(server):
+    fe = VhostUserFrontend(server.connect(), Layout.SPLIT, ring_uaddr_offset=0x100000000)
+    try:
+        with pytest.raises((ConnectionError, AssertionError, OSError)):
+            fe.setup()
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    assert "is not in the memory table" in server.server.summaries[0].error
+
+
+def test_user_addresses_translate_through_every_region():
+    """SET_VRING_ADDR carries the frontend's virtual addresses; each region maps its own range."""
+    from types import SimpleNamespace
+
+    from vdpa_svq.vhost_user.backend import BackendError, Connection
+
+    table = (m.MemRegion(0x0, 0x10000, 0x7F0000000000, 0), m.MemRegion(0x100000, 0x10000, 0x7E0000000000, 0))
+    conn = SimpleNamespace(table=table)
+    assert Connection.to_gpa(conn, 0x7F0000001000, 0x100, "ring") == 0x1000
+    assert Connection.to_gpa(conn, 0x7E0000002000, 0x100, "ring") == 0x102000
+    with pytest.raises(BackendError, match="not in the memory table"):
+        Connection.to_gpa(conn, 0x7E000000FF00, 0x200, "ring")  # runs off the end of its region
+
+
 def test_truncated_message_then_hangup(server):
     s = server.connect()
     s.sendall(m.HEADER.pack(Request.SET_VRING_NUM, 1, 8) + b"\0\0")
