@@ -7,41 +7,16 @@ and QEMU's virtio.c packed-ring code behind vp_vdpa (packed, EVENT_IDX).
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 
 from kernel_iface import VhostVdpa, uapi
+from tests.kernel.frames import check_all_arrived, exchange, peer_socket, talk_both_ways_with_peer
 from vdpa_svq.attach import blk_guest, net_guest
-from vdpa_svq.guest.frames import ETHERTYPE, build_frame, parse_frame
+from vdpa_svq.guest.frames import build_frame
 from vdpa_svq.ring import Layout
 
 pytestmark = pytest.mark.kernel
-
-TIMEOUT = 60.0  # the bench guest runs under TCG: slow, but never this slow
-
-
-def exchange(drv, frames: list[bytes], expect: int, timeout: float = TIMEOUT) -> list[bytes]:
-    """Send `frames` (respecting a full ring) and collect `expect` received frames."""
-    got: list[bytes] = []
-    pending = list(frames)
-    deadline = time.monotonic() + timeout
-    while (pending or len(got) < expect) and time.monotonic() < deadline:
-        while pending and drv.send(pending[0]):
-            pending.pop(0)
-        drv.flush()
-        got.extend(drv.reap())
-        if pending or len(got) < expect:
-            drv.wait(0.05)
-    got.extend(drv.reap())
-    return got
-
-
-def check_all_arrived(received: list[bytes], count: int) -> None:
-    seqs = [s for s in (parse_frame(f) for f in received) if s is not None]
-    assert sorted(seqs) == list(range(count)), f"lost or duplicated frames: got {len(seqs)} of {count}"
-
 
 @pytest.mark.parametrize("count", [300])
 def test_vdpa_sim_net_loops_frames_back_through_split_rings(vdpa_sim_net, count):
@@ -74,42 +49,16 @@ def test_vdpa_sim_blk_sectors_read_back_equal(vdpa_sim_blk):
             guest.close()
 
 
-def _peer_socket(iface: str) -> socket.socket:
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
-    s.bind((iface, ETHERTYPE))
-    s.settimeout(0.05)
-    return s
-
-
 def test_vp_vdpa_packed_ring_with_event_idx_talks_to_the_kernel_stack(vp_vdpa, peer_iface):
     count = 100
-    peer = _peer_socket(peer_iface)
+    peer = peer_socket(peer_iface)
     with VhostVdpa.open(vp_vdpa) as dev:
         guest, drv = net_guest(dev, num=64, packed=True)
         try:
             assert guest.session.layout is Layout.PACKED
             assert guest.session.has(uapi.VIRTIO_RING_F_EVENT_IDX)
             # Our TX -> QEMU's packed virtqueue -> hub -> the guest kernel's virtio_net -> AF_PACKET.
-            frames = [build_frame(seq, 60 + seq * 13) for seq in range(count)]
-            heard: list[bytes] = []
-            pending = list(frames)
-            deadline = time.monotonic() + TIMEOUT
-            while len(heard) < count and time.monotonic() < deadline:
-                while pending and drv.send(pending[0]):
-                    pending.pop(0)
-                drv.flush()
-                drv.reap()
-                try:
-                    while True:
-                        heard.append(peer.recv(4096))
-                except TimeoutError:
-                    pass
-            check_all_arrived(heard, count)
-            # And back: the kernel stack sends, our packed RX ring receives.
-            for seq in range(count):
-                peer.send(build_frame(seq, 80 + seq * 11))
-            received = exchange(drv, [], count)
-            check_all_arrived(received, count)
+            talk_both_ways_with_peer(drv, peer, count)
         finally:
             guest.close()
             peer.close()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kernel_iface import VhostVdpa
-from tests.kernel.test_direct_drive import check_all_arrived
+from tests.kernel.frames import check_all_arrived
 from vdpa_svq.attach import SHADOW, blk_guest, net_guest
 from vdpa_svq.guest.frames import build_frame
 from vdpa_svq.session import SessionError

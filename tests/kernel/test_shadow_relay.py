@@ -7,15 +7,12 @@ verified end to end, and every RX buffer page the device wrote is in the dirty l
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 
 from kernel_iface import VhostVdpa, uapi
-from tests.kernel.test_direct_drive import TIMEOUT, check_all_arrived, exchange
+from tests.kernel.frames import check_all_arrived, exchange, peer_socket, talk_both_ways_with_peer
 from vdpa_svq.attach import net_guest
-from vdpa_svq.guest.frames import ETHERTYPE, build_frame
+from vdpa_svq.guest.frames import build_frame
 from vdpa_svq.ring import Layout
 
 pytestmark = pytest.mark.kernel
@@ -55,32 +52,14 @@ def test_vdpa_sim_net_through_split_shadow(vdpa_sim_net, guest_layout, impl):
 @pytest.mark.parametrize("guest_layout", [Layout.SPLIT, Layout.PACKED], ids=["guest-split", "guest-packed"])
 def test_vp_vdpa_through_packed_shadow_with_event_idx(vp_vdpa, peer_iface, guest_layout, impl):
     count = 60
-    peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
-    peer.bind((peer_iface, ETHERTYPE))
-    peer.settimeout(0.05)
+    peer = peer_socket(peer_iface)
     with VhostVdpa.open(vp_vdpa) as dev:
         guest, drv = net_guest(dev, num=64, shadow=True, guest_layout=guest_layout, packed=True, impl=impl)
         drv.rx_spans = []
         try:
             assert guest.session.layout is Layout.PACKED
             assert guest.session.has(uapi.VIRTIO_RING_F_EVENT_IDX)
-            pending = [build_frame(seq, 60 + seq * 13) for seq in range(count)]
-            heard: list[bytes] = []
-            deadline = time.monotonic() + TIMEOUT
-            while len(heard) < count and time.monotonic() < deadline:
-                while pending and drv.send(pending[0]):
-                    pending.pop(0)
-                drv.flush()
-                drv.reap()
-                try:
-                    while True:
-                        heard.append(peer.recv(4096))
-                except TimeoutError:
-                    pass
-            check_all_arrived(heard, count)
-            for seq in range(count):
-                peer.send(build_frame(seq, 80 + seq * 11))
-            check_all_arrived(exchange(drv, [], count), count)
+            talk_both_ways_with_peer(drv, peer, count)
             assert guest.shadow.errors() == {}
             check_dirty_log(guest, drv)
         finally:
