@@ -118,13 +118,23 @@ def test_corrupt_dump_is_refused_by_show(tmp_path):
     assert result.exit_code == 1 and "x.vdl" in one_line_error(result)
 
 
+def wait_until_running(directory, proc, timeout: float = 120.0) -> None:
+    """The run has its signal handlers once it opened its dump (a .partial file beside the target)."""
+    deadline = time.monotonic() + timeout
+    while not list(directory.glob(".*.partial")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "attach never started its run"
+        time.sleep(0.1)
+    time.sleep(0.5)  # some traffic before the stop
+
+
 def test_sigterm_ends_the_run_cleanly_with_a_summary(tmp_path):
     dump = tmp_path / "t.vdl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vdpa_svq.cli", "attach", "soft:net", "--duration", "60", "--dirty-log", str(dump)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"NO_COLOR": "1"},
     )
-    time.sleep(2.0)
+    wait_until_running(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.cli.test_attach import wait_until_running
 from vdpa_svq.dump import read_dump
 
 pytestmark = pytest.mark.kernel
@@ -52,11 +52,12 @@ def test_attach_switch_mid_traffic_on_vdpa_sim(vdpa_sim_net, tmp_path):
     assert read_dump(dump).union(), "shadowed traffic dirtied pages"
 
 
-def test_sigterm_tears_down_and_a_second_attach_works(vdpa_sim_net):
-    proc = subprocess.Popen([sys.executable, "-m", "vdpa_svq.cli", "attach", vdpa_sim_net, "--duration", "120"],
+def test_sigterm_tears_down_and_a_second_attach_works(vdpa_sim_net, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "vdpa_svq.cli", "attach", vdpa_sim_net, "--duration", "300",
+                             "--dirty-log", str(tmp_path / "t.vdl")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"NO_COLOR": "1"})
-    time.sleep(15)  # TCG: the interpreter start and the bring-up take a while
+    wait_until_running(tmp_path, proc, timeout=240)  # TCG: interpreter start and bring-up are slow
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
