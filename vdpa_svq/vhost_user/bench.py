@@ -6,12 +6,21 @@ forwards in io mode), the frontend forwards in io mode after a first burst. Slic
 (backend, layout, backend, layout, ...) and medians reported, because rates on a shared machine
 swing widely within one run.
 
-    python -m vdpa_svq.vhost_user.bench [--device soft:net] [--slices 3] [--seconds 5]
+    python -m vdpa_svq.vhost_user.bench [--device soft:net] [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
+
+--kernel: the same frontend inside the kernel bench guest (tools/kbench), against a real vhost-vdpa device
+(vdpa_sim net, loopback, split rings only): testpmd's virtio-user straight on /dev/vhost-vdpa-N (the
+kernel's vhost-vdpa backend, no shadow virtqueue: the passthrough baseline) against the same testpmd
+through `vdpa-svq serve /dev/vhost-vdpa-N` with each relay (--impl c, --impl py), slices interleaved.
+The host side boots the guest with `tools/kbench run --out DIR -- ... --kernel-guest --json DIR/x.json`.
+
+    python -m vdpa_svq.vhost_user.bench --kernel [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -22,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 EAL = ["--no-huge", "-m", "512", "--no-pci"]
 # --stats-period keeps testpmd forwarding until a signal (without it, it exits when stdin ends).
@@ -36,11 +46,15 @@ def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | None) -> tuple[int, int]:
-    """(RX, TX) packets of one testpmd virtio-user run of `seconds` of forwarding."""
+def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | None,
+             start_timeout: float = 60.0) -> tuple[int, int, float]:
+    """(RX, TX, seconds forwarded) of one testpmd virtio-user run of about `seconds` of forwarding.
+    `sock` is a vhost-user socket, or a /dev/vhost-vdpa-N node (virtio-user's vhost-vdpa backend)."""
+    vdev = f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)}"
+    if not sock.startswith("/dev/"):
+        vdev += ",server=0"
     cmd = ["dpdk-testpmd", "-l", "0,1", "--main-lcore", "1", *EAL, f"--file-prefix=fe-{tag}",
-           "--vdev", f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)},server=0",
-           "--", *TESTPMD_ARGS, "--tx-first"]
+           "--vdev", vdev, "--", *TESTPMD_ARGS, "--tx-first"]
     if peer_mac:
         cmd.append(f"--eth-peer=0,{peer_mac}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -56,11 +70,16 @@ def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | 
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    if started.wait(60):
+    # EAL start-up takes seconds (tens under TCG): the rate counts from when forwarding starts.
+    t0 = time.monotonic()
+    forwarded = 0.0
+    if started.wait(start_timeout):
+        t0 = time.monotonic()
         time.sleep(seconds)
+        forwarded = time.monotonic() - t0
     proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(30)
+        proc.wait(max(30.0, start_timeout / 2))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -68,19 +87,20 @@ def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | 
     out = "".join(lines).split("Accumulated forward statistics", 1)
     rx = re.search(r"RX-packets:\s+(\d+)", out[-1]) if len(out) == 2 else None
     tx = re.search(r"TX-packets:\s+(\d+)", out[-1]) if len(out) == 2 else None
-    if not (rx and tx):
-        raise RuntimeError(f"testpmd printed no statistics:\n{''.join(lines)[-2000:]}")
-    return int(rx.group(1)), int(tx.group(1))
+    if not (rx and tx and forwarded):
+        raise RuntimeError(f"testpmd did not forward or printed no statistics:\n{''.join(lines)[-2000:]}")
+    return int(rx.group(1)), int(tx.group(1)), forwarded
 
 
-def backend(kind: str, device: str, sock: str, tag: str) -> subprocess.Popen:
+def backend(kind: str, device: str, sock: str, tag: str, impl: str = "auto",
+            timeout: float = 60.0) -> subprocess.Popen:
     if kind == "dpdk-vhost":
         cmd = ["dpdk-testpmd", "-l", "0,1", *EAL, f"--file-prefix=be-{tag}",
                "--vdev", f"net_vhost0,iface={sock},queues=1", "--", *TESTPMD_ARGS]
     else:
-        cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock]
+        cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--impl", impl]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_socket(sock, proc, 60)
+    _wait_socket(sock, proc, timeout)
     return proc
 
 
@@ -99,7 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--peer-mac", default=None, help="first burst's destination (vdpa_sim filters on its MAC)")
+    ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
+    ap.add_argument("--kernel", action="store_true", help="passthrough vs serve, in the kernel bench")
+    ap.add_argument("--impls", default="c,py", help="--kernel: relays to measure (default c,py)")
+    ap.add_argument("--timeout", type=float, default=480.0, help="--kernel: bound for boot + the whole guest run")
+    ap.add_argument("--kernel-guest", action="store_true", help=argparse.SUPPRESS)  # inside the guest
+    ap.add_argument("--json", help=argparse.SUPPRESS)  # --kernel-guest: where the host reads the rates
     args = ap.parse_args(argv)
+    if args.kernel_guest:
+        return kernel_guest(args)
+    if args.kernel:
+        return kernel_host(args)
     if shutil.which("dpdk-testpmd") is None:
         print("dpdk-testpmd not found: apt-get install -y dpdk-dev", file=sys.stderr)
         return 1
@@ -114,18 +144,173 @@ def main(argv: list[str] | None = None) -> int:
                     sock = os.path.join(tmp, f"{tag}.sock")
                     be = backend(kind, args.device, sock, tag)
                     try:
-                        rx, tx = frontend(sock, packed, args.seconds, tag, args.peer_mac)
+                        rx, tx, secs = frontend(sock, packed, args.seconds, tag, args.peer_mac)
                     finally:
                         stop(be)
-                    rates.setdefault((kind, layout), []).append(rx / args.seconds)
-                    print(f"slice {n}: {kind:28} {layout:6} RX {rx:>10} TX {tx:>10}  {rx / args.seconds:>12,.0f} pps",
+                    rates.setdefault((kind, layout), []).append(rx / secs)
+                    print(f"slice {n}: {kind:28} {layout:6} RX {rx:>10} TX {tx:>10}  {rx / secs:>12,.0f} pps",
                           file=sys.stderr)
-    print(f"\n| backend ({args.slices} slices of {args.seconds:g} s, median RX pps) | split | packed |")
-    print("|---|---:|---:|")
+    lines = [f"| backend ({args.slices} slices of {args.seconds:g} s, median RX pps) | split | packed |",
+             "|---|---:|---:|"]
     for kind in kinds:
         cells = [f"{statistics.median(rates[(kind, lay)]):,.0f}" for lay in ("split", "packed")]
-        print(f"| {kind} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.write:
+        write_section(args.write, "vhost-user-host", HOST_SECTION.format(
+            machine=machine(), slices=args.slices, seconds=args.seconds, device=args.device, table=table))
+        print(f"wrote {args.write}", file=sys.stderr)
     return 0
+
+
+HOST_SECTION = """## vhost-user, host: testpmd virtio-user through `vdpa-svq serve {device}` vs DPDK's vhost PMD
+
+Produced by `make bench` (`python -m vdpa_svq.vhost_user.bench --write BENCHMARKS.md`). {machine}.
+io forwarding after a first burst; {slices} interleaved slices of {seconds:g} s each; median RX pps.
+
+{table}
+"""
+
+KERNEL_SECTION = """## vhost-user, kernel bench: testpmd virtio-user on vhost-vdpa directly vs through `vdpa-svq serve`
+
+Produced by `make bench` (`python -m vdpa_svq.vhost_user.bench --kernel --write BENCHMARKS.md`). Host: {machine}.
+Guest: tools/kbench, Linux {kernel}, **{accel}** ({smp} vCPUs): absolute rates under TCG mean little, the ratio
+is the point. Device: vdpa_sim net (loopback, split rings only), {device}.
+
+- "passthrough": DPDK testpmd's virtio-user on the vhost-vdpa node itself
+  (`--vdev net_virtio_user0,path={device},queues=1,packed_vq=0`): the kernel's vhost-vdpa, no shadow virtqueue.
+- "vdpa-svq serve --impl X": the same testpmd over vhost-user (split rings) to `vdpa-svq serve {device}`,
+  whose shadow virtqueues (relay X) drive the device.
+- io forwarding after a first burst (--tx-first, --eth-peer set to the device's MAC, which vdpa_sim filters on);
+  {slices} slices of {seconds:g} s, interleaved (passthrough, c, py, passthrough, ...); the rate is RX packets over
+  the time from "start packet forwarding" to SIGINT (EAL start-up under TCG is not counted); median per row.
+
+{table}
+
+{verdict}
+"""
+
+
+def machine() -> str:
+    import platform
+    load = os.getloadavg()[0]
+    return (f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}, "
+            f"{time.strftime('%Y-%m-%d')}, load average at start {load:.1f}")
+
+
+def write_section(path: str, name: str, text: str) -> None:
+    """Put `text` in `path` between markers for `name`: replaced if there, else appended (the relay
+    bench rewrites the whole file first, so `make bench` appends its sections in order)."""
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = Path(path).read_text() if os.path.exists(path) else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + block
+    Path(path).write_text(new)
+
+
+def kernel_guest(args: argparse.Namespace) -> int:
+    """Inside the kbench guest: passthrough and serve --impl X slices, interleaved; rates to --json."""
+    device = os.environ.get("KBENCH_VDPA_SIM_NET")
+    mac = os.environ.get("KBENCH_VDPA_SIM_NET_MAC")
+    if not (os.environ.get("KBENCH") and device and mac):
+        print("--kernel-guest runs inside tools/kbench (KBENCH_VDPA_SIM_NET unset)", file=sys.stderr)
+        return 1
+    if shutil.which("dpdk-testpmd") is None:
+        print("dpdk-testpmd not found: apt-get install -y dpdk-dev", file=sys.stderr)
+        return 1
+    impls = [i for i in args.impls.split(",") if i]
+    kinds = ["passthrough", *(f"vdpa-svq serve --impl {i}" for i in impls)]
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    errors: list[str] = []
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vdpa-svq-kbench-") as tmp:
+        for n in range(args.slices):
+            for k, kind in enumerate(kinds):
+                tag = f"{os.getpid()}-{n}-{k}"
+                t0 = time.monotonic()
+                be = None
+                try:
+                    if kind == "passthrough":
+                        path = device
+                    else:
+                        path = os.path.join(tmp, f"{tag}.sock")
+                        be = backend("serve", device, path, tag, impl=impls[k - 1], timeout=120)
+                    rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180)
+                except Exception as e:  # noqa: BLE001 -- reported, the other rows still run
+                    errors.append(f"slice {n} {kind}: {e}")
+                    print(f"slice {n}: {kind}: FAILED {e}", file=sys.stderr, flush=True)
+                    continue
+                finally:
+                    if be is not None:
+                        stop(be)
+                rates[kind].append(rx / secs)
+                print(f"slice {n}: {kind:26} RX {rx:>9} TX {tx:>9} in {secs:5.2f} s {rx / secs:>10,.0f} pps "
+                      f"(cell {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+    result = {"device": device, "kernel": os.uname().release, "smp": os.cpu_count(), "slices": args.slices,
+              "seconds": args.seconds, "kinds": kinds, "rates": rates, "errors": errors,
+              "guest_seconds": time.monotonic() - t_start}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+    print(kernel_table(result)[0])
+    return 0 if all(rates.values()) else 1
+
+
+def kernel_table(r: dict) -> tuple[str, str]:
+    """The markdown table and the verdict line of a --kernel-guest result."""
+    kinds, rates = r["kinds"], r["rates"]
+    base = statistics.median(rates["passthrough"]) if rates.get("passthrough") else None
+    lines = [f"| path ({r['slices']} slices of {r['seconds']:g} s) | median RX pps | min | max | slices | "
+             "/ passthrough (medians) |", "|---|---:|---:|---:|---:|---:|"]
+    ratios = {}
+    for kind in kinds:
+        v = rates.get(kind) or []
+        if not v:
+            lines.append(f"| {kind} | failed | | | 0 | |")
+            continue
+        med = statistics.median(v)
+        ratio = f"{med / base:.2f}x" if base else "-"
+        if base and kind != "passthrough":
+            ratios[kind] = med / base
+        lines.append(f"| {kind} | {med:,.0f} | {min(v):,.0f} | {max(v):,.0f} | {len(v)} | {ratio} |")
+    verdict = ["Target (from the issue): vdpa-svq serve >= 0.9x passthrough."]
+    for kind, x in ratios.items():
+        verdict.append(f"- {kind}: {x:.2f}x: {'met' if x >= 0.9 else 'NOT met'}.")
+    for e in r.get("errors", []):
+        verdict.append(f"- failed: {e.splitlines()[0]}")
+    return "\n".join(lines), "\n".join(verdict)
+
+
+def kernel_host(args: argparse.Namespace) -> int:
+    """Boot the kbench guest once, run --kernel-guest there, print (and --write) the table."""
+    repo = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory(prefix="vdpa-svq-kbench-out-", dir=repo.parent) as out:
+        res = Path(out) / "kernel-bench.json"
+        cmd = [sys.executable, str(repo / "tools" / "kbench"), "run", "--timeout", f"{args.timeout:g}",
+               "--out", out, "--", sys.executable, "-m", "vdpa_svq.vhost_user.bench", "--kernel-guest",
+               "--slices", str(args.slices), "--seconds", f"{args.seconds:g}", "--impls", args.impls,
+               "--json", str(res)]
+        print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+        rc = subprocess.call(cmd, cwd=repo)
+        if not res.exists():
+            print(f"kernel bench produced no result (kbench run exited {rc})", file=sys.stderr)
+            return rc or 1
+        r = json.loads(res.read_text())
+    accel = subprocess.run([sys.executable, str(repo / "tools" / "kbench"), "status"], capture_output=True,
+                           text=True, cwd=repo).stdout
+    accel = "KVM" if "accel  KVM" in accel else "TCG"
+    table, verdict = kernel_table(r)
+    print("\n" + table + "\n\n" + verdict)
+    if args.write:
+        write_section(args.write, "vhost-user-kernel", KERNEL_SECTION.format(
+            machine=machine(), kernel=r["kernel"], accel=accel, smp=r["smp"], device=r["device"],
+            slices=r["slices"], seconds=r["seconds"], table=table, verdict=verdict))
+        print(f"wrote {args.write}", file=sys.stderr)
+    return rc
 
 
 if __name__ == "__main__":
