@@ -93,24 +93,25 @@ def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | 
 
 
 def backend(kind: str, device: str, sock: str, tag: str, impl: str = "auto",
-            timeout: float = 60.0) -> subprocess.Popen:
+            timeout: float = 60.0, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     if kind == "dpdk-vhost":
         cmd = ["dpdk-testpmd", "-l", "0,1", *EAL, f"--file-prefix=be-{tag}",
                "--vdev", f"net_vhost0,iface={sock},queues=1", "--", *TESTPMD_ARGS]
     else:
-        cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--impl", impl]
+        cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--impl", impl, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_socket(sock, proc, timeout)
     return proc
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen) -> str:
+    """SIGINT, then its output."""
     proc.send_signal(signal.SIGINT)
     try:
-        proc.communicate(timeout=30)
+        return proc.communicate(timeout=30)[0] or ""
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        return proc.communicate()[0] or ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +228,7 @@ def kernel_guest(args: argparse.Namespace) -> int:
     kinds = ["passthrough", *(f"vdpa-svq serve --impl {i}" for i in impls)]
     rates: dict[str, list[float]] = {k: [] for k in kinds}
     errors: list[str] = []
+    notes: list[str] = []
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vdpa-svq-kbench-") as tmp:
         for n in range(args.slices):
@@ -239,7 +241,7 @@ def kernel_guest(args: argparse.Namespace) -> int:
                         path = device
                     else:
                         path = os.path.join(tmp, f"{tag}.sock")
-                        be = backend("serve", device, path, tag, impl=impls[k - 1], timeout=120)
+                        be = backend("serve", device, path, tag, impl=impls[k - 1], timeout=120, extra=("-v",))
                     rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180)
                 except Exception as e:  # noqa: BLE001 -- reported, the other rows still run
                     errors.append(f"slice {n} {kind}: {e}")
@@ -247,12 +249,16 @@ def kernel_guest(args: argparse.Namespace) -> int:
                     continue
                 finally:
                     if be is not None:
-                        stop(be)
+                        # A queue the relay stopped (the frontend's traffic then stalls) is worth saying.
+                        for line in stop(be).splitlines():
+                            if " stopped: " in line or "error" in line.lower():
+                                notes.append(f"slice {n} {kind}: {line.strip()}")
+                                print(f"slice {n}: {kind}: {line.strip()}", file=sys.stderr, flush=True)
                 rates[kind].append(rx / secs)
                 print(f"slice {n}: {kind:26} RX {rx:>9} TX {tx:>9} in {secs:5.2f} s {rx / secs:>10,.0f} pps "
                       f"(cell {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
     result = {"device": device, "kernel": os.uname().release, "smp": os.cpu_count(), "slices": args.slices,
-              "seconds": args.seconds, "kinds": kinds, "rates": rates, "errors": errors,
+              "seconds": args.seconds, "kinds": kinds, "rates": rates, "errors": errors, "notes": notes,
               "guest_seconds": time.monotonic() - t_start}
     if args.json:
         Path(args.json).write_text(json.dumps(result))
@@ -282,6 +288,12 @@ def kernel_table(r: dict) -> tuple[str, str]:
         verdict.append(f"- {kind}: {x:.2f}x: {'met' if x >= 0.9 else 'NOT met'}.")
     for e in r.get("errors", []):
         verdict.append(f"- failed: {e.splitlines()[0]}")
+    counts: dict[str, int] = {}
+    for note in r.get("notes", []):  # "slice N KIND: vdpa-svq: connection M: queue ..." -> once per message
+        key = re.sub(r"^slice \d+ |connection \d+: ", "", note)
+        counts[key] = counts.get(key, 0) + 1
+    for key, n in counts.items():
+        verdict.append(f"- in {n} slice(s): {key}")
     return "\n".join(lines), "\n".join(verdict)
 
 
