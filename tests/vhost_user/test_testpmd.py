@@ -8,10 +8,12 @@ import pytest
 from .testpmd import find_testpmd, split_then_packed, start_serve
 
 
-@pytest.fixture
-def served(tmp_path):
+# Both relays: the Python one once tore le16 indexes (struct writes byte by byte) and DPDK, reading
+# them concurrently from another process, saw a used index run backwards and re-posted buffers in flight.
+@pytest.fixture(params=["c", "py"])
+def served(tmp_path, request):
     sock = str(tmp_path / "vu.sock")
-    proc = start_serve("soft:net", sock)
+    proc = start_serve("soft:net", sock, impl=request.param)
     yield sock, proc
     if proc.poll() is None:
         proc.kill()

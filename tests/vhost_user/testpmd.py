@@ -85,10 +85,10 @@ def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = R
     return out
 
 
-def start_serve(device: str, sock: str) -> subprocess.Popen:
-    """`vdpa-svq serve DEV --socket SOCK --json-stats`, listening when this returns."""
+def start_serve(device: str, sock: str, impl: str = "auto") -> subprocess.Popen:
+    """`vdpa-svq serve DEV --socket SOCK --json-stats --impl IMPL`, listening when this returns."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--json-stats"],
+        [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--json-stats", "--impl", impl],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 60
@@ -118,6 +118,7 @@ def split_then_packed(binary: str, sock: str, proc: subprocess.Popen, run_s: flo
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
+    assert " stopped: " not in err, f"the relay stopped a queue:\n{err}"
     summaries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [s["guest_layout"] for s in summaries] == ["split", "packed"], out + err
     for s, (tag, (rx, tx)) in zip(summaries, counts.items(), strict=True):

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
-_EVENT = struct.Struct("<HH")  # packed event suppression structure: off_wrap, flags
-
 VRING_PACKED_EVENT_FLAG_ENABLE = 0
 VRING_PACKED_EVENT_FLAG_DISABLE = 1
 VRING_PACKED_EVENT_FLAG_DESC = 2
@@ -37,14 +33,16 @@ def packed_need_event(off_wrap: int, new_idx: int, moved: int, wrap_counter: int
     return need_event(event_idx & 0xFFFF, new_idx, (new_idx - moved) & 0xFFFF)
 
 
-def packed_notify_needed(event: memoryview, new_idx: int, moved: int, wrap_counter: int, num: int,
+def packed_notify_needed(event16: memoryview, new_idx: int, moved: int, wrap_counter: int, num: int,
                          event_idx: bool) -> bool:
     """Whether the other side of a packed ring wants a notification, by its event suppression
-    structure `event` (2.8.10): DISABLE never, ENABLE always, DESC (with EVENT_IDX) when the
-    `moved` slots up to `new_idx` passed the slot it named. Nothing moved: nothing to notify."""
+    structure `event16` (off_wrap, flags as a 16-bit view: each read whole, 2.8.10): DISABLE never,
+    ENABLE always, DESC (with EVENT_IDX) when the `moved` slots up to `new_idx` passed the slot it
+    named. Nothing moved: nothing to notify."""
     if moved == 0:
         return False
-    off_wrap, flags = _EVENT.unpack_from(event, 0)
+    flags = event16[1]
+    off_wrap = event16[0]
     if flags == VRING_PACKED_EVENT_FLAG_DESC and event_idx:
         return packed_need_event(off_wrap, new_idx, moved, wrap_counter, num)
     return flags != VRING_PACKED_EVENT_FLAG_DISABLE

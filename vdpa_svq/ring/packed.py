@@ -46,7 +46,6 @@ from vdpa_svq.ring.layout import (
 )
 from vdpa_svq.ring.state import RingState
 
-_U16 = struct.Struct("<H")
 _ADDR_LEN_ID = struct.Struct("<QIH")  # a descriptor without its flags (written before them)
 _LEN_ID = struct.Struct("<IH")  # the part of a used descriptor the device writes before flags
 _DESC_ID_OFF, _DESC_FLAGS_OFF, _DESC_LEN_OFF = 12, 14, 8
@@ -70,21 +69,30 @@ class _PackedAreas:
         self.desc = mem.view(addrs.desc, desc_area_size(num))
         self.driver_event = mem.view(addrs.driver, PACKED_EVENT_SIZE)
         self.device_event = mem.view(addrs.device, PACKED_EVENT_SIZE)
+        # Descriptor flags and the event structures are read and written concurrently by the other
+        # side: one native 16-bit access each (struct moves bytes one by one: torn values).
+        self.desc16 = self.desc.cast("H")
+        self.driver_event16 = self.driver_event.cast("H")
+        self.device_event16 = self.device_event.cast("H")
 
     def flags(self, slot: int) -> int:
-        return _U16.unpack_from(self.desc, slot * DESC_SIZE + _DESC_FLAGS_OFF)[0]
+        return self.desc16[(slot * DESC_SIZE + _DESC_FLAGS_OFF) // 2]
+
+    def set_flags(self, slot: int, flags: int) -> None:
+        self.desc16[(slot * DESC_SIZE + _DESC_FLAGS_OFF) // 2] = flags
 
     def release(self) -> None:
-        for v in (self.desc, self.driver_event, self.device_event):
+        for v in (self.desc16, self.driver_event16, self.device_event16, self.desc, self.driver_event,
+                  self.device_event):
             v.release()
 
 
-def _write_event(view: memoryview, off_wrap: int | None, flags: int) -> None:
+def _write_event(event16: memoryview, off_wrap: int | None, flags: int) -> None:
     if off_wrap is not None:
-        _U16.pack_into(view, EVENT_OFF_WRAP, off_wrap)
+        event16[EVENT_OFF_WRAP // 2] = off_wrap
         # The other side reads flags, then off_wrap: off_wrap must be there first.
         wmb()
-    _U16.pack_into(view, EVENT_FLAGS, flags)
+    event16[EVENT_FLAGS // 2] = flags
 
 
 class PackedDriverRing:
@@ -192,7 +200,7 @@ class PackedDriverRing:
         # subsequent descriptors comprising the list are made available" (2.8.21.1): the rest of
         # the chain must be visible before the head's flags flip it to available.
         wmb()
-        _U16.pack_into(desc, head * DESC_SIZE + _DESC_FLAGS_OFF, head_flags)
+        self._a.set_flags(head, head_flags)
         return buf_id
 
     def kick_needed(self) -> bool:
@@ -201,7 +209,7 @@ class PackedDriverRing:
         mb()
         moved, self.num_added = self.num_added, 0
         return packed_notify_needed(
-            self._a.device_event, self.next_avail_idx, moved, self.avail_wrap_counter, self.num, self.event_idx
+            self._a.device_event16, self.next_avail_idx, moved, self.avail_wrap_counter, self.num, self.event_idx
         )
 
     # -- reaping --------------------------------------------------------------------------
@@ -243,7 +251,7 @@ class PackedDriverRing:
         if self.event_idx and self._cb_enabled:
             # Ask for an interrupt at the next used descriptor; ordered before the next flags read.
             off_wrap = self.last_used_idx | self.used_wrap_counter << WRAP_BIT
-            _U16.pack_into(self._a.driver_event, EVENT_OFF_WRAP, off_wrap)
+            self._a.driver_event16[EVENT_OFF_WRAP // 2] = off_wrap
             mb()
         return token, length
 
@@ -254,7 +262,7 @@ class PackedDriverRing:
     # -- used buffer notifications (device -> driver) -------------------------------------
     def disable_cb(self) -> None:
         self._cb_enabled = False
-        _write_event(self._a.driver_event, None, VRING_PACKED_EVENT_FLAG_DISABLE)
+        _write_event(self._a.driver_event16, None, VRING_PACKED_EVENT_FLAG_DISABLE)
 
     def enable_cb(self) -> bool:
         """Re-enable interrupts; False if used buffers are already pending (poll them first)."""
@@ -270,9 +278,9 @@ class PackedDriverRing:
         if idx >= self.num:
             idx, wrap = idx - self.num, wrap ^ 1
         if self.event_idx:
-            _write_event(self._a.driver_event, idx | wrap << WRAP_BIT, VRING_PACKED_EVENT_FLAG_DESC)
+            _write_event(self._a.driver_event16, idx | wrap << WRAP_BIT, VRING_PACKED_EVENT_FLAG_DESC)
         else:
-            _write_event(self._a.driver_event, None, VRING_PACKED_EVENT_FLAG_ENABLE)
+            _write_event(self._a.driver_event16, None, VRING_PACKED_EVENT_FLAG_ENABLE)
         # The event store must be visible before we look at the ring once more.
         mb()
         return not self._is_used(idx, wrap)
@@ -407,7 +415,7 @@ class PackedDeviceRing:
         # id and len must be visible before the flags turn the descriptor into a used one.
         wmb()
         flags = _used_flags(self.used_wrap_counter) | (VRING_DESC_F_WRITE if chain.writable_bytes else 0)
-        _U16.pack_into(desc, slot * DESC_SIZE + _DESC_FLAGS_OFF, flags)
+        self._a.set_flags(slot, flags)
         self._in_flight[chain.id] = 0
         self.next_used_idx += chain.ndescs
         if self.next_used_idx >= self.num:
@@ -426,20 +434,20 @@ class PackedDeviceRing:
         mb()
         moved, self._used_since_signal = self._used_since_signal, 0
         return packed_notify_needed(
-            self._a.driver_event, self.next_used_idx, moved, self.used_wrap_counter, self.num, self.event_idx
+            self._a.driver_event16, self.next_used_idx, moved, self.used_wrap_counter, self.num, self.event_idx
         )
 
     # -- available buffer notifications (driver -> device) --------------------------------
     def disable_notify(self) -> None:
-        _write_event(self._a.device_event, None, VRING_PACKED_EVENT_FLAG_DISABLE)
+        _write_event(self._a.device_event16, None, VRING_PACKED_EVENT_FLAG_DISABLE)
 
     def enable_notify(self) -> bool:
         """Ask for a kick at the next available chain; False if chains are already there."""
         if self.event_idx:
             off_wrap = self.next_avail_idx | self.avail_wrap_counter << WRAP_BIT
-            _write_event(self._a.device_event, off_wrap, VRING_PACKED_EVENT_FLAG_DESC)
+            _write_event(self._a.device_event16, off_wrap, VRING_PACKED_EVENT_FLAG_DESC)
         else:
-            _write_event(self._a.device_event, None, VRING_PACKED_EVENT_FLAG_ENABLE)
+            _write_event(self._a.device_event16, None, VRING_PACKED_EVENT_FLAG_ENABLE)
         # The event store must be visible before we look at the ring once more.
         mb()
         return not self.has_avail()

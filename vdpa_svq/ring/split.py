@@ -7,7 +7,6 @@ The device side reads the driver's ring and checks every value before using it.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +44,6 @@ from vdpa_svq.ring.state import RingState
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 
-_U16 = struct.Struct("<H")
 
 
 class _SplitAreas:
@@ -57,11 +55,16 @@ class _SplitAreas:
         self.desc = mem.view(addrs.desc, desc_area_size(num))
         self.avail = mem.view(addrs.driver, driver_area_size(Layout.SPLIT, num))
         self.used = mem.view(addrs.device, device_area_size(Layout.SPLIT, num))
-        self.used_event_off = AVAIL_RING + 2 * num  # in the avail (driver) area
-        self.avail_event_off = USED_RING + 8 * num  # in the used (device) area
+        # Every le16 the other side reads or writes concurrently goes through these: one native
+        # 16-bit access each (struct moves bytes one by one, and a reader in another process, e.g.
+        # DPDK, then sees a torn index). Indexes are in u16 units.
+        self.avail16 = self.avail.cast("H")
+        self.used16 = self.used.cast("H")
+        self.used_event = (AVAIL_RING + 2 * num) // 2  # in avail16 (the driver area)
+        self.avail_event = (USED_RING + 8 * num) // 2  # in used16 (the device area)
 
     def release(self) -> None:
-        for v in (self.desc, self.avail, self.used):
+        for v in (self.avail16, self.used16, self.desc, self.avail, self.used):
             v.release()
 
 
@@ -159,10 +162,10 @@ class SplitDriverRing:
         self._writable[head] = sum(n for _, n, f in segs if f)
         # Put the head in the avail ring, then publish the index: the device reads avail->idx and
         # then the ring entry and the descriptors, so they must be visible first (2.7.13).
-        _U16.pack_into(self._a.avail, AVAIL_RING + 2 * (self.avail_idx_shadow % self.num), head)
+        self._a.avail16[AVAIL_RING // 2 + self.avail_idx_shadow % self.num] = head
         wmb()
         self.avail_idx_shadow = (self.avail_idx_shadow + 1) & 0xFFFF
-        _U16.pack_into(self._a.avail, AVAIL_IDX, self.avail_idx_shadow)
+        self._a.avail16[AVAIL_IDX // 2] = self.avail_idx_shadow
         self.num_added += 1
         return head
 
@@ -177,14 +180,14 @@ class SplitDriverRing:
         if added == 0:
             return False
         if self.event_idx:
-            (avail_event,) = _U16.unpack_from(self._a.used, self._a.avail_event_off)
+            avail_event = self._a.used16[self._a.avail_event]
             return need_event(avail_event, new, old)
-        (flags,) = _U16.unpack_from(self._a.used, USED_FLAGS)
+        flags = self._a.used16[USED_FLAGS // 2]
         return not flags & VRING_USED_F_NO_NOTIFY
 
     # -- reaping --------------------------------------------------------------------------
     def _used_idx(self) -> int:
-        return _U16.unpack_from(self._a.used, USED_IDX)[0]
+        return self._a.used16[USED_IDX // 2]
 
     def has_used(self) -> bool:
         return not self.broken and self._used_idx() != self.last_used_idx
@@ -217,7 +220,7 @@ class SplitDriverRing:
         self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
         if self.event_idx and self._cb_enabled:
             # Ask for an interrupt at the next used entry; ordered before the next used->idx read.
-            _U16.pack_into(self._a.avail, self._a.used_event_off, self.last_used_idx)
+            self._a.avail16[self._a.used_event] = self.last_used_idx
             mb()
         return token, length
 
@@ -239,7 +242,7 @@ class SplitDriverRing:
         """Ask the device not to interrupt (a hint; with EVENT_IDX we just stop moving used_event)."""
         self._cb_enabled = False
         if not self.event_idx:
-            _U16.pack_into(self._a.avail, AVAIL_FLAGS, VRING_AVAIL_F_NO_INTERRUPT)
+            self._a.avail16[AVAIL_FLAGS // 2] = VRING_AVAIL_F_NO_INTERRUPT
 
     def enable_cb(self) -> bool:
         """Re-enable interrupts; False if used buffers are already pending (poll them first)."""
@@ -254,9 +257,9 @@ class SplitDriverRing:
         """Ask for an interrupt once more than `bufs` further buffers are used; False if already."""
         self._cb_enabled = True
         if self.event_idx:
-            _U16.pack_into(self._a.avail, self._a.used_event_off, (self.last_used_idx + bufs) & 0xFFFF)
+            self._a.avail16[self._a.used_event] = (self.last_used_idx + bufs) & 0xFFFF
         else:
-            _U16.pack_into(self._a.avail, AVAIL_FLAGS, 0)
+            self._a.avail16[AVAIL_FLAGS // 2] = 0
         # The flag / used_event store must be visible before we look at used->idx once more.
         mb()
         return (self._used_idx() - self.last_used_idx) & 0xFFFF <= bufs
@@ -299,7 +302,7 @@ class SplitDeviceRing:
 
     # -- taking chains ---------------------------------------------------------------------
     def _avail_idx(self) -> int:
-        return _U16.unpack_from(self._a.avail, AVAIL_IDX)[0]
+        return self._a.avail16[AVAIL_IDX // 2]
 
     def has_avail(self) -> bool:
         return not self.broken and self._avail_idx() != self.last_avail_idx
@@ -316,7 +319,7 @@ class SplitDeviceRing:
         # Read the ring entry and descriptors only after avail->idx said they are there.
         rmb()
         slot = self.last_avail_idx % self.num
-        (head,) = _U16.unpack_from(self._a.avail, AVAIL_RING + 2 * slot)
+        head = self._a.avail16[AVAIL_RING // 2 + slot]
         if head >= self.num:
             self._fail(f"head {head} out of range", slot)
         if self._in_flight[head]:
@@ -387,7 +390,7 @@ class SplitDeviceRing:
         # The element must be visible before used->idx covers it (2.7.14).
         wmb()
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._a.used, USED_IDX, self.used_idx)
+        self._a.used16[USED_IDX // 2] = self.used_idx
         return ((self.addrs.device + USED_RING + 8 * slot, 8), (self.addrs.device + USED_IDX, 2))
 
     def notify_area(self) -> tuple[int, int]:
@@ -403,23 +406,23 @@ class SplitDeviceRing:
         if old == new:
             return False
         if not self.event_idx:
-            (flags,) = _U16.unpack_from(self._a.avail, AVAIL_FLAGS)
+            flags = self._a.avail16[AVAIL_FLAGS // 2]
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
-        (used_event,) = _U16.unpack_from(self._a.avail, self._a.used_event_off)
+        used_event = self._a.avail16[self._a.used_event]
         return need_event(used_event, new, old)
 
     # -- available buffer notifications (driver -> device) --------------------------------
     def disable_notify(self) -> None:
         """Ask the driver not to kick (a hint; with EVENT_IDX avail_event just stays behind)."""
         if not self.event_idx:
-            _U16.pack_into(self._a.used, USED_FLAGS, VRING_USED_F_NO_NOTIFY)
+            self._a.used16[USED_FLAGS // 2] = VRING_USED_F_NO_NOTIFY
 
     def enable_notify(self) -> bool:
         """Ask for a kick at the next available chain; False if chains are already there."""
         if self.event_idx:
-            _U16.pack_into(self._a.used, self._a.avail_event_off, self.last_avail_idx)
+            self._a.used16[self._a.avail_event] = self.last_avail_idx
         else:
-            _U16.pack_into(self._a.used, USED_FLAGS, 0)
+            self._a.used16[USED_FLAGS // 2] = 0
         # avail_event / flags must be visible before we read avail->idx again.
         mb()
         return not self.has_avail()
