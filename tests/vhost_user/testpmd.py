@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+
+from vdpa_svq.vhost_user import testpmd
 
 RUN_S = 6  # seconds of traffic per run; the whole run is bounded by TIMEOUT_S
 TIMEOUT_S = 20
@@ -33,56 +33,20 @@ def find_testpmd() -> str:
 
 def accumulated(log: str) -> tuple[int, int]:
     """(RX-packets, TX-packets) from testpmd's "Accumulated forward statistics for all ports"."""
-    tail = log.split("Accumulated forward statistics", 1)
-    assert len(tail) == 2, f"testpmd printed no accumulated statistics:\n{log[-3000:]}"
-    rx = re.search(r"RX-packets:\s+(\d+)", tail[1])
-    tx = re.search(r"TX-packets:\s+(\d+)", tail[1])
-    assert rx and tx, tail[1][:500]
-    return int(rx.group(1)), int(tx.group(1))
+    counts = testpmd.accumulated(log)
+    assert counts is not None, f"testpmd printed no accumulated statistics:\n{log[-3000:]}"
+    return counts
 
 
 def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = RUN_S,
                 timeout_s: float = TIMEOUT_S, peer_mac: str | None = None) -> str:
     """testpmd for `run_s` seconds, then SIGINT; its output. `peer_mac`: the destination of the
     first burst (io mode forwards frames unchanged), for devices that filter on it (vdpa_sim)."""
-    cmd = [
-        binary, "-l", "0,1", "--main-lcore", "1", "--no-huge", "-m", "512", "--no-pci",
-        f"--file-prefix=vdpasvq-{os.getpid()}-{tag}",
-        "--vdev", f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)},server=0",
-        "--", "--forward-mode=io", "--tx-first", "--stats-period", "1", "--nb-cores=1",
-        "--total-num-mbufs=16384",
-    ]
-    if peer_mac is not None:
-        cmd.append(f"--eth-peer=0,{peer_mac}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    forwarding = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "start packet forwarding" in line:
-                forwarding.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    started = time.monotonic()
-    try:
-        # EAL start-up takes seconds under TCG: count the run from when forwarding starts.
-        if forwarding.wait(timeout_s - run_s):
-            time.sleep(run_s)
-        proc.send_signal(signal.SIGINT)  # testpmd stops forwarding and prints its statistics
-        proc.wait(max(1.0, timeout_s - (time.monotonic() - started)))
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        reader.join(5)
-    out = "".join(lines)
-    assert forwarding.is_set(), f"testpmd did not start forwarding within {timeout_s - run_s} s:\n{out[-3000:]}"
-    return out
+    run = testpmd.run_frontend(sock, packed, run_s, f"vdpasvq-{os.getpid()}-{tag}", peer_mac,
+                               start_timeout=timeout_s - run_s, stop_timeout=max(1.0, timeout_s - run_s),
+                               binary=binary)
+    assert run.started, f"testpmd did not start forwarding within {timeout_s - run_s} s:\n{run.log[-3000:]}"
+    return run.log
 
 
 def start_serve(device: str, sock: str, impl: str = "auto") -> subprocess.Popen:

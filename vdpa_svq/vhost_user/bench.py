@@ -29,13 +29,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-EAL = ["--no-huge", "-m", "512", "--no-pci"]
-# --stats-period keeps testpmd forwarding until a signal (without it, it exits when stdin ends).
-TESTPMD_ARGS = ["--forward-mode=io", "--nb-cores=1", "--total-num-mbufs=16384", "--stats-period", "1"]
+from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, accumulated, run_frontend
 
 
 def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -50,46 +47,12 @@ def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | 
              start_timeout: float = 60.0) -> tuple[int, int, float]:
     """(RX, TX, seconds forwarded) of one testpmd virtio-user run of about `seconds` of forwarding.
     `sock` is a vhost-user socket, or a /dev/vhost-vdpa-N node (virtio-user's vhost-vdpa backend)."""
-    vdev = f"net_virtio_user0,path={sock},queues=1,packed_vq={int(packed)}"
-    if not sock.startswith("/dev/"):
-        vdev += ",server=0"
-    cmd = ["dpdk-testpmd", "-l", "0,1", "--main-lcore", "1", *EAL, f"--file-prefix=fe-{tag}",
-           "--vdev", vdev, "--", *TESTPMD_ARGS, "--tx-first"]
-    if peer_mac:
-        cmd.append(f"--eth-peer=0,{peer_mac}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "start packet forwarding" in line:
-                started.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    # EAL start-up takes seconds (tens under TCG): the rate counts from when forwarding starts.
-    t0 = time.monotonic()
-    forwarded = 0.0
-    if started.wait(start_timeout):
-        t0 = time.monotonic()
-        time.sleep(seconds)
-        forwarded = time.monotonic() - t0
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(max(30.0, start_timeout / 2))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    reader.join(5)
-    out = "".join(lines).split("Accumulated forward statistics", 1)
-    rx = re.search(r"RX-packets:\s+(\d+)", out[-1]) if len(out) == 2 else None
-    tx = re.search(r"TX-packets:\s+(\d+)", out[-1]) if len(out) == 2 else None
-    if not (rx and tx and forwarded):
-        raise RuntimeError(f"testpmd did not forward or printed no statistics:\n{''.join(lines)[-2000:]}")
-    return int(rx.group(1)), int(tx.group(1)), forwarded
+    run = run_frontend(sock, packed, seconds, f"fe-{tag}", peer_mac, start_timeout=start_timeout,
+                       stop_timeout=max(30.0, start_timeout / 2))
+    counts = accumulated(run.log)
+    if not (counts and run.started):
+        raise RuntimeError(f"testpmd did not forward or printed no statistics:\n{run.log[-2000:]}")
+    return counts[0], counts[1], run.forwarded
 
 
 def backend(kind: str, device: str, sock: str, tag: str, impl: str = "auto",
