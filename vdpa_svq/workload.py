@@ -213,12 +213,15 @@ class AttachRun:
 
     def _net_step(self) -> None:
         drv, s = self._net, self.summary
-        # A loopback device (vdpa_sim) drops a frame when no RX buffer is posted: keep no more frames in
-        # flight than RX buffers, once frames are seen coming back. Other devices: no window.
+        # A loopback device (vdpa_sim) drops a frame when no RX buffer is posted at that moment: keep at
+        # most half the RX ring's worth of frames in flight once frames are seen coming back, so that
+        # reposted RX buffers still on their way through the relay never leave the device without one.
+        # Other devices: no window.
+        window = drv.rx.num // 2
         if drv.stats.received:
-            room = drv.rx.num - (s.frames_sent - drv.stats.received)
+            room = window - (s.frames_sent - drv.stats.received)
         else:
-            room = drv.rx.num if self.elapsed() < 1.0 + (self.opts.switch_after or 0) else 1 << 30
+            room = window if self.elapsed() < 1.0 + (self.opts.switch_after or 0) else 1 << 30
         while room > 0 and drv.send(build_frame(s.frames_sent, 60 + (s.frames_sent * 37) % 1400)):
             s.frames_sent += 1
             room -= 1
