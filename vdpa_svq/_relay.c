@@ -24,10 +24,15 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "vdpa_svq._relay reads the le16/le32/le64 ring fields as host values: little-endian hosts only"
@@ -1109,7 +1114,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *name;
     int indirect;
-    PyObject *device_kick, *guest_call;
+    PyObject *device_kick, *guest_call; /* callables, or None when the notifier is an eventfd */
+    int device_kick_fd, guest_call_fd;  /* eventfds written directly, or -1 */
     PyObject *error; /* the RingError that stopped this queue, or None */
     RelayStats stats;
     int held;        /* the reference's `_held is not None`: chain, out and in_ wait below */
@@ -1172,8 +1178,19 @@ static inline int svq_use_indirect(const Relay *q, uint64_t n)
     return q->indirect && q->shadow.has_area && 1 < n && n <= q->shadow.area_max && n <= q->shadow.num;
 }
 
-static int call_notifier(PyObject *fn)
+/* Notify the other side: an eventfd write when the notifier is an eventfd (no Python on the hot
+ * path), else a call of the Python callable. */
+static int notify(int fd, PyObject *fn)
 {
+    if (fd >= 0) {
+        uint64_t one = 1;
+        /* EAGAIN: the counter is at its maximum, so a wake-up is pending anyway. */
+        if (write(fd, &one, sizeof one) < 0 && errno != EAGAIN) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        return 0;
+    }
     PyObject *r = PyObject_CallNoArgs(fn);
     if (r == NULL)
         return -1;
@@ -1213,7 +1230,7 @@ static Py_ssize_t svq_forward_avail(Relay *q)
     q->stats.forwarded += moved;
     if (moved && shadow_kick_needed(&q->shadow)) {
         q->stats.device_kicks++;
-        if (call_notifier(q->device_kick) < 0)
+        if (notify(q->device_kick_fd, q->device_kick) < 0)
             return -1;
     }
     return moved;
@@ -1246,7 +1263,7 @@ static Py_ssize_t svq_forward_used(Relay *q)
     q->stats.returned += moved;
     if (moved && guest_need_notify(&q->guest)) {
         q->stats.guest_calls++;
-        if (call_notifier(q->guest_call) < 0)
+        if (notify(q->guest_call_fd, q->guest_call) < 0)
             return -1;
     }
     return moved;
@@ -1662,6 +1679,30 @@ static void relay_dealloc(Relay *q)
     Py_TYPE(q)->tp_free((PyObject *)q);
 }
 
+/* A notifier is an eventfd number (written from C) or a Python callable. */
+static int notifier_init(PyObject *spec, PyObject **fn, int *fd, const char *what)
+{
+    *fd = -1;
+    if (PyLong_Check(spec)) {
+        long v = PyLong_AsLong(spec);
+        if (v == -1 && PyErr_Occurred())
+            return -1;
+        if (v < 0 || v > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s: %ld is not a file descriptor", what, v);
+            return -1;
+        }
+        *fd = (int)v;
+        *fn = Py_NewRef(Py_None);
+        return 0;
+    }
+    if (!PyCallable_Check(spec)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an eventfd number or a callable", what);
+        return -1;
+    }
+    *fn = Py_NewRef(spec);
+    return 0;
+}
+
 /* mirrors relay.py:ShadowVirtqueue.__init__, from tables (vdpa_svq.relay_impl builds them from
  * a ShadowVirtqueue whose rings nothing has used yet). */
 static int relay_init(Relay *q, PyObject *args, PyObject *kwds)
@@ -1678,14 +1719,11 @@ static int relay_init(Relay *q, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "UpOOO!O!OOK", kwlist, &name, &indirect, &device_kick, &guest_call,
                                      &PyTuple_Type, &guest, &PyTuple_Type, &shadow, &iova, &dirty_bits, &dirty_pages))
         return -1;
-    if (!PyCallable_Check(device_kick) || !PyCallable_Check(guest_call)) {
-        PyErr_SetString(PyExc_TypeError, "device_kick and guest_call must be callable");
+    if (notifier_init(device_kick, &q->device_kick, &q->device_kick_fd, "device_kick") < 0 ||
+        notifier_init(guest_call, &q->guest_call, &q->guest_call_fd, "guest_call") < 0)
         return -1;
-    }
     q->name = Py_NewRef(name);
     q->indirect = indirect;
-    q->device_kick = Py_NewRef(device_kick);
-    q->guest_call = Py_NewRef(guest_call);
     q->error = Py_NewRef(Py_None);
     if (device_side_init(q, guest) < 0 || driver_side_init(q, shadow, indirect) < 0)
         return -1;
@@ -1858,9 +1896,410 @@ static PyTypeObject RelayType = {
     .tp_getset = relay_getset,
 };
 
+/* ==== The pump: the relay loop in C (loop.py's RelayLoop runs it when the C relay is built) ======
+ *
+ * One thread, epoll over the guests' kick and the device's call eventfds. A wake-up reads (clears)
+ * the eventfd and runs the relay's on_guest_kick / on_device_call, with no Python in between; the
+ * GIL is held only while a relay works, never while the pump waits. Sources that are Python
+ * callables (anything that is not a C relay) are called as RelayLoop's own loop would.
+ *
+ * Polling (poll_us > 0): after a wake-up that moved buffers, the pump keeps every ring's
+ * notifications off and polls the rings itself until nothing arrived for poll_us, then turns
+ * notifications back on (relaying what raced in) and sleeps in epoll again. Under load the guest
+ * and the device then make no notification syscalls and the relay no wake-ups: a CPU's worth of
+ * spinning bought for latency, as DPDK's PMDs do. */
+
+enum { SOURCE_STOP, SOURCE_KICK, SOURCE_CALL, SOURCE_CALLABLE };
+
+typedef struct PumpSource {
+    struct PumpSource *next; /* every source, freed with the pump (epoll may still name one) */
+    int kind, fd;
+    Relay *relay;  /* SOURCE_KICK / SOURCE_CALL; the pump's relay list holds the reference */
+    PyObject *fn;  /* SOURCE_CALLABLE */
+} PumpSource;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd, stop_fd;
+    int stop;          /* set (atomically) by stop(); a stopped pump stays stopped */
+    int running;
+    PyObject *relays;  /* list of the C relays that have a source here: the ones the poller polls */
+    PumpSource *sources, stop_source;
+    unsigned long long wakeups, poll_rounds, poll_phases;
+} Pump;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int pump_stopping(Pump *p) { return __atomic_load_n(&p->stop, __ATOMIC_ACQUIRE); }
+
+static int run_guarded(Relay *q, int (*work)(Relay *))
+{
+    PyObject *r = svq_guarded(q, work);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int pump_dispatch(PumpSource *src)
+{
+    switch (src->kind) {
+    case SOURCE_KICK:
+        return run_guarded(src->relay, svq_drain_guest);
+    case SOURCE_CALL:
+        return run_guarded(src->relay, svq_drain_device);
+    default: {
+        PyObject *r = PyObject_CallNoArgs(src->fn);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    }
+}
+
+static inline int relay_live(const Relay *q) { return q->ready && q->error == Py_None; }
+
+/* Whether the shadow ring has a used buffer for us (read-only: safe without the GIL). */
+static int shadow_has_used(const DriverSide *s)
+{
+    if (s->broken)
+        return 0;
+    if (s->packed)
+        return is_used_packed(s, s->last_used_idx, s->used_wrap_counter);
+    return ld16(s->device + USED_IDX) != s->last_used_idx_split;
+}
+
+/* Work for the poller on this relay (read-only: safe without the GIL). */
+static int relay_has_work(const Relay *q)
+{
+    if (!relay_live(q))
+        return 0;
+    return shadow_has_used(&q->shadow) || (!q->held && (q->guest.packed ? has_avail_packed(&q->guest)
+                                                                        : has_avail_split(&q->guest)));
+}
+
+/* One polling round on one relay, notifications off: used buffers back first (that frees room
+ * for a held chain), then what the guest made available. */
+static int svq_poll_once(Relay *q)
+{
+    if (svq_disable_guest_notify(q) < 0)
+        return -1;
+    shadow_disable_cb(&q->shadow);
+    if (svq_forward_used(q) < 0)
+        return -1;
+    return svq_forward_avail(q) < 0 ? -1 : 0;
+}
+
+/* Back to notifications: the drains turn them on and relay whatever raced in meanwhile. */
+static int svq_rearm(Relay *q)
+{
+    if (svq_drain_device(q) < 0)
+        return -1;
+    return q->held ? 0 : svq_drain_guest(q);
+}
+
+static int pump_any_work(Pump *p)
+{
+    Py_ssize_t n = PyList_GET_SIZE(p->relays);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (relay_has_work((Relay *)PyList_GET_ITEM(p->relays, i)))
+            return 1;
+    return 0;
+}
+
+static int pump_for_each(Pump *p, int (*work)(Relay *))
+{
+    /* A relay's list entry cannot go away while we hold the GIL; run_guarded keeps a RingError
+     * on its queue, so only other exceptions (a notifier's OSError, ...) end the pump. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(p->relays); i++) {
+        Relay *q = (Relay *)PyList_GET_ITEM(p->relays, i);
+        if (relay_live(q) && run_guarded(q, work) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int pump_poll(Pump *p, uint64_t poll_ns)
+{
+    p->poll_phases++;
+    uint64_t deadline = now_ns() + poll_ns;
+    while (!pump_stopping(p)) {
+        if (!pump_any_work(p)) {
+            int found = 0;
+            /* Idle: spin without the GIL, so that the other threads (vhost-user messages, the
+             * dirty-log sync) run meanwhile. */
+            Py_BEGIN_ALLOW_THREADS
+            while (!pump_stopping(p) && now_ns() < deadline) {
+                if (pump_any_work(p)) {
+                    found = 1;
+                    break;
+                }
+                __builtin_ia32_pause();
+            }
+            Py_END_ALLOW_THREADS
+            if (!found)
+                break;
+        }
+        p->poll_rounds++;
+        if (pump_for_each(p, svq_poll_once) < 0)
+            return -1;
+        deadline = now_ns() + poll_ns;
+    }
+    return pump_for_each(p, svq_rearm);
+}
+
+static PyObject *pump_run(Pump *p, PyObject *args)
+{
+    long poll_us = 0;
+    if (!PyArg_ParseTuple(args, "|l", &poll_us))
+        return NULL;
+    if (poll_us < 0) {
+        PyErr_SetString(PyExc_ValueError, "poll_us must be >= 0");
+        return NULL;
+    }
+    if (p->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the pump is already running");
+        return NULL;
+    }
+    p->running = 1;
+    struct epoll_event events[32];
+    while (!pump_stopping(p)) {
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(p->epfd, events, 32, 1000);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        int worked = 0;
+        for (int i = 0; i < n && !pump_stopping(p); i++) {
+            PumpSource *src = events[i].data.ptr;
+            uint64_t count;
+            if (src->kind == SOURCE_STOP || read(src->fd, &count, sizeof count) < 0)
+                continue; /* the stop flag says it all; EAGAIN: another reader was first */
+            p->wakeups++;
+            if (pump_dispatch(src) < 0)
+                goto fail;
+            worked |= src->kind != SOURCE_CALLABLE;
+        }
+        if (worked && poll_us > 0 && pump_poll(p, (uint64_t)poll_us * 1000) < 0)
+            goto fail;
+    }
+    p->running = 0;
+    Py_RETURN_NONE;
+fail:
+    p->running = 0;
+    return NULL;
+}
+
+static PyObject *pump_add(Pump *p, int kind, int fd, Relay *relay, PyObject *fn)
+{
+    PumpSource *src = PyMem_RawCalloc(1, sizeof *src);
+    if (src == NULL)
+        return PyErr_NoMemory();
+    src->kind = kind;
+    src->fd = fd;
+    src->relay = relay;
+    src->fn = Py_XNewRef(fn);
+    if (relay != NULL && !PySequence_Contains(p->relays, (PyObject *)relay)) {
+        if (p->running) {
+            Py_XDECREF(src->fn);
+            PyMem_RawFree(src);
+            PyErr_SetString(PyExc_RuntimeError, "relays join the pump before it runs (a new fd of one may come later)");
+            return NULL;
+        }
+        if (PyList_Append(p->relays, (PyObject *)relay) < 0) {
+            PyMem_RawFree(src);
+            return NULL;
+        }
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = src};
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        Py_XDECREF(src->fn);
+        PyMem_RawFree(src);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    src->next = p->sources;
+    p->sources = src;
+    Py_RETURN_NONE;
+}
+
+static PyObject *pump_add_relay(Pump *p, PyObject *args)
+{
+    int fd;
+    PyObject *relay;
+    const char *which;
+    if (!PyArg_ParseTuple(args, "iO!s", &fd, &RelayType, &relay, &which))
+        return NULL;
+    int kind = strcmp(which, "kick") == 0 ? SOURCE_KICK : strcmp(which, "call") == 0 ? SOURCE_CALL : -1;
+    if (kind < 0) {
+        PyErr_Format(PyExc_ValueError, "which must be 'kick' (the guest's) or 'call' (the device's), not %s", which);
+        return NULL;
+    }
+    return pump_add(p, kind, fd, (Relay *)relay, NULL);
+}
+
+static PyObject *pump_add_callable(Pump *p, PyObject *args)
+{
+    int fd;
+    PyObject *fn;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &fn))
+        return NULL;
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "handler must be callable");
+        return NULL;
+    }
+    return pump_add(p, SOURCE_CALLABLE, fd, NULL, fn);
+}
+
+static PyObject *pump_stop(Pump *p, PyObject *Py_UNUSED(ignored))
+{
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+    uint64_t one = 1;
+    if (write(p->stop_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static int pump_init(Pump *p, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+        return -1;
+    if (p->relays != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Pump is initialised once");
+        return -1;
+    }
+    p->epfd = p->stop_fd = -1;
+    p->relays = PyList_New(0);
+    if (p->relays == NULL)
+        return -1;
+    p->epfd = epoll_create1(EPOLL_CLOEXEC);
+    p->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p->epfd < 0 || p->stop_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    p->stop_source.kind = SOURCE_STOP;
+    p->stop_source.fd = p->stop_fd;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &p->stop_source};
+    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->stop_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static int pump_traverse(Pump *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->relays);
+    for (PumpSource *s = p->sources; s != NULL; s = s->next)
+        Py_VISIT(s->fn);
+    return 0;
+}
+
+static int pump_clear(Pump *p)
+{
+    Py_CLEAR(p->relays);
+    for (PumpSource *s = p->sources; s != NULL; s = s->next)
+        Py_CLEAR(s->fn);
+    return 0;
+}
+
+static void pump_dealloc(Pump *p)
+{
+    PyObject_GC_UnTrack(p);
+    pump_clear(p);
+    while (p->sources != NULL) {
+        PumpSource *next = p->sources->next;
+        PyMem_RawFree(p->sources);
+        p->sources = next;
+    }
+    if (p->epfd >= 0)
+        close(p->epfd);
+    if (p->stop_fd >= 0)
+        close(p->stop_fd);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *pump_get_stats(Pump *p, void *Py_UNUSED(closure))
+{
+    return Py_BuildValue("{s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases, "poll_rounds",
+                         p->poll_rounds);
+}
+
+static PyMethodDef pump_methods[] = {
+    {"add_relay", (PyCFunction)pump_add_relay, METH_VARARGS,
+     "add_relay(fd, relay, 'kick'|'call'): the guest's kick or the device's call eventfd of a C relay."},
+    {"add_callable", (PyCFunction)pump_add_callable, METH_VARARGS, "add_callable(fd, fn): fn() when fd is readable."},
+    {"run", (PyCFunction)pump_run, METH_VARARGS, "run(poll_us=0): relay until stop(); releases the GIL to wait."},
+    {"stop", (PyCFunction)pump_stop, METH_NOARGS, "Make run() return (from any thread)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pump_getset[] = {
+    {"stats", (getter)pump_get_stats, NULL, "{'wakeups', 'poll_phases', 'poll_rounds'}", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PumpType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.Pump",
+    .tp_basicsize = sizeof(Pump),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The relay loop in C: epoll over eventfds, optional busy polling.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pump_init,
+    .tp_dealloc = (destructor)pump_dealloc,
+    .tp_traverse = (traverseproc)pump_traverse,
+    .tp_clear = (inquiry)pump_clear,
+    .tp_methods = pump_methods,
+    .tp_getset = pump_getset,
+};
+
+/* ==== The dirty log's harvest ==================================================================== */
+
+/* The bitmap's bits, and the bitmap cleared, in one step that no mark (an atomic OR, GIL held or
+ * not) can fall between: each word is exchanged with zero. */
+static PyObject *harvest(PyObject *Py_UNUSED(module), PyObject *bitmap)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(bitmap, &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, view.len);
+    if (out != NULL) {
+        uint8_t *src = view.buf, *dst = (uint8_t *)PyBytes_AS_STRING(out);
+        Py_ssize_t i = 0;
+        for (; i < view.len && ((uintptr_t)(src + i) & 7); i++)
+            dst[i] = __atomic_exchange_n(src + i, 0, __ATOMIC_RELAXED);
+        for (; i + 8 <= view.len; i += 8) {
+            uint64_t w = __atomic_exchange_n((uint64_t *)(src + i), 0, __ATOMIC_RELAXED);
+            memcpy(dst + i, &w, 8);
+        }
+        for (; i < view.len; i++)
+            dst[i] = __atomic_exchange_n(src + i, 0, __ATOMIC_RELAXED);
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"harvest", harvest, METH_O, "harvest(bitmap) -> bytes: the bits, and the bitmap cleared, atomically."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef relay_module = {
     PyModuleDef_HEAD_INIT, .m_name = "vdpa_svq._relay",
     .m_doc = "The shadow virtqueue's hot loop in C; vdpa_svq.relay is the reference.", .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__relay(void)
@@ -1875,12 +2314,13 @@ PyMODINIT_FUNC PyInit__relay(void)
     Py_DECREF(errors);
     if (!RingError || !GuestRingError || !DeviceRingError || !RingBroken)
         return NULL;
-    if (PyType_Ready(&RelayType) < 0)
+    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&PumpType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&relay_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "CShadowVirtqueue", (PyObject *)&RelayType) < 0) {
+    if (PyModule_AddObjectRef(m, "CShadowVirtqueue", (PyObject *)&RelayType) < 0 ||
+        PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

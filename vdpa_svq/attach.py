@@ -103,8 +103,8 @@ class InProcessGuest:
         s.start()
         self.mode = PASSTHROUGH
 
-    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "auto") -> None:
-        self.shadow = ShadowSession(self.session, self.mem, impl=impl)
+    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "auto", poll_us: int = 0) -> None:
+        self.shadow = ShadowSession(self.session, self.mem, impl=impl, poll_us=poll_us)
         for i, addrs in enumerate(self.layout.rings):
             self.shadow.add_queue(
                 i,
@@ -120,7 +120,7 @@ class InProcessGuest:
         self.mode = SHADOW
 
     # -- the live switch -------------------------------------------------------------------
-    def switch_to_shadow(self, *, impl: str = "auto") -> list[RingState]:
+    def switch_to_shadow(self, *, impl: str = "auto", poll_us: int = 0) -> list[RingState]:
         """Passthrough -> shadowed, mid-traffic: suspend, take the ring state, relay from there."""
         if self.mode != PASSTHROUGH:
             raise SessionError(f"{self.device.path}: not in passthrough (mode {self.mode or 'down'})")
@@ -140,7 +140,7 @@ class InProcessGuest:
             states.append(st)
         s.close()
         s.negotiate()
-        self.connect_shadow(states, impl=impl)
+        self.connect_shadow(states, impl=impl, poll_us=poll_us)
         for i in range(len(self.rings)):
             self.kick(i)  # buffers the guest made available during the switch
         self.switches.append((PASSTHROUGH, SHADOW))
@@ -214,6 +214,7 @@ def bring_up(
     guest_layout: Layout | None = None,
     guest_event_idx: bool = True,
     impl: str = "auto",
+    poll_us: int = 0,
     **opts: Any,
 ) -> InProcessGuest:
     """Negotiate, lay the guest out, connect it (passthrough or shadowed), DRIVER_OK."""
@@ -247,7 +248,7 @@ def bring_up(
     )
     try:
         if shadow:
-            guest.connect_shadow(impl=impl)
+            guest.connect_shadow(impl=impl, poll_us=poll_us)
         else:
             guest.connect_passthrough()
     except BaseException:

@@ -1,8 +1,9 @@
 """The dirty bitmap, in the vhost log format: one bit per 4 KiB page of guest-physical address.
 
 Page p is bit p % 8 of byte p // 8 (VHOST_F_LOG_ALL; vhost-user's shared log uses the same
-layout). Marking and harvesting share one lock, so a migration round's snapshot-and-clear never
-loses a bit set concurrently: it lands either in this round or the next.
+layout). A migration round's snapshot-and-clear never loses a bit set concurrently: it lands either
+in this round or the next. Python marks and harvests share a lock; the C relay marks with atomic
+ORs, and harvest() then exchanges each word with zero in C (vdpa_svq._relay.harvest).
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import threading
 
 from vdpa_svq.memory.guest import PAGE_SIZE
+
+try:
+    from vdpa_svq._relay import harvest as _atomic_harvest
+except ImportError:  # no C relay, so only Python marks: the lock is enough
+    _atomic_harvest = None
 
 PAGE_SHIFT = 12
 
@@ -44,6 +50,8 @@ class DirtyBitmap:
     def harvest(self) -> bytes:
         """This round's bitmap; the bitmap starts the next round empty (atomic against mark())."""
         with self._lock:
+            if _atomic_harvest is not None:
+                return _atomic_harvest(self.bits)
             snap = bytes(self.bits)
             self.bits[:] = bytes(len(self.bits))
         return snap

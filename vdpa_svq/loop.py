@@ -2,6 +2,10 @@
 
 Kick and call eventfds are edge-like counters: the loop reads (clears) an fd before running its
 handler, so a notification that arrives while the handler runs is seen on the next poll.
+
+When the C relay is built, the loop is its Pump (vdpa_svq._relay): C relays are dispatched with no
+Python per wake-up, and `poll_us` > 0 turns on busy polling after each burst (see the Pump's
+comment in _relay.c). Without it, the Python loop below runs everything.
 """
 
 from __future__ import annotations
@@ -10,22 +14,67 @@ import os
 import select
 import threading
 from collections.abc import Callable
+from typing import Any
+
+try:
+    from vdpa_svq._relay import Pump
+except ImportError:  # no C relay: the Python loop
+    Pump = None
+
+
+class EventfdNotifier:
+    """Notify the other side through an eventfd; the C relay writes `fd` itself, without calling us."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __call__(self) -> None:
+        os.eventfd_write(self.fd, 1)
 
 
 class RelayLoop:
-    def __init__(self, name: str = "vdpa-svq-relay") -> None:
+    def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: int = 0) -> None:
+        if poll_us < 0:
+            raise ValueError(f"poll_us must be >= 0, not {poll_us}")
+        if poll_us and Pump is None:
+            raise ValueError("busy polling needs the C relay (vdpa_svq._relay), which is not built")
         self.name = name
+        self.poll_us = poll_us
+        self._pump: Any = Pump() if Pump is not None else None
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._stop, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # what stopped the loop, if it died
-        self.wakeups = 0
+        self._wakeups = 0
 
     def add(self, fd: int, handler: Callable[[], None]) -> None:
+        """Run handler() when fd (an eventfd) is written."""
+        if self._pump is not None:
+            self._pump.add_callable(fd, handler)
+            return
         self._handlers[fd] = handler
         self._epoll.register(fd, select.EPOLLIN)
+
+    def add_relay(self, fd: int, relay: Any, which: str) -> None:
+        """fd is the guest's kick ("kick") or the device's call ("call") eventfd of `relay`."""
+        c_relay = getattr(relay, "c_relay", None)
+        if self._pump is not None and c_relay is not None:
+            self._pump.add_relay(fd, c_relay, which)
+        else:
+            self.add(fd, relay.on_guest_kick if which == "kick" else relay.on_device_call)
+
+    @property
+    def wakeups(self) -> int:
+        return self._pump.stats["wakeups"] if self._pump is not None else self._wakeups
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """wakeups (eventfd wake-ups handled), and with polling: poll_phases, poll_rounds."""
+        if self._pump is not None:
+            return dict(self._pump.stats)
+        return {"wakeups": self._wakeups, "poll_phases": 0, "poll_rounds": 0}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -33,18 +82,24 @@ class RelayLoop:
 
     def _run(self) -> None:
         try:
-            while True:
-                for fd, _ in self._epoll.poll(1.0):
-                    if fd == self._stop:
-                        return
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        continue
-                    self.wakeups += 1
-                    self._handlers[fd]()
+            if self._pump is not None:
+                self._pump.run(self.poll_us)
+            else:
+                self._run_python()
         except BaseException as e:  # recorded, and reported by whoever stops or checks the loop
             self.error = e
+
+    def _run_python(self) -> None:
+        while True:
+            for fd, _ in self._epoll.poll(1.0):
+                if fd == self._stop:
+                    return
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    continue
+                self._wakeups += 1
+                self._handlers[fd]()
 
     @property
     def running(self) -> bool:
@@ -52,6 +107,8 @@ class RelayLoop:
 
     def stop(self) -> None:
         if self._thread is not None:
+            if self._pump is not None:
+                self._pump.stop()
             os.eventfd_write(self._stop, 1)
             self._thread.join()
             self._thread = None

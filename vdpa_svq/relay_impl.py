@@ -15,12 +15,12 @@ C relay, and anything else raises AttributeError rather than answer with a stale
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import RingError
+from vdpa_svq.loop import EventfdNotifier
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay import RelayStats, ShadowVirtqueue
@@ -79,6 +79,11 @@ def _shadow_spec(ring: DriverRing) -> tuple:
             _regions(ring.mem), None if area is None else (area.gpa, area.max_entries), state, tuple(links))
 
 
+def _notifier(fn: Callable[[], None]) -> int | Callable[[], None]:
+    """What the C relay is given: an eventfd number to write itself, or the callable."""
+    return fn.fd if isinstance(fn, EventfdNotifier) else fn
+
+
 class _RingView:
     """A relay-owned ring as its users may look at it: configuration from the Python ring, indexes live
     from the C relay."""
@@ -114,10 +119,9 @@ class _RingView:
 class CShadowVirtqueue:
     """ShadowVirtqueue's interface over vdpa_svq._relay.CShadowVirtqueue.
 
-    The C code marks the dirty log with atomic ORs and without DirtyBitmap's lock; each entry
-    point holds that lock instead, so that DirtyBitmap.harvest() (snapshot, then clear) never
-    runs between the two halves of a relay call and loses a bit. device_kick and guest_call run
-    under it too: they must not mark the same DirtyBitmap (they only write eventfds).
+    The C code marks the dirty log with atomic ORs; DirtyBitmap.harvest() exchanges each word with
+    zero (vdpa_svq._relay.harvest), so no mark is lost between a snapshot and its clear and no lock
+    is needed here. Notifiers that are EventfdNotifiers are written by the C code directly.
     """
 
     impl = "c"
@@ -133,12 +137,11 @@ class CShadowVirtqueue:
         self.indirect = svq.indirect
         self.device_kick: Callable[[], None] = svq.device_kick
         self.guest_call: Callable[[], None] = svq.guest_call
-        self._lock = svq.dirty._lock if svq.dirty is not None else contextlib.nullcontext()
         self._c = _relay.CShadowVirtqueue(
             name=svq.name,
             indirect=bool(svq.indirect),
-            device_kick=svq.device_kick,
-            guest_call=svq.guest_call,
+            device_kick=_notifier(svq.device_kick),
+            guest_call=_notifier(svq.guest_call),
             guest=_guest_spec(svq.guest),
             shadow=_shadow_spec(svq.shadow),
             iova=tuple(svq.iova._maps),  # a snapshot: build a new relay if the IOVA map changes
@@ -147,6 +150,11 @@ class CShadowVirtqueue:
         )
         self.guest = _RingView(svq.guest, self._c, "guest")
         self.shadow = _RingView(svq.shadow, self._c, "shadow")
+
+    @property
+    def c_relay(self) -> Any:
+        """The vdpa_svq._relay object, for the loop's C pump to dispatch without Python."""
+        return self._c
 
     @property
     def stats(self) -> RelayStats:
@@ -170,20 +178,16 @@ class CShadowVirtqueue:
         return self._c.held
 
     def forward_avail(self) -> int:
-        with self._lock:
-            return self._c.forward_avail()
+        return self._c.forward_avail()
 
     def forward_used(self) -> int:
-        with self._lock:
-            return self._c.forward_used()
+        return self._c.forward_used()
 
     def on_guest_kick(self) -> None:
-        with self._lock:
-            self._c.on_guest_kick()
+        self._c.on_guest_kick()
 
     def on_device_call(self) -> None:
-        with self._lock:
-            self._c.on_device_call()
+        self._c.on_device_call()
 
     def ring_state(self) -> dict[str, dict[str, int]]:
         """{"guest": {...}, "shadow": {...}}: the indexes the C relay owns, under the rings' names."""

@@ -16,10 +16,10 @@ from typing import Any
 from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.loop import RelayLoop
+from vdpa_svq.loop import EventfdNotifier, RelayLoop
 from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
 from vdpa_svq.memory.iova import IovaMap
-from vdpa_svq.relay_impl import Relay, make_shadow_virtqueue
+from vdpa_svq.relay_impl import DEFAULT_IMPL, Relay, make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
 from vdpa_svq.ring.layout import (
     Layout,
@@ -283,11 +283,20 @@ class ShadowSession:
     """
 
     def __init__(
-        self, dev: DeviceSession, guest_mem: GuestMemory, *, impl: str = "auto", dirty: DirtyBitmap | bool | None = True
+        self,
+        dev: DeviceSession,
+        guest_mem: GuestMemory,
+        *,
+        impl: str = "auto",
+        dirty: DirtyBitmap | bool | None = True,
+        poll_us: int = 0,
     ) -> None:
         """`dirty`: True logs into a fresh bitmap over guest memory; a DirtyBitmap logs into that one
         (a vhost-user frontend's shared log); None logs nothing (sparse guest-physical spaces whose
-        bitmap would be huge, when nobody asked for a log)."""
+        bitmap would be huge, when nobody asked for a log). `poll_us`: busy-poll the rings for this
+        long after each burst before sleeping again (0: notifications only; needs the C relay)."""
+        if poll_us and (DEFAULT_IMPL if impl == "auto" else impl) != "c":
+            raise SessionError("busy polling runs in the C relay's loop: it needs the C relay (--impl c)")
         self.dev = dev
         self.guest_mem = guest_mem
         self.impl = impl
@@ -300,7 +309,7 @@ class ShadowSession:
             DirtyBitmap(max(r.end for r in guest_mem)) if dirty is True else dirty or None
         )
         self.shadow_mem = GuestMemory()
-        self.loop = RelayLoop()
+        self.loop = RelayLoop(poll_us=poll_us)
         self.queues: dict[int, ShadowQueue] = {}
         self._fds: list[int] = []
         self._rings: list[Any] = []
@@ -375,14 +384,14 @@ class ShadowSession:
             shadow_ring,
             self.iova,
             self.dirty,
-            device_kick=dq.kick,
-            guest_call=lambda: os.eventfd_write(guest_call, 1),
+            device_kick=EventfdNotifier(dq.kick_fd),
+            guest_call=EventfdNotifier(guest_call),
             indirect=indirect,
             name=f"svq{index}",
             impl=self.impl,
         )
-        self.loop.add(guest_kick, svq.on_guest_kick)
-        self.loop.add(dq.call_fd, svq.on_device_call)
+        self.loop.add_relay(guest_kick, svq, "kick")
+        self.loop.add_relay(dq.call_fd, svq, "call")
         q = ShadowQueue(index, svq, dq, guest_kick, guest_call)
         self.queues[index] = q
         return q

@@ -32,6 +32,7 @@ class AttachOptions:
     dirty_log: str | None = None
     num: int = 256
     impl: str = "auto"
+    poll_us: int = 0  # busy-poll the rings this long after each burst (C relay's loop)
 
     def device_packed(self) -> bool | None:
         if self.shadow_layout == "auto" and self.switch_after is not None:
@@ -77,6 +78,7 @@ class Summary:
     dirty_pages_total: int = 0
     errors: dict[int, str] = field(default_factory=dict)
     dump: str | None = None
+    relay_loop: dict[str, int] = field(default_factory=dict)  # wake-ups, polling phases and rounds
 
     @property
     def ok(self) -> bool:
@@ -119,6 +121,7 @@ class AttachRun:
             guest_layout=opts.guest_layout,
             packed=opts.device_packed(),
             impl=opts.impl,
+            poll_us=opts.poll_us,
         )
         if kind == uapi.VIRTIO_ID_NET:
             self.guest, self._net = net_guest(self.device, num=opts.num, **common)
@@ -174,7 +177,7 @@ class AttachRun:
         while not self._stop:
             now = self.elapsed()
             if opts.switch_after is not None and g.mode == PASSTHROUGH and now >= opts.switch_after:
-                g.switch_to_shadow(impl=opts.impl)
+                g.switch_to_shadow(impl=opts.impl, poll_us=opts.poll_us)
                 s.switches.append(f"{PASSTHROUGH}->{SHADOW} at {now:.2f}s")
                 next_round = self.elapsed() + round_len
             if now >= opts.duration:
@@ -286,6 +289,7 @@ class AttachRun:
             for i, q in g.shadow.queues.items():
                 s.queues[i] = asdict(q.svq.stats)
                 s.relay_impl = q.svq.impl
+            s.relay_loop = g.shadow.loop.stats
             s.errors = g.errors()
 
     def _finish(self) -> None:

@@ -81,9 +81,12 @@ def print_summary(s: Summary) -> None:
               help="Dirty-log sync rounds over the shadowed time, like migration pre-copy rounds.")
 @click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
               help="Relay implementation: the C hot loop, or the Python reference; auto takes C when it was built.")
+@click.option("--poll-us", type=click.IntRange(min=0), default=0, show_default=True, metavar="US",
+              help="After each burst, busy-poll the rings for US microseconds with notifications off before "
+                   "sleeping again (C relay only; 0 = notifications only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, switch_after: float | None,
-           dirty_log: str | None, rounds: int, impl: str, as_json: bool) -> None:
+           dirty_log: str | None, rounds: int, impl: str, poll_us: int, as_json: bool) -> None:
     """Relay a device through shadow virtqueues and log the pages it dirties.
 
     DEV is /dev/vhost-vdpa-N, or soft:net / soft:blk (built-in software devices, for hosts without
@@ -100,7 +103,7 @@ def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, 
     """
     opts = AttachOptions(
         guest_layout=Layout(guest_layout), shadow_layout=shadow_layout, duration=duration,
-        switch_after=switch_after, rounds=rounds, dirty_log=dirty_log, impl=impl,
+        switch_after=switch_after, rounds=rounds, dirty_log=dirty_log, impl=impl, poll_us=poll_us,
     )
     live = None
     on_tick = None

@@ -167,12 +167,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 class Connection:
     """One frontend connection: its memory, queues and log, and the shadow relay under them."""
 
-    def __init__(self, session: DeviceSession, sock: socket.socket, *, impl: str = "auto", peer: str = "") -> None:
+    def __init__(self, session: DeviceSession, sock: socket.socket, *, impl: str = "auto", peer: str = "",
+                 poll_us: int = 0) -> None:
         self.session = session
         self.device = session.device
         self.sock = sock
         sock.settimeout(MESSAGE_TIMEOUT_S)
         self.impl = impl
+        self.poll_us = poll_us
         self.summary = ConnectionSummary(peer or "frontend")
         self.features = 0
         self.protocol_features = 0
@@ -379,7 +381,7 @@ class Connection:
             return q
         if running is not None and old is not None and new is not None and attr == "kick_fd":
             assert self.shadow is not None
-            self.shadow.loop.add(new, running.svq.on_guest_kick)
+            self.shadow.loop.add_relay(new, running.svq, "kick")
             running.guest_kick_fd = new
             # The loop thread may be about to read the old fd: close it only once the loop stopped.
             self._retired.append(old)
@@ -477,7 +479,8 @@ class Connection:
             plan.append((q, addrs))
         span = max(r.end for r in self.mem)
         self.session.negotiate()
-        shadow = ShadowSession(self.session, self.mem, impl=self.impl, dirty=True if span <= MAX_LOGGED_SPAN else None)
+        shadow = ShadowSession(self.session, self.mem, impl=self.impl, poll_us=self.poll_us,
+                               dirty=True if span <= MAX_LOGGED_SPAN else None)
         try:
             for q, addrs in plan:
                 shadow.add_queue(
@@ -632,10 +635,15 @@ def _close_quietly(fd: int) -> None:
 class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
-    def __init__(self, device: Any, path: str, *, impl: str = "auto") -> None:
+    def __init__(self, device: Any, path: str, *, impl: str = "auto", poll_us: int = 0) -> None:
+        if poll_us < 0:
+            raise BackendError(f"poll time must be >= 0 microseconds, not {poll_us}")
+        if poll_us and impl == "py":
+            raise BackendError("busy polling (--poll-us) runs in the C relay's loop; the Python relay has none")
         self.session = DeviceSession(device)
         self.path = path
         self.impl = impl
+        self.poll_us = poll_us
         self.summaries: list[ConnectionSummary] = []
         self._stop = threading.Event()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -671,7 +679,7 @@ class Server:
 
     def serve_connection(self, sock: socket.socket, *, peer: str = "frontend") -> ConnectionSummary:
         log.info("%s: frontend connected", peer)
-        summary = Connection(self.session, sock, impl=self.impl, peer=peer).serve(self._stop)
+        summary = Connection(self.session, sock, impl=self.impl, peer=peer, poll_us=self.poll_us).serve(self._stop)
         self.summaries.append(summary)
         return summary
 

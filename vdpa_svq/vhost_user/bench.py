@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-mac", default=None, help="first burst's destination (vdpa_sim filters on its MAC)")
     ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
     ap.add_argument("--kernel", action="store_true", help="passthrough vs serve, in the kernel bench")
-    ap.add_argument("--impls", default="c,py", help="--kernel: relays to measure (default c,py)")
+    ap.add_argument("--impls", default="c,c/poll=50,py",
+                    help="--kernel: serve variants to measure: a relay (c, py), '/poll=US' for --poll-us US "
+                         "(default c,c/poll=50,py)")
     ap.add_argument("--timeout", type=float, default=480.0, help="--kernel: bound for boot + the whole guest run")
     ap.add_argument("--kernel-guest", action="store_true", help=argparse.SUPPRESS)  # inside the guest
     ap.add_argument("--json", help=argparse.SUPPRESS)  # --kernel-guest: where the host reads the rates
@@ -190,8 +192,8 @@ def kernel_guest(args: argparse.Namespace) -> int:
     if shutil.which("dpdk-testpmd") is None:
         print("dpdk-testpmd not found: apt-get install -y dpdk-dev", file=sys.stderr)
         return 1
-    impls = [i for i in args.impls.split(",") if i]
-    kinds = ["passthrough", *(f"vdpa-svq serve --impl {i}" for i in impls)]
+    variants = [serve_variant(v) for v in args.impls.split(",") if v]
+    kinds = ["passthrough", *(label for label, _, _ in variants)]
     rates: dict[str, list[float]] = {k: [] for k in kinds}
     errors: list[str] = []
     notes: list[str] = []
@@ -207,7 +209,8 @@ def kernel_guest(args: argparse.Namespace) -> int:
                         path = device
                     else:
                         path = os.path.join(tmp, f"{tag}.sock")
-                        be = backend("serve", device, path, tag, impl=impls[k - 1], timeout=120, extra=("-v",))
+                        _, impl, extra = variants[k - 1]
+                        be = backend("serve", device, path, tag, impl=impl, timeout=120, extra=("-v", *extra))
                     rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180)
                 except Exception as e:  # noqa: BLE001 -- reported, the other rows still run
                     errors.append(f"slice {n} {kind}: {e}")
@@ -230,6 +233,18 @@ def kernel_guest(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result))
     print(kernel_table(result)[0])
     return 0 if all(rates.values()) else 1
+
+
+def serve_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """"c" / "py" / "c/poll=50" -> (row label, relay impl, extra serve arguments)."""
+    impl, _, opt = spec.partition("/")
+    extra: tuple[str, ...] = ()
+    if opt:
+        key, _, value = opt.partition("=")
+        if key != "poll" or not value.isdigit():
+            raise SystemExit(f"--impls: {spec!r}: the only option is /poll=US")
+        extra = ("--poll-us", value)
+    return f"vdpa-svq serve --impl {impl}" + (f" --poll-us {extra[1]}" if extra else ""), impl, extra
 
 
 def kernel_table(r: dict) -> tuple[str, str]:
