@@ -63,6 +63,9 @@ class VhostUserFrontend:
     log_mm: mmap.mmap | None = None
     features: int = 0
     ring_uaddr_offset: int = UADDR_OFFSET  # where the rings are said to be (a wrong one, to test refusals)
+    extra_features: int = 0  # device-specific bits to ack (each must be offered)
+    config: bool = False  # negotiate protocol feature CONFIG
+    offered: int = 0  # what GET_FEATURES said
 
     def __post_init__(self) -> None:
         self.plan = plan_layout(self.layout, self.num, 2, RX_BUFFER, self.num)
@@ -77,11 +80,12 @@ class VhostUserFrontend:
         send(self.sock, request)
         return m.U64.unpack(recv_reply(self.sock, request))[0]
 
-    def setup(self) -> NetDriver:
+    def negotiate(self) -> None:
+        """SET_OWNER, features and protocol features: what comes before memory and rings."""
         s = self.sock
         send(s, Request.SET_OWNER)
-        offered = self.get_u64(Request.GET_FEATURES)
-        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(m.VHOST_USER_F_PROTOCOL_FEATURES)
+        self.offered = offered = self.get_u64(Request.GET_FEATURES)
+        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(m.VHOST_USER_F_PROTOCOL_FEATURES) | self.extra_features
         want |= bit(uapi.VIRTIO_RING_F_INDIRECT_DESC)
         if self.layout is Layout.PACKED:
             want |= bit(uapi.VIRTIO_F_RING_PACKED)
@@ -92,10 +96,27 @@ class VhostUserFrontend:
         assert offered & want == want, f"offered {offered:#x}, want {want:#x}"
         pf = self.get_u64(Request.GET_PROTOCOL_FEATURES)
         want_pf = bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.LOG_SHMFD)
-        assert pf & want_pf == want_pf
+        if self.config:
+            want_pf |= bit(ProtocolFeature.CONFIG)
+        assert pf & want_pf == want_pf, f"protocol features offered {pf:#x}, want {want_pf:#x}"
         send(s, Request.SET_PROTOCOL_FEATURES, m.U64.pack(want_pf))
         self.features = want
         self.ack(Request.SET_FEATURES, m.U64.pack(want))
+
+    def get_config(self, offset: int, size: int, flags: int = 0) -> bytes:
+        """GET_CONFIG as QEMU sends it (a zeroed buffer of `size` bytes); the raw reply payload."""
+        send(self.sock, Request.GET_CONFIG, m.Config(offset, size, flags, bytes(size)).encode())
+        return recv_reply(self.sock, Request.GET_CONFIG)
+
+    def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
+        self.ack(Request.SET_CONFIG, m.Config(offset, len(data), flags, data).encode())
+
+    def setup(self) -> NetDriver:
+        self.negotiate()
+        return self.setup_rings()
+
+    def setup_rings(self) -> NetDriver:
+        """Memory table, log, rings, RX buffers, then enable: the relay starts."""
         (region,) = self.mem.regions
         table = m.MemTable((m.MemRegion(region.gpa, region.size, region.gpa + UADDR_OFFSET, 0),))
         self.ack(Request.SET_MEM_TABLE, table.encode(), [region.fd])

@@ -3,6 +3,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -12,8 +13,9 @@ from vdpa_svq.vhost_user.backend import Server
 
 
 class RunningServer:
-    def __init__(self, path: str, impl: str = "auto") -> None:
-        self.device = open_device("soft:net")
+    def __init__(self, path: str, impl: str = "auto", device: Any = None) -> None:
+        """`device`: an open device the server takes over (closed by stop()); soft:net by default."""
+        self.device = open_device("soft:net") if device is None else device
         self.server = Server(self.device, path, impl=impl)
         self.path = path
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

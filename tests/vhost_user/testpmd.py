@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,21 @@ def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = R
                                binary=binary)
     assert run.started, f"testpmd did not start forwarding within {timeout_s - run_s} s:\n{run.log[-3000:]}"
     return run.log
+
+
+def port_mac(log: str) -> str:
+    """The MAC address testpmd printed for port 0 at start ("Port 0: 52:54:00:12:34:56")."""
+    found = re.search(r"^Port 0: ((?:[0-9A-F]{2}:){5}[0-9A-F]{2})$", log, re.MULTILINE)
+    assert found, f"testpmd printed no MAC for port 0:\n{log[-3000:]}"
+    return found.group(1)
+
+
+def stop_serve(proc: subprocess.Popen) -> list[dict]:
+    """SIGTERM to `vdpa-svq serve --json-stats`; its connection summaries (it must exit cleanly)."""
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def start_serve(device: str, sock: str, impl: str = "auto") -> subprocess.Popen:

@@ -15,6 +15,11 @@ userspace_addr. When every queue is configured (size, addresses, kick) and enabl
 negotiated (DeviceSession.negotiate, as attach does) and each queue becomes
 ShadowSession.add_queue with the frontend's kick and call eventfds.
 
+Config space (protocol feature CONFIG, offered when the device has one): GET_CONFIG reads the
+device's config space, SET_CONFIG writes it; for a net device the bits that describe config fields
+(MAC, MTU, STATUS) are passed through when the device offers them, and negotiated with the device
+when the frontend acks them.
+
 Dirty log (VHOST_F_LOG_ALL + SET_LOG_BASE with LOG_SHMFD): the relay marks its own bitmap; the
 backend moves it (harvest, then OR) into the frontend's shared log every LOG_SYNC_S while a log is
 set, and always before GET_VRING_BASE answers, which is where a migrating frontend takes its last
@@ -63,7 +68,7 @@ def bit(n: int) -> int:
 
 # Virtio features offered to the frontend, each for a reason. The relay implements both layouts,
 # EVENT_IDX and indirect tables on the guest side whatever the device has, so these do not depend
-# on the device; no device-specific bits (the frontend then needs no config space).
+# on the device. Device-specific bits: NET_PASSTHROUGH_FEATURES.
 GUEST_FEATURES = {
     uapi.VIRTIO_F_VERSION_1: "modern little-endian layout; the rings assume it",
     uapi.VIRTIO_F_RING_PACKED: "the relay serves packed guest rings (2.8)",
@@ -73,10 +78,22 @@ GUEST_FEATURES = {
     VHOST_F_LOG_ALL: "dirty logging into the frontend's shared log (live migration)",
 }
 OFFERED_FEATURES = sum(bit(b) for b in GUEST_FEATURES)
+# virtio-net bits passed through to the frontend when the device offers them, and negotiated with
+# the device (DeviceSession.extra_features) when the frontend acks them. Each only describes a
+# config space field, which the frontend reads with GET_CONFIG: none changes the ring format, the
+# header, or the number of queues, so the relay is the same with or without them.
+NET_PASSTHROUGH_FEATURES = {
+    uapi.VIRTIO_NET_F_MAC: "config.mac is the device's address (the one it filters on, e.g. vdpa_sim)",
+    uapi.VIRTIO_NET_F_MTU: "config.mtu is the device's maximum MTU (advice to the driver, who sizes its buffers)",
+    uapi.VIRTIO_NET_F_STATUS: "config.status has the link state; config interrupts are not forwarded, "
+                              "so the frontend sees a change on its next GET_CONFIG",
+}
+NET_PASSTHROUGH = sum(bit(b) for b in NET_PASSTHROUGH_FEATURES)
 PROTOCOL_FEATURES = {
     ProtocolFeature.REPLY_ACK: "NEED_REPLY answered with a u64 status",
     ProtocolFeature.LOG_SHMFD: "the dirty log is a shared memory fd (SET_LOG_BASE)",
     ProtocolFeature.STATUS: "SET_STATUS/GET_STATUS (virtio-user uses them)",
+    ProtocolFeature.CONFIG: "GET_CONFIG/SET_CONFIG reach the device's config space (only offered when it has one)",
 }
 OFFERED_PROTOCOL_FEATURES = sum(bit(b) for b in PROTOCOL_FEATURES)
 
@@ -186,6 +203,13 @@ class Connection:
         self.stats: dict[int, dict[str, int]] = {}  # queue -> counters of finished relay runs
         self._started_at = 0.0
         dev_id = self.device.device_id()
+        self.offered_features = OFFERED_FEATURES
+        if dev_id == uapi.VIRTIO_ID_NET:
+            self.offered_features |= self.device.get_features() & NET_PASSTHROUGH
+        self.config_size = self.device.config_size()
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        if not self.config_size:
+            self.offered_protocol_features &= ~bit(ProtocolFeature.CONFIG)
         self.nqueues = 2 if dev_id == uapi.VIRTIO_ID_NET else self.device.vqs_count()
         self.queues = [VuQueue(i) for i in range(self.nqueues)]
         self._last_sync = 0.0
@@ -239,17 +263,18 @@ class Connection:
 
     # -- handlers: one per row of messages.MESSAGES ------------------------------------------
     def on_get_features(self, msg: Message) -> bytes:
-        return m.U64.pack(OFFERED_FEATURES)
+        return m.U64.pack(self.offered_features)
 
     def on_set_features(self, msg: Message) -> None:
         features = msg.payload
         assert isinstance(features, int)
-        if features & ~OFFERED_FEATURES:
-            raise BackendError(f"SET_FEATURES: bits {features & ~OFFERED_FEATURES:#x} were not offered")
+        if features & ~self.offered_features:
+            raise BackendError(f"SET_FEATURES: bits {features & ~self.offered_features:#x} were not offered")
         running = self.shadow is not None
-        changes_rings = (features ^ self.features) & ~bit(VHOST_F_LOG_ALL)
-        if running and changes_rings:
-            raise BackendError(f"SET_FEATURES: ring features changed ({changes_rings:#x}) while the rings run")
+        # Only LOG_ALL may change on the fly: any other bit is negotiated with the device at start.
+        changed = (features ^ self.features) & ~bit(VHOST_F_LOG_ALL)
+        if running and changed:
+            raise BackendError(f"SET_FEATURES: features changed ({changed:#x}) while the rings run")
         self.features = features
         self.summary.features = features
 
@@ -261,12 +286,14 @@ class Connection:
         self.features = 0
 
     def on_get_protocol_features(self, msg: Message) -> bytes:
-        return m.U64.pack(OFFERED_PROTOCOL_FEATURES)
+        return m.U64.pack(self.offered_protocol_features)
 
     def on_set_protocol_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, int)
-        if msg.payload & ~OFFERED_PROTOCOL_FEATURES:
-            raise BackendError(f"SET_PROTOCOL_FEATURES: bits {msg.payload & ~OFFERED_PROTOCOL_FEATURES:#x} not offered")
+        if msg.payload & ~self.offered_protocol_features:
+            raise BackendError(
+                f"SET_PROTOCOL_FEATURES: bits {msg.payload & ~self.offered_protocol_features:#x} not offered"
+            )
         self.protocol_features = msg.payload
         self.summary.protocol_features = msg.payload
 
@@ -428,13 +455,51 @@ class Connection:
         pass  # RARP not offered
 
     def on_net_set_mtu(self, msg: Message) -> None:
-        pass  # MTU not offered
+        pass  # protocol feature NET_MTU not offered (VIRTIO_NET_F_MTU may be: the device's config has the MTU)
+
+    def _config(self, msg: Message) -> m.Config:
+        cfg = msg.payload
+        assert isinstance(cfg, m.Config)
+        if not self.protocol_features & bit(ProtocolFeature.CONFIG):
+            why = "negotiated" if self.offered_protocol_features & bit(ProtocolFeature.CONFIG) else "offered"
+            raise BackendError(f"{msg.request.name}: protocol feature CONFIG was not {why}")
+        return cfg
 
     def on_get_config(self, msg: Message) -> bytes:
-        raise BackendError("GET_CONFIG: protocol feature CONFIG was not offered")
+        """The device's config bytes [offset, offset+size) after the vhost-user config header.
+
+        A range past the device's config size gets the spec's failure answer, an empty payload
+        ("zero length of payload to indicate an error"), as QEMU's own backends do: vhost-user-blk
+        (contrib/ and the block export's vu_blk_get_config) refuses a length past its config
+        struct, and libvhost-user's vu_get_config then answers with size 0. Zeros instead would
+        make up fields the device does not have (a frontend would take mtu 0 or
+        max_virtqueue_pairs 0 as the device's word), and the kernel refuses the same range
+        (vhost_vdpa_config_validate: E2BIG): the frontend sees what a vhost-vdpa user would.
+        """
+        cfg = self._config(msg)
+        if cfg.size == 0:
+            return m.Config(cfg.offset, 0, cfg.flags, b"").encode()
+        if cfg.offset + cfg.size > self.config_size:
+            log.warning("%s: GET_CONFIG: %d bytes at offset %d, past the device's %d-byte config: refused",
+                        self.summary.peer, cfg.size, cfg.offset, self.config_size)
+            return b""
+        try:
+            data = self.device.get_config(cfg.offset, cfg.size)
+        except (OSError, ValueError) as e:
+            log.warning("%s: GET_CONFIG: the device failed: %s", self.summary.peer, e)
+            return b""
+        return m.Config(cfg.offset, cfg.size, cfg.flags, data).encode()
 
     def on_set_config(self, msg: Message) -> None:
-        raise BackendError("SET_CONFIG: protocol feature CONFIG was not offered")
+        """Forwarded to the device, which decides which fields are writable: vhost-vdpa has no
+        flags to pass on, so a migration write (flags 1) is forwarded like a driver's (flags 0)."""
+        cfg = self._config(msg)
+        if cfg.size == 0:
+            return
+        try:
+            self.device.set_config(cfg.offset, cfg.data)
+        except (OSError, ValueError) as e:
+            raise BackendError(f"SET_CONFIG: the device refused {cfg.size} bytes at offset {cfg.offset}: {e}") from None
 
     def on_set_status(self, msg: Message) -> None:
         assert isinstance(msg.payload, int)
@@ -478,6 +543,7 @@ class Connection:
             )
             plan.append((q, addrs))
         span = max(r.end for r in self.mem)
+        self.session.extra_features = self.features & NET_PASSTHROUGH  # the session outlives this connection
         self.session.negotiate()
         shadow = ShadowSession(self.session, self.mem, impl=self.impl, poll_us=self.poll_us,
                                dirty=True if span <= MAX_LOGGED_SPAN else None)
