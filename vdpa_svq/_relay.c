@@ -29,6 +29,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
@@ -2033,14 +2034,16 @@ static int pump_poll(Pump *p, uint64_t poll_ns)
         if (!pump_any_work(p)) {
             int found = 0;
             /* Idle: spin without the GIL, so that the other threads (vhost-user messages, the
-             * dirty-log sync) run meanwhile. */
+             * dirty-log sync) run meanwhile, and yield the CPU at each turn: where the device's
+             * worker shares this CPU (vdpa_sim's kthread), a plain spin would hold it off for a
+             * whole scheduler slice, and the device would stall while we wait for it. */
             Py_BEGIN_ALLOW_THREADS
             while (!pump_stopping(p) && now_ns() < deadline) {
                 if (pump_any_work(p)) {
                     found = 1;
                     break;
                 }
-                __builtin_ia32_pause();
+                sched_yield();
             }
             Py_END_ALLOW_THREADS
             if (!found)

@@ -22,7 +22,12 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
                f"(guest {s.guest_layout or '-'} rings -> shadow {s.shadow_layout or '-'} rings), {verdict}")
     for i, q in sorted(s.queues.items()):
         click.echo(f"  queue {i}: {q['forwarded']} forwarded, {q['returned']} returned, "
-                   f"{q['bytes_written']} bytes written by the device")
+                   f"{q['bytes_written']} bytes written by the device, {q['device_kicks']} device kicks, "
+                   f"{q['guest_calls']} guest calls")
+    if s.relay_loop:
+        loop = s.relay_loop
+        click.echo(f"  relay loop: {loop.get('wakeups', 0)} wake-ups, {loop.get('poll_rounds', 0)} polling rounds "
+                   f"in {loop.get('poll_phases', 0)} polling phases")
     if s.log_syncs:
         click.echo(f"  dirty log: {s.log_syncs} syncs into the frontend's log")
 

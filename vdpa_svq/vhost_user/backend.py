@@ -143,10 +143,15 @@ class ConnectionSummary:
     shadow_layout: str = ""
     queues: dict[int, dict[str, int]] = field(default_factory=dict)
     log_syncs: int = 0
+    relay_loop: dict[str, int] = field(default_factory=dict)  # wake-ups, polling phases and rounds, summed
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: (v if k != "queues" else {str(i): q for i, q in v.items()}) for k, v in self.__dict__.items()}
+
+
+# Relay counters kept per queue across relay runs (RelayStats fields).
+QUEUE_COUNTERS = ("forwarded", "returned", "bytes_written", "device_kicks", "guest_calls")
 
 
 def recv_message(sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
@@ -588,11 +593,12 @@ class Connection:
                     sq.svq.forward_used()
                 if sq.svq.error is None:
                     self.queues[i].state = rewound(sq.svq.guest.state(), self._packed())
-                stats = self.stats.setdefault(i, {"forwarded": 0, "returned": 0, "bytes_written": 0})
+                stats = self.stats.setdefault(i, dict.fromkeys(QUEUE_COUNTERS, 0))
                 s = sq.svq.stats
-                stats["forwarded"] += s.forwarded
-                stats["returned"] += s.returned
-                stats["bytes_written"] += s.bytes_written
+                for name in QUEUE_COUNTERS:
+                    stats[name] += getattr(s, name)
+            for name, n in shadow.loop.stats.items():
+                self.summary.relay_loop[name] = self.summary.relay_loop.get(name, 0) + n
             for i, e in shadow.errors().items():
                 log.error("%s: queue %d stopped: %s", self.summary.peer, i, e)
             self._sync_log_from(shadow)

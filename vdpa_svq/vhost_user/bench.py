@@ -44,10 +44,10 @@ def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | None,
-             start_timeout: float = 60.0) -> tuple[int, int, float]:
+             start_timeout: float = 60.0, burst: int | None = None) -> tuple[int, int, float]:
     """(RX, TX, seconds forwarded) of one testpmd virtio-user run of about `seconds` of forwarding.
     `sock` is a vhost-user socket, or a /dev/vhost-vdpa-N node (virtio-user's vhost-vdpa backend)."""
-    run = run_frontend(sock, packed, seconds, f"fe-{tag}", peer_mac, start_timeout=start_timeout,
+    run = run_frontend(sock, packed, seconds, f"fe-{tag}", peer_mac, start_timeout=start_timeout, burst=burst,
                        stop_timeout=max(30.0, start_timeout / 2))
     counts = accumulated(run.log)
     if not (counts and run.started):
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="soft:net", help="DEV for vdpa-svq serve (default soft:net)")
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--burst", type=int, default=None,
+                    help="testpmd --burst: packets per burst, and so in flight after --tx-first (default 32)")
     ap.add_argument("--peer-mac", default=None, help="first burst's destination (vdpa_sim filters on its MAC)")
     ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
     ap.add_argument("--kernel", action="store_true", help="passthrough vs serve, in the kernel bench")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     sock = os.path.join(tmp, f"{tag}.sock")
                     be = backend(kind, args.device, sock, tag)
                     try:
-                        rx, tx, secs = frontend(sock, packed, args.seconds, tag, args.peer_mac)
+                        rx, tx, secs = frontend(sock, packed, args.seconds, tag, args.peer_mac, burst=args.burst)
                     finally:
                         stop(be)
                     rates.setdefault((kind, layout), []).append(rx / secs)
@@ -211,7 +213,7 @@ def kernel_guest(args: argparse.Namespace) -> int:
                         path = os.path.join(tmp, f"{tag}.sock")
                         _, impl, extra = variants[k - 1]
                         be = backend("serve", device, path, tag, impl=impl, timeout=120, extra=("-v", *extra))
-                    rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180)
+                    rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180, burst=args.burst)
                 except Exception as e:  # noqa: BLE001 -- reported, the other rows still run
                     errors.append(f"slice {n} {kind}: {e}")
                     print(f"slice {n}: {kind}: FAILED {e}", file=sys.stderr, flush=True)
@@ -222,6 +224,8 @@ def kernel_guest(args: argparse.Namespace) -> int:
                         for line in stop(be).splitlines():
                             if " stopped: " in line or "error" in line.lower():
                                 notes.append(f"slice {n} {kind}: {line.strip()}")
+                                print(f"slice {n}: {kind}: {line.strip()}", file=sys.stderr, flush=True)
+                            elif line.lstrip().startswith(("queue ", "relay loop:")):
                                 print(f"slice {n}: {kind}: {line.strip()}", file=sys.stderr, flush=True)
                 rates[kind].append(rx / secs)
                 print(f"slice {n}: {kind:26} RX {rx:>9} TX {tx:>9} in {secs:5.2f} s {rx / secs:>10,.0f} pps "
@@ -288,7 +292,7 @@ def kernel_host(args: argparse.Namespace) -> int:
         cmd = [sys.executable, str(repo / "tools" / "kbench"), "run", "--timeout", f"{args.timeout:g}",
                "--out", out, "--", sys.executable, "-m", "vdpa_svq.vhost_user.bench", "--kernel-guest",
                "--slices", str(args.slices), "--seconds", f"{args.seconds:g}", "--impls", args.impls,
-               "--json", str(res)]
+               "--json", str(res), *(["--burst", str(args.burst)] if args.burst else [])]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
         rc = subprocess.call(cmd, cwd=repo)
         if not res.exists():

@@ -31,7 +31,7 @@ class FrontendRun:
 
 def run_frontend(path: str, packed: bool, seconds: float, prefix: str, peer_mac: str | None = None, *,
                  start_timeout: float = 60.0, stop_timeout: float = 30.0,
-                 binary: str = "dpdk-testpmd") -> FrontendRun:
+                 binary: str = "dpdk-testpmd", burst: int | None = None) -> FrontendRun:
     """testpmd virtio-user on `path` (a vhost-user socket, or a /dev/vhost-vdpa-N node) for about
     `seconds` of forwarding. `peer_mac`: the destination of the first burst, for devices that filter
     on it (vdpa_sim); io mode forwards frames unchanged after that."""
@@ -40,6 +40,8 @@ def run_frontend(path: str, packed: bool, seconds: float, prefix: str, peer_mac:
         vdev += ",server=0"
     cmd = [binary, "-l", "0,1", "--main-lcore", "1", *EAL, f"--file-prefix={prefix}",
            "--vdev", vdev, "--", *TESTPMD_ARGS, "--tx-first"]
+    if burst is not None:  # packets per burst, and so in flight after --tx-first (testpmd's default: 32)
+        cmd.append(f"--burst={burst}")
     if peer_mac:
         cmd.append(f"--eth-peer=0,{peer_mac}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
