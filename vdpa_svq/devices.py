@@ -2,6 +2,8 @@
 
 `soft:net` and `soft:blk` are the software loopback net device and ramdisk (vdpa_svq.softdev), for
 hosts without vDPA; `soft:net-sim` is the net one restricted to what vdpa_sim offers (split only).
+`vhost-user:PATH[,kind=blk]` is a vhost-user backend listening on PATH, driven as the device
+(vdpa_svq.vhost_user.device).
 
 Pointing at the wrong thing gets the right message: before opening, a path that is not a vhost-vdpa
 character device is refused by what sysfs says it is; after opening, VHOST_VDPA_GET_DEVICE_ID
@@ -20,6 +22,7 @@ from kernel_iface import NotSupported, VhostVdpa
 from kernel_iface.discovery import VHOST_VDPA_NODE
 from kernel_iface.errors import ENOIOCTLCMD, errno_name
 from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.vhost_user.device import is_vhost_user, open_vhost_user
 
 SOFT_DEVICES = ("soft:net", "soft:blk", "soft:net-sim")
 SYS_DEV_CHAR = "/sys/dev/char"  # <major>:<minor> -> the device's sysfs directory
@@ -80,6 +83,11 @@ def open_device(spec: str) -> Any:
     """An open device with the VhostVdpa methods (not yet owned); the caller closes it."""
     if is_soft(spec):
         return _soft_device(spec)
+    if is_vhost_user(spec):
+        try:
+            return open_vhost_user(spec)
+        except ValueError as e:
+            raise VdpaSvqError(str(e)) from None
     check_node(spec)
     dev = VhostVdpa.open(spec)
     try:

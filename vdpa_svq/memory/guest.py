@@ -11,6 +11,7 @@ import bisect
 import ctypes
 import mmap
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -43,6 +44,19 @@ def _mmap_address(mm: mmap.mmap) -> int:
     address = ctypes.addressof(probe)
     del probe
     return address
+
+
+# Every live region of every GuestMemory in this process, by host virtual address: how a device
+# that needs files rather than addresses (a vhost-user backend) finds what backs an IOTLB update.
+_BY_HVA: weakref.WeakValueDictionary[int, MemoryRegion] = weakref.WeakValueDictionary()
+
+
+def backing(hva: int, size: int) -> tuple[int, int]:
+    """(fd, file offset) of the GuestMemory region holding [hva, hva+size), else GuestMemoryError."""
+    for start, region in list(_BY_HVA.items()):
+        if start <= hva and hva + size <= start + region.size:
+            return region.fd, region.offset + (hva - start)
+    raise GuestMemoryError(hva, size, "no guest memory region of this process is mapped at this host address")
 
 
 class GuestMemory:
@@ -82,6 +96,7 @@ class GuestMemory:
         self._regions.insert(i, region)
         self._starts.insert(i, gpa)
         self._views.insert(i, memoryview(mm))
+        _BY_HVA[region.hva] = region
         return region
 
     @property
@@ -131,6 +146,7 @@ class GuestMemory:
         for v in self._views:
             v.release()
         for r in self._regions:
+            _BY_HVA.pop(r.hva, None)
             r.mm.close()
             if r.owns_fd:
                 os.close(r.fd)

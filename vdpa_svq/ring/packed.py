@@ -238,7 +238,11 @@ class PackedDriverRing:
         token = self._token[buf_id]
         if token is None:
             self._fail(f"id {buf_id} is not in use", slot)
-        if length > self._writable[buf_id]:
+        # A chain with nothing writable has nothing written, whatever the length says: DPDK's packed
+        # vhost reports the bytes it read for TX chains; Linux ignores it, so do we (as 0).
+        if self._writable[buf_id] == 0:
+            length = 0
+        elif length > self._writable[buf_id]:
             self._fail(f"used length {length} > writable {self._writable[buf_id]} of id {buf_id}", slot)
         self.last_used_idx += self._count[buf_id]
         if self.last_used_idx >= self.num:

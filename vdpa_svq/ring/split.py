@@ -214,7 +214,11 @@ class SplitDriverRing:
         token = self._token[head]
         if token is None:
             self._fail(f"id {head} is not a head in use", slot)
-        if length > self._writable[head]:
+        # A chain with nothing writable has nothing written, whatever the length says: some devices
+        # report the bytes they read (DPDK's packed vhost, for TX chains); Linux ignores it, so do we (as 0).
+        if self._writable[head] == 0:
+            length = 0
+        elif length > self._writable[head]:
             self._fail(f"used length {length} > writable {self._writable[head]} of id {head}", slot)
         self._free_chain(head)
         self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
