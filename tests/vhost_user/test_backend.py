@@ -5,17 +5,21 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from vdpa_svq.devices import open_device
 from vdpa_svq.dirty import pages_of
 from vdpa_svq.guest.frames import build_frame, parse_frame
 from vdpa_svq.guest.net import NetDriver
 from vdpa_svq.ring import Layout
 from vdpa_svq.vhost_user import messages as m
+from vdpa_svq.vhost_user.backend import BackendError, Server
 from vdpa_svq.vhost_user.messages import Request
 
 from .client import VhostUserFrontend, recv_reply, send
+from .conftest import RunningServer
 
 
 def loop_frames(drv: NetDriver, count: int, timeout: float = 10) -> list[int]:
@@ -288,3 +292,98 @@ def test_get_features_offers_what_the_relay_serves(server):
             assert features >> b & 1
     finally:
         s.close()
+
+
+# -- busy polling (serve --poll-us): the C relay's Pump polls the rings with notifications off ------
+# Long enough to see soft:net (a Python thread) answer a burst within one polling phase: at 200 us
+# it never does here, and every phase ends with no round (this frontend sends a burst, then waits).
+POLL_US = 5000
+
+
+@pytest.fixture
+def polling_server(tmp_path) -> Iterator[RunningServer]:
+    srv = RunningServer(str(tmp_path / "vu.sock"), impl="c", poll_us=POLL_US)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_frames_loop_back_through_the_polling_relay(polling_server, layout, event_idx):
+    """A stream of frames, then short bursts after idle gaps far longer than poll_us: each gap ends
+    a polling phase, so the next burst must wake the pump through the notifications it turned back
+    on (in the guest's ring, with and without event_idx; and in the shadow ring for the device)."""
+    server = polling_server
+    fe = VhostUserFrontend(server.connect(), layout, event_idx=event_idx)
+    try:
+        drv = fe.setup()
+        assert sorted(loop_frames(drv, 500)) == list(range(500))
+        for _ in range(5):
+            time.sleep(0.05)  # 10 x poll_us: the phase ends, the pump sleeps in epoll
+            assert sorted(loop_frames(drv, 20, timeout=5)) == list(range(20))
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    (summary,) = server.server.summaries
+    assert summary.error is None, summary.error
+    assert summary.guest_layout == layout.value
+    assert summary.queues[1]["forwarded"] >= 600 and summary.queues[0]["returned"] >= 600, summary.queues
+    for q in summary.queues.values():
+        assert {"device_kicks", "guest_calls"} <= q.keys(), q
+    loop = summary.relay_loop
+    assert loop["poll_rounds"] > 0, f"the pump never polled: {loop}"
+    assert 0 < loop["poll_phases"] <= loop["wakeups"], loop
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_stop_and_restart_while_polling_keeps_every_buffer(polling_server, layout):
+    """GET_VRING_BASE right after traffic, while the pump may still be in its polling phase: the
+    pump stops, every buffer is accounted for, and the restarted relay (a new pump) polls again."""
+    server = polling_server
+    fe = VhostUserFrontend(server.connect(), layout)
+    try:
+        drv = fe.setup()
+        for _ in range(3):
+            assert sorted(loop_frames(drv, 30)) == list(range(30))
+            bases = [fe.get_vring_base(i) for i in range(2)]
+            for i in range(2):
+                fe.ack(Request.SET_VRING_BASE, m.VringState(i, bases[i]).encode())
+                fe.ack(Request.SET_VRING_KICK, m.U64.pack(i), [fe.kick_fds[i]])
+                fe.ack(Request.SET_VRING_ENABLE, m.VringState(i, 1).encode())
+        assert sorted(loop_frames(drv, 3 * fe.num)) == list(range(3 * fe.num))
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    (summary,) = server.server.summaries
+    assert summary.started == 4 and summary.error is None, summary
+    assert summary.relay_loop["poll_phases"] >= 4, summary.relay_loop  # at least one per relay run
+
+
+def test_dirty_log_holds_every_page_the_device_wrote_while_polling(polling_server):
+    """The pages the device writes while the pump polls (no wake-up to mark them) reach the log."""
+    fe = VhostUserFrontend(polling_server.connect(), Layout.PACKED, log_all=True)
+    try:
+        drv = fe.setup()
+        drv.rx_spans = []
+        loop_frames(drv, 300)
+        for i in range(2):
+            fe.get_vring_base(i)
+        assert fe.log_mm is not None
+        logged = set(pages_of(bytes(fe.log_mm)))
+        wanted = {p for gpa, n in drv.rx_spans for p in range(gpa >> 12, (gpa + n - 1 >> 12) + 1)}
+        wanted.add(fe.plan.rings[0].desc >> 12)  # packed: used entries go to the descriptor ring
+        assert wanted <= logged, f"pages missing from the log: {sorted(wanted - logged)[:10]}"
+    finally:
+        fe.close()
+    polling_server.wait_connections(1)
+    assert polling_server.server.summaries[0].relay_loop["poll_rounds"] > 0
+
+
+def test_busy_polling_with_the_python_relay_is_refused(tmp_path):
+    dev = open_device("soft:net")
+    try:
+        with pytest.raises(BackendError, match=r"busy polling \(--poll-us\).*Python relay"):
+            Server(dev, str(tmp_path / "vu.sock"), impl="py", poll_us=100)
+        assert not (tmp_path / "vu.sock").exists()
+    finally:
+        dev.close()

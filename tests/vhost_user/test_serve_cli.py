@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 from click.testing import CliRunner
 
 from vdpa_svq.cli import main
@@ -32,3 +36,22 @@ def test_socket_in_a_missing_directory_is_one_line(tmp_path):
     r = run("serve", "soft:net", "--socket", path)
     assert r.exit_code == 1, r.output
     assert r.output.count("\n") == 1 and path in r.output and "cannot listen" in r.output
+
+
+def test_poll_us_with_the_python_relay_is_one_line(tmp_path):
+    """Refused up front (a subprocess: were it not refused, serve would run until killed)."""
+    path = tmp_path / "s"
+    try:
+        r = subprocess.run([sys.executable, "-m", "vdpa_svq.cli", "serve", "soft:net", "--socket", str(path),
+                            "--impl", "py", "--poll-us", "100"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"serve --impl py --poll-us was not refused: it served {path} until killed\n{e.stderr}")
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("vdpa-svq: ") and "--poll-us" in r.stderr and "Python relay" in r.stderr
+    assert not path.exists(), "refused before listening"
+
+
+def test_negative_poll_us_is_a_usage_error(tmp_path):
+    r = run("serve", "soft:net", "--socket", str(tmp_path / "s"), "--poll-us", "-1")
+    assert r.exit_code == 2 and "--poll-us" in r.output

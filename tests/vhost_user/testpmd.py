@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -40,12 +41,13 @@ def accumulated(log: str) -> tuple[int, int]:
 
 
 def run_testpmd(binary: str, sock: str, packed: bool, tag: str, run_s: float = RUN_S,
-                timeout_s: float = TIMEOUT_S, peer_mac: str | None = None) -> str:
+                timeout_s: float = TIMEOUT_S, peer_mac: str | None = None, burst: int | None = None) -> str:
     """testpmd for `run_s` seconds, then SIGINT; its output. `peer_mac`: the destination of the
-    first burst (io mode forwards frames unchanged), for devices that filter on it (vdpa_sim)."""
+    first burst (io mode forwards frames unchanged), for devices that filter on it (vdpa_sim).
+    `burst`: testpmd's --burst (frames per burst, and so in flight after --tx-first; default 32)."""
     run = testpmd.run_frontend(sock, packed, run_s, f"vdpasvq-{os.getpid()}-{tag}", peer_mac,
                                start_timeout=timeout_s - run_s, stop_timeout=max(1.0, timeout_s - run_s),
-                               binary=binary)
+                               binary=binary, burst=burst)
     assert run.started, f"testpmd did not start forwarding within {timeout_s - run_s} s:\n{run.log[-3000:]}"
     return run.log
 
@@ -65,10 +67,11 @@ def stop_serve(proc: subprocess.Popen) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def start_serve(device: str, sock: str, impl: str = "auto") -> subprocess.Popen:
-    """`vdpa-svq serve DEV --socket SOCK --json-stats --impl IMPL`, listening when this returns."""
+def start_serve(device: str, sock: str, impl: str = "auto", extra: Sequence[str] = ()) -> subprocess.Popen:
+    """`vdpa-svq serve DEV --socket SOCK --json-stats --impl IMPL [EXTRA...]`, listening when this returns."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--json-stats", "--impl", impl],
+        [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--json-stats", "--impl", impl,
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 60
