@@ -1908,7 +1908,7 @@ static PyTypeObject RelayType = {
  * GIL is held only while a relay works, never while the pump waits. Sources that are Python
  * callables (anything that is not a C relay) are called as RelayLoop's own loop would.
  *
-' * Polling (poll_us > 0): after a wake-up of a relay (a kick or a call), the pump keeps every ring's
+ * Polling (poll_us > 0): after a wake-up of a relay (a kick or a call), the pump keeps every ring's
  * notifications off and polls the rings itself until nothing arrived for poll_us, then turns
  * notifications back on (relaying what raced in) and sleeps in epoll again. Under load the guest
  * and the device then make no notification syscalls and the relay no wake-ups: a CPU's worth of
