@@ -38,6 +38,20 @@ def test_testpmd_through_vdpa_sim_net(vdpa_sim_net, tmp_path):
     assert set(counts) == {"split", "packed"}
 
 
+def test_testpmd_through_the_busy_polling_relay_on_vdpa_sim(vdpa_sim_net, tmp_path):
+    """serve --poll-us on a real device: the relay keeps vdpa_sim's callbacks off while it polls."""
+    mac = bench_env("KBENCH_VDPA_SIM_NET_MAC")
+    sock = str(tmp_path / "vu.sock")
+    proc = start_serve(vdpa_sim_net, sock, extra=("--poll-us", "50"))
+    try:
+        counts = split_then_packed(find_testpmd(), sock, proc, RUN_S, TIMEOUT_S, peer_mac=mac)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert set(counts) == {"split", "packed"}
+
+
 def test_get_config_through_the_backend_reads_vdpa_sim_mac(vdpa_sim_net, tmp_path):
     """GET_CONFIG reaches VHOST_VDPA_GET_CONFIG: the frontend reads vdpa_sim's MAC, before and while
     the relay runs; the device-specific bits vdpa_sim offers are offered, and those acked are
