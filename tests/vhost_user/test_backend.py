@@ -41,6 +41,20 @@ def loop_frames(drv: NetDriver, count: int, timeout: float = 10) -> list[int]:
     return seqs
 
 
+def stop_and_restart_three_times(fe: VhostUserFrontend) -> None:
+    """Traffic, then GET_VRING_BASE (the relay stops) and SET_VRING_BASE/KICK/ENABLE from what it
+    returned (the relay restarts), three times; then several rings' worth of traffic."""
+    drv = fe.setup()
+    for _ in range(3):
+        assert sorted(loop_frames(drv, 30)) == list(range(30))
+        bases = [fe.get_vring_base(i) for i in range(2)]
+        for i in range(2):
+            fe.ack(Request.SET_VRING_BASE, m.VringState(i, bases[i]).encode())
+            fe.ack(Request.SET_VRING_KICK, m.U64.pack(i), [fe.kick_fds[i]])
+            fe.ack(Request.SET_VRING_ENABLE, m.VringState(i, 1).encode())
+    assert sorted(loop_frames(drv, 3 * fe.num)) == list(range(3 * fe.num))
+
+
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
 @pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
 def test_frames_loop_back_through_the_relay(server_impl, layout, event_idx):
@@ -162,16 +176,7 @@ def test_stop_and_restart_keeps_every_buffer(server, layout):
     again from the guest ring: traffic of several rings' worth goes on after three restarts."""
     fe = VhostUserFrontend(server.connect(), layout)
     try:
-        drv = fe.setup()
-        for _ in range(3):
-            got = loop_frames(drv, 30)
-            assert sorted(got) == list(range(30))
-            bases = [fe.get_vring_base(i) for i in range(2)]
-            for i in range(2):
-                fe.ack(Request.SET_VRING_BASE, m.VringState(i, bases[i]).encode())
-                fe.ack(Request.SET_VRING_KICK, m.U64.pack(i), [fe.kick_fds[i]])
-                fe.ack(Request.SET_VRING_ENABLE, m.VringState(i, 1).encode())
-        assert sorted(loop_frames(drv, 3 * fe.num)) == list(range(3 * fe.num))
+        stop_and_restart_three_times(fe)
     finally:
         fe.close()
     server.wait_connections(1)
@@ -342,15 +347,7 @@ def test_stop_and_restart_while_polling_keeps_every_buffer(polling_server, layou
     server = polling_server
     fe = VhostUserFrontend(server.connect(), layout)
     try:
-        drv = fe.setup()
-        for _ in range(3):
-            assert sorted(loop_frames(drv, 30)) == list(range(30))
-            bases = [fe.get_vring_base(i) for i in range(2)]
-            for i in range(2):
-                fe.ack(Request.SET_VRING_BASE, m.VringState(i, bases[i]).encode())
-                fe.ack(Request.SET_VRING_KICK, m.U64.pack(i), [fe.kick_fds[i]])
-                fe.ack(Request.SET_VRING_ENABLE, m.VringState(i, 1).encode())
-        assert sorted(loop_frames(drv, 3 * fe.num)) == list(range(3 * fe.num))
+        stop_and_restart_three_times(fe)
     finally:
         fe.close()
     server.wait_connections(1)
