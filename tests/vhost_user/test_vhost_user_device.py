@@ -117,3 +117,10 @@ def test_a_backend_that_hangs_up_is_an_error_not_a_hang(tmp_path):
         t.join()
         srv.close()
 
+
+
+def test_info_on_a_vhost_user_backend(dpdk_device):
+    result = CliRunner().invoke(main, ["info", f"vhost-user:{dpdk_device}"])
+    assert result.exit_code == 0, result.output
+    assert "VIRTIO_F_RING_PACKED" in result.output  # DPDK's features, as the backend offers them
+    assert "none (the device has no config space)" in result.output

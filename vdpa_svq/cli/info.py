@@ -127,6 +127,8 @@ def _names(word: dict[str, Any]) -> str:
 
 def _config_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     cfg = info["config"]
+    if not cfg["size"]:  # e.g. a vhost-user backend: nothing to decode, whatever the feature bits say
+        return [("config", "none (the device has no config space)")]
     if info["device_id"] == uapi.VIRTIO_ID_NET:
         status = cfg["status"]
         link = "not reported (no VIRTIO_NET_F_STATUS)" if status is None else (
