@@ -192,3 +192,8 @@ def test_sigterm_ends_the_run_cleanly_with_a_summary(tmp_path):
     assert proc.returncode == 0, err
     assert "OK" in out.splitlines()[0]
     assert read_dump(dump).rounds, "the dump is complete even when the run was stopped"
+
+
+def test_a_bad_cpu_list_is_a_usage_error():
+    result = run("soft:net", "--cpus", "0-")
+    assert result.exit_code == 2 and "is not a CPU list" in result.output

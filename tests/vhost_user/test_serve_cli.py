@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 
@@ -9,6 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from vdpa_svq.cli import main
+from vdpa_svq.ring import Layout
+
+from .client import VhostUserFrontend
+from .testpmd import start_serve, stop_serve
 
 
 def run(*args: str):
@@ -55,3 +61,32 @@ def test_poll_us_with_the_python_relay_is_one_line(tmp_path):
 def test_negative_poll_us_is_a_usage_error(tmp_path):
     r = run("serve", "soft:net", "--socket", str(tmp_path / "s"), "--poll-us", "-1")
     assert r.exit_code == 2 and "--poll-us" in r.output
+
+
+@pytest.mark.parametrize("cpus,why", [("abc", "is not a CPU list"), ("3-1", "is not a CPU list"),
+                                      ("4096", "not available here")])
+def test_a_bad_cpu_list_is_a_usage_error(tmp_path, cpus, why):
+    r = run("serve", "soft:net", "--socket", str(tmp_path / "s"), "--cpus", cpus)
+    assert r.exit_code == 2 and why in r.output, r.output
+
+
+def test_cpus_pins_every_thread_of_the_server(tmp_path):
+    """The relay loop's thread starts later than the option is applied: it must inherit the CPU set."""
+    sock = str(tmp_path / "s")
+    proc = start_serve("soft:net", sock, extra=("--cpus", "0"))
+    try:
+        fe = VhostUserFrontend(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), Layout.SPLIT)
+        fe.sock.connect(sock)
+        fe.setup()  # the relay runs: its loop thread exists now
+        tasks = f"/proc/{proc.pid}/task"
+        allowed = {_cpus_allowed(f"{tasks}/{t}/status") for t in os.listdir(tasks)}
+        assert len(os.listdir(tasks)) >= 3 and allowed == {"0"}, allowed
+        fe.close()
+    finally:
+        summaries = stop_serve(proc)
+    assert summaries and summaries[0]["started"] == 1
+
+
+def _cpus_allowed(status_path: str) -> str:
+    with open(status_path) as f:
+        return f.read().split("Cpus_allowed_list:")[1].split()[0]

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from vdpa_svq.cli._cpus import CpuList, pin
 from vdpa_svq.devices import open_device
 from vdpa_svq.ring import Layout
 from vdpa_svq.workload import AttachOptions, AttachRun, Summary
@@ -84,9 +85,11 @@ def print_summary(s: Summary) -> None:
 @click.option("--poll-us", type=click.IntRange(min=0), default=0, show_default=True, metavar="US",
               help="After each burst, busy-poll the rings for US microseconds with notifications off before "
                    "sleeping again (C relay only; 0 = notifications only).")
+@click.option("--cpus", type=CpuList(), default=None,
+              help="Run vdpa-svq (relay and in-process guest) on these CPUs only (as taskset -c: 1, 0,2, 2-3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, switch_after: float | None,
-           dirty_log: str | None, rounds: int, impl: str, poll_us: int, as_json: bool) -> None:
+           dirty_log: str | None, rounds: int, impl: str, poll_us: int, cpus: set[int] | None, as_json: bool) -> None:
     """Relay a device through shadow virtqueues and log the pages it dirties.
 
     DEV is /dev/vhost-vdpa-N, or soft:net / soft:blk (built-in software devices, for hosts without
@@ -101,6 +104,7 @@ def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, 
       vdpa-svq attach /dev/vhost-vdpa-0 --switch-after 2 --guest-layout split
       vdpa-svq attach soft:net --guest-layout packed --shadow-layout split --json
     """
+    pin(cpus)  # before any thread starts: the relay loop's and the soft devices' threads inherit it
     opts = AttachOptions(
         guest_layout=Layout(guest_layout), shadow_layout=shadow_layout, duration=duration,
         switch_after=switch_after, rounds=rounds, dirty_log=dirty_log, impl=impl, poll_us=poll_us,

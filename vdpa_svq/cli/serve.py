@@ -8,6 +8,7 @@ import signal
 
 import click
 
+from vdpa_svq.cli._cpus import CpuList, pin
 from vdpa_svq.devices import open_device
 from vdpa_svq.vhost_user.backend import ConnectionSummary, Server
 
@@ -42,9 +43,13 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
               help="After each burst, busy-poll the rings for US microseconds with notifications off before "
                    "sleeping again: fewer wake-ups and syscalls under load, a CPU spinning meanwhile "
                    "(C relay only; 0 = notifications only).")
+@click.option("--cpus", type=CpuList(), default=None,
+              help="Run the relay on these CPUs only (as taskset -c: 1, 0,2, 2-3). With --poll-us, give it a CPU "
+                   "no other busy-polling thread uses.")
 @click.option("--json-stats", "as_json", is_flag=True, help="Print each connection's summary as one JSON line.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection's progress on stderr.")
-def serve(device: str, socket_path: str, impl: str, poll_us: int, as_json: bool, verbose: bool) -> None:
+def serve(device: str, socket_path: str, impl: str, poll_us: int, cpus: set[int] | None, as_json: bool,
+          verbose: bool) -> None:
     """Serve vhost-user frontends (QEMU, DPDK virtio-user) through shadow virtqueues on DEV.
 
     DEV is /dev/vhost-vdpa-N, or soft:net / soft:blk. One frontend at a time; when it disconnects
@@ -57,6 +62,7 @@ def serve(device: str, socket_path: str, impl: str, poll_us: int, as_json: bool,
       dpdk-testpmd --no-huge -m 512 --no-pci --vdev net_virtio_user0,path=/tmp/vu.sock,packed_vq=1 -- ...
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vdpa-svq: %(message)s")
+    pin(cpus)  # before any thread starts: the relay loop's threads inherit it
     dev = open_device(device)
     try:
         server = Server(dev, socket_path, impl=impl, poll_us=poll_us)

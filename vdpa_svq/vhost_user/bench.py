@@ -267,15 +267,15 @@ def kernel_guest(args: argparse.Namespace) -> int:
 
 
 def serve_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
-    """"c" / "py" / "c/poll=50" -> (row label, relay impl, extra serve arguments)."""
-    impl, _, opt = spec.partition("/")
-    extra: tuple[str, ...] = ()
-    if opt:
+    """"c" / "py" / "c/poll=50" / "c/poll=50/cpus=0" -> (row label, relay impl, extra serve arguments)."""
+    impl, *opts = spec.split("/")
+    extra: list[str] = []
+    for opt in opts:
         key, _, value = opt.partition("=")
-        if key != "poll" or not value.isdigit():
-            raise SystemExit(f"--impls: {spec!r}: the only option is /poll=US")
-        extra = ("--poll-us", value)
-    return f"vdpa-svq serve --impl {impl}" + (f" --poll-us {extra[1]}" if extra else ""), impl, extra
+        if key not in ("poll", "cpus") or not value:
+            raise SystemExit(f"--impls: {spec!r}: options are /poll=US and /cpus=LIST")
+        extra += ["--poll-us" if key == "poll" else "--cpus", value]
+    return " ".join(["vdpa-svq serve --impl", impl, *extra]), impl, tuple(extra)
 
 
 def kernel_table(r: dict) -> tuple[str, str]:
