@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 from click.testing import CliRunner
@@ -18,9 +19,11 @@ from vdpa_svq.cli import main
 from vdpa_svq.dump import read_dump
 from vdpa_svq.errors import GuestMemoryError, VdpaSvqError
 from vdpa_svq.memory.guest import GuestMemory, backing
+from vdpa_svq.ring import Layout
 from vdpa_svq.vhost_user.bench import backend, stop
 from vdpa_svq.vhost_user.device import VhostUserDevice
 
+from .client import VhostUserFrontend
 from .testpmd import find_testpmd, split_then_packed, start_serve
 
 
@@ -93,7 +96,6 @@ def test_iotlb_updates_name_memory_of_this_process():
 
 
 def test_a_backend_that_hangs_up_is_an_error_not_a_hang(tmp_path):
-    import socket
     import threading
 
     path = str(tmp_path / "rude.sock")
@@ -124,3 +126,32 @@ def test_info_on_a_vhost_user_backend(dpdk_device):
     assert result.exit_code == 0, result.output
     assert "VIRTIO_F_RING_PACKED" in result.output  # DPDK's features, as the backend offers them
     assert "none (the device has no config space)" in result.output
+
+
+def test_a_device_that_dies_closes_the_connection_and_ends_serve(tmp_path):
+    """DPDK's backend killed while the relay runs: the frontend sees its connection closed (not queues
+    that silently stopped), and serve ends with one line naming the device, exit 1."""
+    find_testpmd()
+    dev_sock, sock = str(tmp_path / "device.sock"), str(tmp_path / "serve.sock")
+    device = backend("dpdk-vhost", "", dev_sock, f"die-{os.getpid()}")
+    proc = start_serve(f"vhost-user:{dev_sock}", sock)
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(sock)
+        fe = VhostUserFrontend(conn, Layout.SPLIT)
+        fe.setup()
+        device.kill()
+        device.communicate()
+        conn.settimeout(10)
+        assert conn.recv(1) == b"", "serve must close the frontend's connection"
+        fe.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if device.poll() is None:
+            device.kill()
+            device.communicate()
+    assert proc.returncode == 1, (out, err)
+    assert "the backend hung up" in out + err and "Traceback" not in err

@@ -223,10 +223,16 @@ class Connection:
     # -- the message loop -------------------------------------------------------------------
     def serve(self, stop: threading.Event | None = None) -> ConnectionSummary:
         """Handle messages until the frontend hangs up, breaks the protocol, or `stop` is set."""
+        # A device that can vanish (a vhost-user backend) says so on this fd: the frontend is then told
+        # by the connection closing, rather than left with queues that silently stopped.
+        hangup = self.device.hangup_fd() if hasattr(self.device, "hangup_fd") else None
+        watched = [self.sock] if hangup is None else [self.sock, hangup]
         try:
             while stop is None or not stop.is_set():
-                ready, _, _ = select.select([self.sock], [], [], LOG_SYNC_S if self._logging() else POLL_S)
-                if ready:
+                ready, _, _ = select.select(watched, [], [], LOG_SYNC_S if self._logging() else POLL_S)
+                if hangup in ready:
+                    self.device.check_alive()
+                if self.sock in ready:
                     self.handle_one()
                 self._maybe_sync_log()
         except ConnectionClosed:
@@ -733,10 +739,18 @@ class Server:
 
     def serve_forever(self, on_connection: Any = None) -> list[ConnectionSummary]:
         n = 0
+        device = self.session.device
+        hangup = device.hangup_fd() if hasattr(device, "hangup_fd") else None
+        watched = [self.listener] if hangup is None else [self.listener, hangup]
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([self.listener], [], [], POLL_S)
-                if not ready:
+                ready, _, _ = select.select(watched, [], [], POLL_S)
+                if hangup in ready:
+                    try:
+                        device.check_alive()
+                    except OSError as e:
+                        raise BackendError(f"{e}: no device to serve frontends with any more") from None
+                if self.listener not in ready:
                     continue
                 sock, _ = self.listener.accept()
                 n += 1

@@ -151,6 +151,21 @@ class VhostUserDevice:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def hangup_fd(self) -> int:
+        """Readable once the backend is gone: it never speaks first on this socket, so anything
+        readable is its end of file (or a protocol breach, which ends it as well)."""
+        return self.sock.fileno()
+
+    def check_alive(self) -> None:
+        """Raise if the backend hung up (call when hangup_fd() is readable)."""
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise self._fail("connection", f"the backend's socket failed ({(e.strerror or str(e)).lower()})") from None
+        raise self._fail("connection", "the backend hung up" if not data else "the backend spoke unasked")
+
     def set_owner(self) -> None:
         offered = self._backend_offered()
         if offered & bit(VHOST_USER_F_PROTOCOL_FEATURES):
