@@ -41,6 +41,25 @@ def loop_frames(drv: NetDriver, count: int, timeout: float = 10) -> list[int]:
     return seqs
 
 
+def traffic_then_log(fe: VhostUserFrontend, layout: Layout, frames: int) -> set[int]:
+    """Loop `frames` frames, stop the rings (GET_VRING_BASE: the frontend's last sync), and check that
+    the shared log has every RX buffer page the device wrote and the page used entries went to;
+    the logged pages."""
+    drv = fe.setup()
+    drv.rx_spans = []
+    loop_frames(drv, frames)
+    for i in range(2):
+        fe.get_vring_base(i)
+    assert fe.log_mm is not None
+    logged = set(pages_of(bytes(fe.log_mm)))
+    wanted = {p for gpa, n in drv.rx_spans for p in range(gpa >> 12, (gpa + n - 1 >> 12) + 1)}
+    # Where used entries go: split's used ring (device area), packed's descriptor ring (2.8.4).
+    rx = fe.plan.rings[0]
+    wanted.add((rx.device if layout is Layout.SPLIT else rx.desc) >> 12)
+    assert wanted <= logged, f"pages missing from the log: {sorted(wanted - logged)[:10]}"
+    return logged
+
+
 def stop_and_restart_three_times(fe: VhostUserFrontend) -> None:
     """Traffic, then GET_VRING_BASE (the relay stops) and SET_VRING_BASE/KICK/ENABLE from what it
     returned (the relay restarts), three times; then several rings' worth of traffic."""
@@ -89,18 +108,7 @@ def test_dirty_log_holds_every_page_the_device_wrote(server_impl, layout):
     ring), the shared log has every RX buffer page the device wrote and the RX device area."""
     fe = VhostUserFrontend(server_impl.connect(), layout, log_all=True)
     try:
-        drv = fe.setup()
-        drv.rx_spans = []
-        loop_frames(drv, 200)
-        for i in range(2):
-            fe.get_vring_base(i)
-        assert fe.log_mm is not None
-        logged = set(pages_of(bytes(fe.log_mm)))
-        wanted = {p for gpa, n in drv.rx_spans for p in range(gpa >> 12, (gpa + n - 1 >> 12) + 1)}
-        # Where used entries go: split's used ring (device area), packed's descriptor ring (2.8.4).
-        rx = fe.plan.rings[0]
-        wanted.add((rx.device if layout is Layout.SPLIT else rx.desc) >> 12)
-        assert wanted <= logged, f"pages missing from the log: {sorted(wanted - logged)[:10]}"
+        logged = traffic_then_log(fe, layout, 200)
         # Only pages the device or the relay wrote: no TX buffer page (the device only reads them).
         tx_pool = fe.plan.pools[1]
         tx_pages = set(range(tx_pool.gpa >> 12, (tx_pool.gpa + tx_pool.size) >> 12))
@@ -360,16 +368,7 @@ def test_dirty_log_holds_every_page_the_device_wrote_while_polling(polling_serve
     """The pages the device writes while the pump polls (no wake-up to mark them) reach the log."""
     fe = VhostUserFrontend(polling_server.connect(), Layout.PACKED, log_all=True)
     try:
-        drv = fe.setup()
-        drv.rx_spans = []
-        loop_frames(drv, 300)
-        for i in range(2):
-            fe.get_vring_base(i)
-        assert fe.log_mm is not None
-        logged = set(pages_of(bytes(fe.log_mm)))
-        wanted = {p for gpa, n in drv.rx_spans for p in range(gpa >> 12, (gpa + n - 1 >> 12) + 1)}
-        wanted.add(fe.plan.rings[0].desc >> 12)  # packed: used entries go to the descriptor ring
-        assert wanted <= logged, f"pages missing from the log: {sorted(wanted - logged)[:10]}"
+        traffic_then_log(fe, Layout.PACKED, 300)
     finally:
         fe.close()
     polling_server.wait_connections(1)
