@@ -41,10 +41,14 @@ class RelayLoop:
         self.name = name
         self.poll_us = poll_us
         self._pump: Any = Pump() if Pump is not None else None
-        self._epoll = select.epoll()
+        # The Python loop's own state, only when there is no pump (which has its epoll and stop fd).
         self._handlers: dict[int, Callable[[], None]] = {}
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._epoll.register(self._stop, select.EPOLLIN)
+        self._epoll: Any = None
+        self._stop = -1
+        if self._pump is None:
+            self._epoll = select.epoll()
+            self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._epoll.register(self._stop, select.EPOLLIN)
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # what stopped the loop, if it died
         self._wakeups = 0
@@ -109,11 +113,13 @@ class RelayLoop:
         if self._thread is not None:
             if self._pump is not None:
                 self._pump.stop()
-            os.eventfd_write(self._stop, 1)
+            else:
+                os.eventfd_write(self._stop, 1)
             self._thread.join()
             self._thread = None
 
     def close(self) -> None:
         self.stop()
-        self._epoll.close()
-        os.close(self._stop)
+        if self._pump is None:
+            self._epoll.close()
+            os.close(self._stop)

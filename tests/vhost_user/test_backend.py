@@ -60,18 +60,26 @@ def traffic_then_log(fe: VhostUserFrontend, layout: Layout, frames: int) -> set[
     return logged
 
 
-def stop_and_restart_three_times(fe: VhostUserFrontend) -> None:
-    """Traffic, then GET_VRING_BASE (the relay stops) and SET_VRING_BASE/KICK/ENABLE from what it
-    returned (the relay restarts), three times; then several rings' worth of traffic."""
-    drv = fe.setup()
-    for _ in range(3):
-        assert sorted(loop_frames(drv, 30)) == list(range(30))
-        bases = [fe.get_vring_base(i) for i in range(2)]
-        for i in range(2):
-            fe.ack(Request.SET_VRING_BASE, m.VringState(i, bases[i]).encode())
-            fe.ack(Request.SET_VRING_KICK, m.U64.pack(i), [fe.kick_fds[i]])
-            fe.ack(Request.SET_VRING_ENABLE, m.VringState(i, 1).encode())
-    assert sorted(loop_frames(drv, 3 * fe.num)) == list(range(3 * fe.num))
+def stop_and_restart_three_times(server: RunningServer, layout: Layout):
+    """One connection: traffic, then GET_VRING_BASE (the relay stops) and SET_VRING_BASE/KICK/ENABLE
+    from what it returned (the relay restarts), three times; then several rings' worth of traffic.
+    The connection's summary, once the server saw it close."""
+    fe = VhostUserFrontend(server.connect(), layout)
+    try:
+        drv = fe.setup()
+        for _ in range(3):
+            assert sorted(loop_frames(drv, 30)) == list(range(30))
+            bases = [fe.get_vring_base(i) for i in range(2)]
+            for i in range(2):
+                fe.ack(Request.SET_VRING_BASE, m.VringState(i, bases[i]).encode())
+                fe.ack(Request.SET_VRING_KICK, m.U64.pack(i), [fe.kick_fds[i]])
+                fe.ack(Request.SET_VRING_ENABLE, m.VringState(i, 1).encode())
+        assert sorted(loop_frames(drv, 3 * fe.num)) == list(range(3 * fe.num))
+    finally:
+        fe.close()
+    server.wait_connections(1)
+    (summary,) = server.server.summaries
+    return summary
 
 
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event_idx", "no_event_idx"])
@@ -182,14 +190,9 @@ def test_stop_and_restart_keeps_every_buffer(server, layout):
     """GET_VRING_BASE stops the rings (the device is reset); SET_VRING_BASE with what it returned,
     a new kick and enable restart them. Buffers the device held (every posted RX buffer) are read
     again from the guest ring: traffic of several rings' worth goes on after three restarts."""
-    fe = VhostUserFrontend(server.connect(), layout)
-    try:
-        stop_and_restart_three_times(fe)
-    finally:
-        fe.close()
-    server.wait_connections(1)
-    assert server.server.summaries[0].started == 4
-    assert server.server.summaries[0].error is None
+    summary = stop_and_restart_three_times(server, layout)
+    assert summary.started == 4
+    assert summary.error is None
 
 
 def test_get_vring_base_returns_the_ring_state(server):
@@ -352,14 +355,7 @@ def test_frames_loop_back_through_the_polling_relay(polling_server, layout, even
 def test_stop_and_restart_while_polling_keeps_every_buffer(polling_server, layout):
     """GET_VRING_BASE right after traffic, while the pump may still be in its polling phase: the
     pump stops, every buffer is accounted for, and the restarted relay (a new pump) polls again."""
-    server = polling_server
-    fe = VhostUserFrontend(server.connect(), layout)
-    try:
-        stop_and_restart_three_times(fe)
-    finally:
-        fe.close()
-    server.wait_connections(1)
-    (summary,) = server.server.summaries
+    summary = stop_and_restart_three_times(polling_server, layout)
     assert summary.started == 4 and summary.error is None, summary
     assert summary.relay_loop["poll_phases"] >= 4, summary.relay_loop  # at least one per relay run
 

@@ -225,7 +225,7 @@ class Connection:
         """Handle messages until the frontend hangs up, breaks the protocol, or `stop` is set."""
         # A device that can vanish (a vhost-user backend) says so on this fd: the frontend is then told
         # by the connection closing, rather than left with queues that silently stopped.
-        hangup = self.device.hangup_fd() if hasattr(self.device, "hangup_fd") else None
+        hangup = hangup_fd(self.device)
         watched = [self.sock] if hangup is None else [self.sock, hangup]
         try:
             while stop is None or not stop.is_set():
@@ -705,6 +705,12 @@ def _check_backing(fd: int, offset: int, size: int, what: str) -> None:
         )
 
 
+def hangup_fd(device: Any) -> int | None:
+    """An fd readable once `device` is gone (a vhost-user backend's socket), or None: a vhost-vdpa
+    node or a software device cannot go away under us."""
+    return device.hangup_fd() if hasattr(device, "hangup_fd") else None
+
+
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -740,7 +746,7 @@ class Server:
     def serve_forever(self, on_connection: Any = None) -> list[ConnectionSummary]:
         n = 0
         device = self.session.device
-        hangup = device.hangup_fd() if hasattr(device, "hangup_fd") else None
+        hangup = hangup_fd(device)
         watched = [self.listener] if hangup is None else [self.listener, hangup]
         try:
             while not self._stop.is_set():
