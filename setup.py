@@ -12,6 +12,7 @@ setup(
         Extension(
             "vdpa_svq._relay",
             ["vdpa_svq/_relay.c"],
+            depends=["vdpa_svq/_netloop.c"],  # included by _relay.c: one module
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
             optional=True,

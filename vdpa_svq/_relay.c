@@ -128,9 +128,13 @@ static int queue_broken(PyObject *name)
 
 /* ==== Memory: regions, IOVA map, dirty log ===================================================== */
 
+#define PERM_READ 1  /* = VHOST_ACCESS_RO: the soft device's IOTLB permissions (guest memory is RW) */
+#define PERM_WRITE 2 /* = VHOST_ACCESS_WO */
+
 typedef struct {
     uint64_t gpa, size;
     uint8_t *host;
+    int perm;
 } Region;
 
 typedef struct {
@@ -158,6 +162,23 @@ static uint8_t *mem_view(const MemTable *m, uint64_t gpa, uint64_t length)
     if (off > r->size || length > r->size - off) /* gpa + length > region.end, without overflow */
         return NULL;
     return r->host + off;
+}
+
+/* mem_view for a device access that needs `perm` (PERM_READ / PERM_WRITE) of the region. */
+static uint8_t *mem_access(const MemTable *m, uint64_t addr, uint64_t length, int perm)
+{
+    uint8_t *p = mem_view(m, addr, length);
+    if (p == NULL)
+        return NULL;
+    Py_ssize_t lo = 0, hi = m->n; /* the region mem_view found */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (addr < m->r[mid].gpa)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return (m->r[lo - 1].perm & perm) == perm ? p : NULL;
 }
 
 typedef struct {
@@ -1426,7 +1447,8 @@ static void mem_table_release(MemTable *m)
     m->n = 0;
 }
 
-/* regions: a sequence of (gpa, size, writable buffer of at least size bytes), sorted by gpa. */
+/* regions: a sequence of (gpa, size, writable buffer of at least size bytes[, perm]), sorted by gpa;
+ * perm (PERM_READ | PERM_WRITE) is the device's access to the region, both when it is left out. */
 static int mem_table_init(MemTable *m, PyObject *regions)
 {
     PyObject *seq = PySequence_Fast(regions, "regions must be a sequence of (gpa, size, buffer)");
@@ -1444,7 +1466,8 @@ static int mem_table_init(MemTable *m, PyObject *regions)
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long gpa, size;
         PyObject *obj;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKO", &gpa, &size, &obj))
+        int perm = PERM_READ | PERM_WRITE;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKO|i", &gpa, &size, &obj, &perm))
             goto fail;
         if (PyObject_GetBuffer(obj, &m->views[i], PyBUF_WRITABLE) < 0)
             goto fail;
@@ -1456,6 +1479,7 @@ static int mem_table_init(MemTable *m, PyObject *regions)
         m->r[i].gpa = gpa;
         m->r[i].size = size;
         m->r[i].host = m->views[i].buf;
+        m->r[i].perm = perm;
     }
     Py_DECREF(seq);
     return 0;
@@ -1476,9 +1500,10 @@ static uint8_t *area(const MemTable *m, uint64_t gpa, uint64_t size, const char 
     return p;
 }
 
-static int device_side_init(Relay *q, PyObject *spec)
+/* A device side from its spec: (packed, num, desc, driver, device, event_idx, name, regions, state,
+ * in_flight), over `mem` (the spec's regions are the caller's business). */
+static int device_side_setup(DeviceSide *g, const MemTable *mem, PyObject *spec)
 {
-    DeviceSide *g = &q->guest;
     unsigned long long desc, driver, device, st[5];
     PyObject *regions, *in_flight;
     Py_buffer inf;
@@ -1490,9 +1515,7 @@ static int device_side_init(Relay *q, PyObject *spec)
         PyErr_SetString(PyExc_ValueError, "ring size out of range");
         return -1;
     }
-    if (mem_table_init(&q->guest_mem, regions) < 0)
-        return -1;
-    g->mem = &q->guest_mem;
+    g->mem = mem;
     g->desc_addr = desc;
     g->driver_addr = driver;
     g->device_addr = device;
@@ -1533,6 +1556,17 @@ static int device_side_init(Relay *q, PyObject *spec)
     memcpy(g->in_flight, inf.buf, g->num);
     PyBuffer_Release(&inf);
     return 0;
+}
+
+static int device_side_init(Relay *q, PyObject *spec)
+{
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 10) {
+        PyErr_SetString(PyExc_TypeError, "the guest spec is a tuple of 10");
+        return -1;
+    }
+    if (mem_table_init(&q->guest_mem, PyTuple_GET_ITEM(spec, 7)) < 0)
+        return -1;
+    return device_side_setup(&q->guest, &q->guest_mem, spec);
 }
 
 static int driver_side_init(Relay *q, PyObject *spec, int indirect)
@@ -2272,6 +2306,10 @@ static PyTypeObject PumpType = {
     .tp_getset = pump_getset,
 };
 
+/* ==== The soft net device's datapath (NetLoop), in its own file ================================= */
+
+#include "_netloop.c"
+
 /* ==== The dirty log's harvest ==================================================================== */
 
 /* The bitmap's bits, and the bitmap cleared, in one step that no mark (an atomic OR, GIL held or
@@ -2321,13 +2359,14 @@ PyMODINIT_FUNC PyInit__relay(void)
     Py_DECREF(errors);
     if (!RingError || !GuestRingError || !DeviceRingError || !RingBroken)
         return NULL;
-    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&PumpType) < 0)
+    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&PumpType) < 0 || PyType_Ready(&NetLoopType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&relay_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "CShadowVirtqueue", (PyObject *)&RelayType) < 0 ||
-        PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0) {
+        PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
+        PyModule_AddObjectRef(m, "NetLoop", (PyObject *)&NetLoopType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -49,7 +49,9 @@ def _regions(mem: GuestMemory) -> tuple[tuple[int, int, Any], ...]:
     return tuple((r.gpa, r.size, r.mm) for r in mem)
 
 
-def _guest_spec(ring: DeviceRing) -> tuple:
+def device_ring_spec(ring: DeviceRing, regions: tuple = ()) -> tuple:
+    """What the C code needs of a device-side ring (the relay's guest ring, the soft net device's
+    rings): configuration, indexes and in-flight buffers; `regions` only where C maps them itself."""
     if ring.broken:
         raise ValueError(f"{ring.name}: ring is broken")
     a = ring.addrs
@@ -59,7 +61,7 @@ def _guest_spec(ring: DeviceRing) -> tuple:
     else:
         state = (ring.last_avail_idx, ring.used_idx, ring.signalled_used, 0, 0)
     return (ring.layout is Layout.PACKED, ring.num, a.desc, a.driver, a.device, ring.event_idx, ring.name,
-            _regions(ring.mem), state, bytes(ring._in_flight))
+            regions, state, bytes(ring._in_flight))
 
 
 def _shadow_spec(ring: DriverRing) -> tuple:
@@ -142,7 +144,7 @@ class CShadowVirtqueue:
             indirect=bool(svq.indirect),
             device_kick=_notifier(svq.device_kick),
             guest_call=_notifier(svq.guest_call),
-            guest=_guest_spec(svq.guest),
+            guest=device_ring_spec(svq.guest, _regions(svq.guest.mem)),
             shadow=_shadow_spec(svq.shadow),
             iova=tuple(svq.iova._maps),  # a snapshot: build a new relay if the IOVA map changes
             dirty_bits=None if svq.dirty is None else svq.dirty.bits,

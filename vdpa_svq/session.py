@@ -379,12 +379,16 @@ class ShadowSession:
         if guest_call is None:
             guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._fds.append(guest_call)
+        # A device in this process (the soft net device) may serve our kick in the relay's own
+        # thread: no eventfd write, no wake-up of its thread.
+        inline_kick = getattr(dev.device, "inline_kick", None)
+        device_kick = (inline_kick(index) if inline_kick else None) or EventfdNotifier(dq.kick_fd)
         svq = make_shadow_virtqueue(
             guest_ring,
             shadow_ring,
             self.iova,
             self.dirty,
-            device_kick=EventfdNotifier(dq.kick_fd),
+            device_kick=device_kick,
             guest_call=EventfdNotifier(guest_call),
             indirect=indirect,
             name=f"svq{index}",

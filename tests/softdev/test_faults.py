@@ -85,7 +85,7 @@ def test_unmapped_buffer_breaks_the_queue():
 def test_datapath_exception_is_recorded_never_silent():
     """An unexpected exception in the datapath thread is kept, the device asks for a reset
     (DEVICE_NEEDS_RESET) and every queue reports it on its err eventfd."""
-    dev = SoftNetDevice()
+    dev = SoftNetDevice(datapath="py")  # the Python datapath's process() is the one made to fail
     drv = NetDriver(dev, num=8)
     try:
 

@@ -43,6 +43,27 @@ def _bit(n: int) -> int:
     return 1 << n
 
 
+class DeviceLock:
+    """The device lock, re-entrant. Whoever takes it gets the rings in Python's hands: a datapath
+    that runs in C (SoftNetDevice's) hands them back first (`on_acquire`). The datapath thread
+    takes `raw`, the same lock without the hand-back, since it is the one that hands them out."""
+
+    def __init__(self, on_acquire: Callable[[], None]) -> None:
+        self.raw = threading.RLock()
+        self._on_acquire = on_acquire
+
+    def __enter__(self) -> None:
+        self.raw.acquire()
+        try:
+            self._on_acquire()
+        except BaseException:
+            self.raw.release()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.raw.release()
+
+
 class SoftDevice:
     """Base of the soft devices. Not thread-safe for concurrent control calls (neither is an fd)."""
 
@@ -81,7 +102,7 @@ class SoftDevice:
         self.acked_backend_features = 0
         self.mem = IotlbMemory(self.path, iova_range)
         self.queues = [SoftQueue(i, name) for i, name in enumerate(self.QUEUE_NAMES)]
-        self.lock = threading.RLock()
+        self.lock = DeviceLock(self.take_back_rings)
         self._owner = False
         self._closed = False
         self._features = 0
@@ -486,6 +507,19 @@ class SoftDevice:
     def process(self) -> bool:
         """Do all the work the queues allow now; True if anything moved (subclasses)."""
         return False
+
+    def service_fast(self) -> bool:
+        """A service pass by a datapath of the subclass's own (in C); False: do it in Python."""
+        return False
+
+    def take_back_rings(self) -> None:
+        """Called with the lock just taken: make the Python rings and stats current (subclasses
+        whose datapath keeps them elsewhere)."""
+
+    def inline_kick(self, index: int) -> Callable[[], None] | None:
+        """A kick of queue `index` that a driver in this process may call instead of writing the
+        kick eventfd (served in the caller's thread), or None: use the eventfd."""
+        return None
 
     def guard(self, q: SoftQueue, fn: Callable[[], T]) -> T | None:
         """fn() on queue q's behalf; a fault breaks q (recorded) and returns None."""

@@ -60,13 +60,14 @@ class Datapath:
     def _run(self) -> None:
         dev = self._dev
         try:
-            with dev.lock:
+            # The raw lock: taking the ordinary one would hand a C datapath's rings back each time.
+            with dev.lock.raw:
                 if not self._stopping:
                     # Chains may have been made available before DRIVER_OK, with nobody to kick.
                     self.service()
             while True:
                 events = self._ep.poll()
-                with dev.lock:
+                with dev.lock.raw:
                     if self._stopping:
                         return
                     for fd, _ in events:
@@ -88,6 +89,8 @@ class Datapath:
     def service(self) -> None:
         """Process until idle, with the no-lost-kick dance (QEMU: `while (!enable_notification)`)."""
         dev = self._dev
+        if dev.service_fast():
+            return
         while True:
             for q in dev.queues:
                 if q.usable:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernel_iface import errors, uapi
@@ -105,6 +106,9 @@ class IotlbMemory:
         self.iova_range = iova_range
         self._live: tuple[list[int], list[IotlbMapping]] = ([], [])
         self._staged: list[IotlbMapping] | None = None
+        # Called after every change the device sees (not inside a batch): a datapath that keeps
+        # its own copy of the mappings (the C one) drops it here.
+        self.on_change: Callable[[], None] | None = None
 
     # -- updates (control plane) ---------------------------------------------------------------
     @property
@@ -121,6 +125,11 @@ class IotlbMemory:
             self._staged = maps
         else:
             self._live = ([m.iova for m in maps], maps)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def update(self, iova: int, size: int, uaddr: int, perm: int) -> None:
         op = errors.IOTLB_UPDATE
@@ -158,6 +167,7 @@ class IotlbMemory:
     def clear(self) -> None:
         self._staged = None
         self._live = ([], [])
+        self._changed()
 
     # -- device access (datapath) --------------------------------------------------------------
     def _find(self, addr: int) -> IotlbMapping | None:

@@ -10,12 +10,21 @@ TX chain is shorter than a virtio_net_hdr.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
+from collections.abc import Callable
 
 from kernel_iface import uapi
+from vdpa_svq.relay_impl import device_ring_spec
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
+
+try:  # the loopback in C (vdpa_svq/_netloop.c); without it the Python datapath below runs
+    from vdpa_svq._relay import NetLoop
+except ImportError:
+    NetLoop = None
 
 RX, TX = 0, 1
 VIRTIO_NET_S_LINK_UP = 1
@@ -40,12 +49,33 @@ class SoftNetDevice(SoftDevice):
     # No CTRL_VQ: one queue pair, no control queue to model.
     DEVICE_FEATURES = 1 << uapi.VIRTIO_NET_F_MAC | 1 << uapi.VIRTIO_NET_F_STATUS | 1 << uapi.VIRTIO_NET_F_MTU
 
-    def __init__(self, *, mac: bytes = DEFAULT_MAC, mtu: int = 1500, **kwargs: object) -> None:
+    # What datapath=None means; the soft device tests run once per value.
+    DEFAULT_DATAPATH = "auto"
+
+    def __init__(
+        self, *, mac: bytes = DEFAULT_MAC, mtu: int = 1500, datapath: str | None = None, **kwargs: object
+    ) -> None:
+        """datapath: "c" (the loopback in C, for the regular case), "py" (all in Python), or
+        "auto" (C when the extension is built)."""
+        datapath = datapath or self.DEFAULT_DATAPATH
         if len(mac) != 6:
             raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+        if datapath not in ("auto", "c", "py"):
+            raise ValueError(f"datapath is auto, c or py, not {datapath!r}")
+        if datapath == "c" and NetLoop is None:
+            raise ValueError("datapath 'c' needs the C extension (vdpa_svq._relay), which is not built")
+        # Before the base class makes the lock, which calls take_back_rings().
+        self._c = NetLoop(self._punt_kick) if NetLoop is not None and datapath != "py" else None
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.mac = bytes(mac)
         self.mtu = mtu
+        if self._c is not None:
+            self.mem.on_change = self._iotlb_changed
+
+    @property
+    def datapath(self) -> str:
+        """Which datapath serves the regular case: "c" or "py"."""
+        return "py" if self._c is None else "c"
 
     @classmethod
     def like_vdpa_sim(cls, **kwargs: object) -> SoftNetDevice:
@@ -54,6 +84,55 @@ class SoftNetDevice(SoftDevice):
 
     def config(self) -> bytes:
         return _NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu, SPEED_UNKNOWN, DUPLEX_UNKNOWN, 0, 0, 0)
+
+    # -- the C datapath: who owns the rings ----------------------------------------------------------
+    def service_fast(self) -> bool:
+        """With the lock held (the datapath thread): serve in C when both queues run; False when
+        the Python datapath must (a queue down, or a chain C leaves to it)."""
+        c = self._c
+        if c is None:
+            return False
+        if not c.loaded:
+            rx, tx = self.queues[RX], self.queues[TX]
+            if not (self.running and rx.usable and tx.usable):
+                return False
+            c.attach(
+                device_ring_spec(rx.ring),  # type: ignore[arg-type]
+                device_ring_spec(tx.ring),  # type: ignore[arg-type]
+                tuple((m.iova, m.size, m.view, m.perm) for m in self.mem.mappings),
+                (rx.call_fd, tx.call_fd),
+                self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
+            )
+        if c.service() == 0:
+            return True
+        self.take_back_rings()  # a chain for the Python datapath: it needs its rings current
+        return False
+
+    def take_back_rings(self) -> None:
+        handed = self._c.detach() if self._c is not None else None
+        if handed is None:
+            return
+        states, counts = handed
+        for q, state, count in zip(self.queues, states, counts, strict=True):
+            for attr, value in state.items():
+                setattr(q.ring, attr, value)
+            for attr, n in count.items():
+                setattr(q.stats, attr, getattr(q.stats, attr) + n)
+
+    def _iotlb_changed(self) -> None:
+        with self.lock:  # takes the rings back: the C copy of the mappings is stale now
+            pass
+
+    def _punt_kick(self, index: int) -> None:
+        fd = self.queues[index].kick_fd
+        if fd >= 0:
+            os.eventfd_write(fd, 1)
+
+    def inline_kick(self, index: int) -> Callable[[], None] | None:
+        if self._c is None:
+            return None
+        self._queue("inline kick", index)
+        return functools.partial(self._c.kick, index)
 
     # -- datapath --------------------------------------------------------------------------------
     def process(self) -> bool:

@@ -1,0 +1,376 @@
+/*
+ * NetLoop: the soft net device's datapath in C (softdev/net.py:SoftNetDevice.process is the
+ * reference). Part of the vdpa_svq._relay module: _relay.c includes this file, so that the device
+ * sides of the relay's guest rings (which is what a device's rings are) serve here too.
+ *
+ * The loopback: every TX frame comes back on RX with num_buffers = 1; a TX chain stays in its ring
+ * while RX has no buffer; a frame shorter than the virtio-net header is dropped (TX completed).
+ *
+ * Only the regular case runs here. A chain the Python datapath would fault on (a ring rule broken,
+ * an IOVA its IOTLB does not map or does not allow, an indirect chain without INDIRECT_DESC, a
+ * segment across two mappings) is left where it is, both rings as they were before it, and
+ * service() returns NETLOOP_PUNT: the Python datapath takes that chain and raises its own fault,
+ * with its own words.
+ *
+ * Ownership: attach() takes the rings' indexes from the Python rings; from then on this object
+ * owns them and the Python rings are stale until detach() gives the indexes (and the counters
+ * since attach) back. SoftNetDevice detaches whenever anyone takes its lock (a control operation)
+ * and whenever the IOTLB changes; it attaches only with the lock held. Every method runs with the
+ * GIL held and never releases it, so each is atomic to the Python threads: the relay's pump may
+ * kick() from its thread, without the device lock, while the device's own thread sleeps.
+ */
+
+enum { NET_RX = 0, NET_TX = 1, NET_HDR_SIZE = 12, NET_NUM_BUFFERS_OFF = 10 };
+enum { NETLOOP_IDLE = 0, NETLOOP_PUNT = 1 };
+
+typedef struct {
+    unsigned long long chains, read_bytes, written_bytes, kicks, calls, dropped;
+} NetQueueStats; /* softdev/queue.py:QueueStats, counted since attach */
+
+typedef struct {
+    PyObject_HEAD
+    int loaded;
+    int indirect_ok;
+    MemTable mem;        /* the IOTLB as attach saw it: iova -> host, with permissions */
+    DeviceSide q[2];     /* NET_RX, NET_TX */
+    Chain chain[2];
+    int call_fd[2];
+    NetQueueStats st[2];
+    PyObject *punt_kick; /* punt_kick(index): the Python datapath's kick, when this one cannot serve */
+    uint8_t *pkt;        /* one frame on its way from TX to RX */
+    size_t pkt_cap;
+} NetLoop;
+
+static inline int dev_has_avail(const DeviceSide *g) { return g->packed ? has_avail_packed(g) : has_avail_split(g); }
+
+static void netloop_unload(NetLoop *n)
+{
+    for (int i = 0; i < 2; i++) {
+        Py_CLEAR(n->q[i].name);
+        PyMem_Free(n->q[i].in_flight);
+        memset(&n->q[i], 0, sizeof n->q[i]);
+    }
+    mem_table_release(&n->mem);
+    n->loaded = 0;
+}
+
+/* Take a chain back out of the ring as if it had never been popped (saved: the side before it). */
+static void unpop(DeviceSide *g, const DeviceSide *saved, const Chain *c, int popped)
+{
+    if (popped)
+        g->in_flight[c->id] = 0;
+    *g = *saved;
+}
+
+/* The frame's bytes: the TX chain's readable segments, in order (chainio.gather). 0, or -1 to punt. */
+static int netloop_gather(NetLoop *n, const Chain *c, size_t *len)
+{
+    size_t total = 0;
+    for (uint32_t i = 0; i < c->nsegs; i++) {
+        const Seg *sg = &c->segs[i];
+        if (sg->write || sg->len == 0)
+            continue;
+        const uint8_t *src = mem_access(&n->mem, sg->addr, sg->len, PERM_READ);
+        if (src == NULL)
+            return -1;
+        if (total + sg->len > n->pkt_cap) {
+            size_t cap = (total + sg->len) * 2;
+            uint8_t *p = PyMem_Realloc(n->pkt, cap);
+            if (p == NULL)
+                return -1; /* the Python datapath will manage, or say why not */
+            n->pkt = p;
+            n->pkt_cap = cap;
+        }
+        memcpy(n->pkt + total, src, sg->len);
+        total += sg->len;
+    }
+    *len = total;
+    return 0;
+}
+
+/* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter).
+ * Bytes written, or -1 to punt; nothing is written unless every segment it needs is allowed. */
+static int64_t netloop_scatter(NetLoop *n, const Chain *c, size_t len)
+{
+    size_t done = 0;
+    for (int pass = 0; pass < 2; pass++) { /* check, then copy */
+        done = 0;
+        for (uint32_t i = 0; i < c->nsegs && done < len; i++) {
+            const Seg *sg = &c->segs[i];
+            if (!sg->write)
+                continue;
+            size_t k = sg->len < len - done ? sg->len : len - done;
+            if (k == 0)
+                continue;
+            uint8_t *dst = mem_access(&n->mem, sg->addr, k, PERM_WRITE);
+            if (dst == NULL)
+                return -1;
+            if (pass)
+                memcpy(dst, n->pkt + done, k);
+            done += k;
+        }
+    }
+    return (int64_t)done;
+}
+
+static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
+{
+    Token t = {.id = c->id, .ndescs = c->ndescs, .writable_bytes = c->writable_bytes};
+    Piece spans[2];
+    guest_push_used(g, &t, written, spans);
+}
+
+/* mirrors net.py:SoftNetDevice.process: 1 if a frame moved, 0 if none, NETLOOP_PUNT + 1 to punt. */
+static int netloop_process(NetLoop *n)
+{
+    DeviceSide *rx = &n->q[NET_RX], *tx = &n->q[NET_TX];
+    Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
+    int progress = 0;
+    while (dev_has_avail(tx)) {
+        if (!dev_has_avail(rx))
+            break; /* hold: the frame stays in the TX ring until RX buffers arrive */
+        DeviceSide tx0 = *tx, rx0 = *rx;
+        int tx_popped = 0, rx_popped = 0;
+        size_t len = 0;
+        int64_t written = -1;
+        if (guest_pop(tx, tc) != 1 || (tc->indirect && !n->indirect_ok))
+            goto punt;
+        tx_popped = 1;
+        if (netloop_gather(n, tc, &len) < 0)
+            goto punt;
+        if (len >= NET_HDR_SIZE) {
+            if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
+                goto punt;
+            rx_popped = 1;
+            /* Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1). */
+            n->pkt[NET_NUM_BUFFERS_OFF] = 1;
+            n->pkt[NET_NUM_BUFFERS_OFF + 1] = 0;
+            written = netloop_scatter(n, rc, len);
+            if (written < 0)
+                goto punt;
+            netloop_push(rx, rc, (uint32_t)written);
+            n->st[NET_RX].chains++;
+            n->st[NET_RX].written_bytes += (unsigned long long)written;
+        } else {
+            n->st[NET_TX].dropped++;
+        }
+        netloop_push(tx, tc, 0);
+        n->st[NET_TX].chains++;
+        n->st[NET_TX].read_bytes += len;
+        progress = 1;
+        continue;
+    punt:
+        PyErr_Clear(); /* a pop's RingError: the Python datapath will raise it again, for real */
+        unpop(rx, &rx0, rc, rx_popped);
+        unpop(tx, &tx0, tc, tx_popped);
+        return NETLOOP_PUNT + 1;
+    }
+    return progress;
+}
+
+/* mirrors datapath.py:Datapath.signal */
+static int netloop_signal(NetLoop *n)
+{
+    for (int i = 0; i < 2; i++) {
+        if (!guest_need_notify(&n->q[i]) || n->call_fd[i] < 0)
+            continue;
+        uint64_t one = 1;
+        if (write(n->call_fd[i], &one, sizeof one) < 0 && errno != EAGAIN) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        n->st[i].calls++;
+    }
+    return 0;
+}
+
+/* mirrors datapath.py:Datapath.service: process until idle, with the no-lost-kick dance.
+ * NETLOOP_IDLE, NETLOOP_PUNT, or -1 with an exception. */
+static int netloop_service(NetLoop *n)
+{
+    for (;;) {
+        for (int i = 0; i < 2; i++)
+            guest_disable_notify(&n->q[i]);
+        int r = netloop_process(n);
+        if (r > NETLOOP_PUNT)
+            return NETLOOP_PUNT;
+        if (netloop_signal(n) < 0)
+            return -1;
+        for (int i = 0; i < 2; i++)
+            guest_enable_notify(&n->q[i]);
+        r = netloop_process(n);
+        if (r > NETLOOP_PUNT)
+            return NETLOOP_PUNT;
+        if (r == 0)
+            return netloop_signal(n) < 0 ? -1 : NETLOOP_IDLE;
+    }
+}
+
+/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): the specs as the C
+ * relay's guest spec (relay_impl.device_ring_spec; their regions item is not used), regions the IOTLB
+ * as (iova, size, buffer, perm). */
+static PyObject *netloop_attach(NetLoop *n, PyObject *args)
+{
+    PyObject *specs[2], *regions;
+    int indirect_ok;
+    if (n->loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "NetLoop is attached already");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O(ii)p", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
+                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok))
+        return NULL;
+    if (mem_table_init(&n->mem, regions) < 0)
+        goto fail;
+    for (int i = 0; i < 2; i++) {
+        if (device_side_setup(&n->q[i], &n->mem, specs[i]) < 0)
+            goto fail;
+        if (n->chain[i].segs == NULL) {
+            n->chain[i].cap = 64;
+            n->chain[i].segs = PyMem_Calloc(n->chain[i].cap, sizeof(Seg));
+            if (n->chain[i].segs == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+        }
+    }
+    n->indirect_ok = indirect_ok;
+    memset(n->st, 0, sizeof n->st);
+    n->loaded = 1;
+    Py_RETURN_NONE;
+fail:
+    netloop_unload(n);
+    return NULL;
+}
+
+static PyObject *device_side_state(const DeviceSide *g)
+{
+    if (g->packed)
+        return Py_BuildValue("{s:I,s:i,s:I,s:i,s:K}", "next_avail_idx", g->next_avail_idx, "avail_wrap_counter",
+                             g->avail_wrap_counter, "next_used_idx", g->next_used_idx, "used_wrap_counter",
+                             g->used_wrap_counter, "_used_since_signal", (unsigned long long)g->used_since_signal);
+    return Py_BuildValue("{s:H,s:H,s:H}", "last_avail_idx", g->last_avail_idx, "used_idx", g->used_idx,
+                         "signalled_used", g->signalled_used);
+}
+
+static PyObject *net_stats(const NetQueueStats *s)
+{
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "chains", s->chains, "read_bytes", s->read_bytes,
+                         "written_bytes", s->written_bytes, "kicks", s->kicks, "calls", s->calls, "dropped",
+                         s->dropped);
+}
+
+/* detach() -> ((rx_state, tx_state), (rx_counts, tx_counts)): the Python rings' attributes as
+ * they stand now, and the QueueStats counts since attach; None when not attached. */
+static PyObject *netloop_detach(NetLoop *n, PyObject *Py_UNUSED(ignored))
+{
+    if (!n->loaded)
+        Py_RETURN_NONE;
+    PyObject *out = Py_BuildValue("((NN)(NN))", device_side_state(&n->q[NET_RX]), device_side_state(&n->q[NET_TX]),
+                                  net_stats(&n->st[NET_RX]), net_stats(&n->st[NET_TX]));
+    netloop_unload(n);
+    return out;
+}
+
+static PyObject *netloop_service_py(NetLoop *n, PyObject *Py_UNUSED(ignored))
+{
+    if (!n->loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "NetLoop is not attached");
+        return NULL;
+    }
+    int r = netloop_service(n);
+    return r < 0 ? NULL : PyLong_FromLong(r);
+}
+
+/* The kick of queue `index` from a driver in this process (the relay), served right here: no
+ * eventfd, no thread wake-up. When not attached, or when a chain needs the Python datapath, the
+ * kick goes the ordinary way (punt_kick) and the device's thread takes it. */
+static PyObject *netloop_kick(NetLoop *n, PyObject *arg)
+{
+    long index = PyLong_AsLong(arg);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index != NET_RX && index != NET_TX) {
+        PyErr_Format(PyExc_ValueError, "queue %ld: the loopback has rx (0) and tx (1)", index);
+        return NULL;
+    }
+    if (n->loaded) {
+        n->st[index].kicks++;
+        int r = netloop_service(n);
+        if (r < 0)
+            return NULL;
+        if (r == NETLOOP_IDLE)
+            Py_RETURN_NONE;
+        n->st[index].kicks--; /* counted again where the punted kick lands */
+    }
+    return PyObject_CallOneArg(n->punt_kick, arg);
+}
+
+static int netloop_init(NetLoop *n, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"punt_kick", NULL};
+    PyObject *punt;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &punt))
+        return -1;
+    if (!PyCallable_Check(punt)) {
+        PyErr_SetString(PyExc_TypeError, "punt_kick must be callable");
+        return -1;
+    }
+    Py_XSETREF(n->punt_kick, Py_NewRef(punt));
+    return 0;
+}
+
+static int netloop_traverse(NetLoop *n, visitproc visit, void *arg)
+{
+    Py_VISIT(n->punt_kick);
+    return 0;
+}
+
+static int netloop_clear(NetLoop *n)
+{
+    Py_CLEAR(n->punt_kick);
+    return 0;
+}
+
+static void netloop_dealloc(NetLoop *n)
+{
+    PyObject_GC_UnTrack(n);
+    netloop_unload(n);
+    netloop_clear(n);
+    for (int i = 0; i < 2; i++)
+        PyMem_Free(n->chain[i].segs);
+    PyMem_Free(n->pkt);
+    Py_TYPE(n)->tp_free((PyObject *)n);
+}
+
+static PyObject *netloop_get_loaded(NetLoop *n, void *Py_UNUSED(closure)) { return PyBool_FromLong(n->loaded); }
+
+static PyMethodDef netloop_methods[] = {
+    {"attach", (PyCFunction)netloop_attach, METH_VARARGS,
+     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): take over the rings."},
+    {"detach", (PyCFunction)netloop_detach, METH_NOARGS,
+     "Give the rings back: ((rx_state, tx_state), (rx_counts, tx_counts)), or None."},
+    {"service", (PyCFunction)netloop_service_py, METH_NOARGS,
+     "Process until idle: 0, or 1 when a chain needs the Python datapath (left in its ring)."},
+    {"kick", (PyCFunction)netloop_kick, METH_O, "kick(index): a driver's kick, served inline when attached."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef netloop_getset[] = {
+    {"loaded", (getter)netloop_get_loaded, NULL, "Whether it owns the rings (attached).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject NetLoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.NetLoop",
+    .tp_basicsize = sizeof(NetLoop),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The soft net device's loopback datapath in C (softdev/net.py is the reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)netloop_init,
+    .tp_dealloc = (destructor)netloop_dealloc,
+    .tp_traverse = (traverseproc)netloop_traverse,
+    .tp_clear = (inquiry)netloop_clear,
+    .tp_methods = netloop_methods,
+    .tp_getset = netloop_getset,
+};
