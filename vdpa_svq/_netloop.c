@@ -32,6 +32,7 @@ typedef struct {
     int loaded;
     int indirect_ok;
     MemTable mem;        /* the IOTLB as attach saw it: iova -> host, with permissions */
+    MemTable areas[2];   /* each ring's three areas, as the Python ring translated them at start */
     DeviceSide q[2];     /* NET_RX, NET_TX */
     Chain chain[2];
     int call_fd[2];
@@ -51,6 +52,8 @@ static void netloop_unload(NetLoop *n)
         memset(&n->q[i], 0, sizeof n->q[i]);
     }
     mem_table_release(&n->mem);
+    mem_table_release(&n->areas[0]);
+    mem_table_release(&n->areas[1]);
     n->loaded = 0;
 }
 
@@ -113,6 +116,55 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, size_t len)
     return (int64_t)done;
 }
 
+/* Start fetching the first buffers of the chains the driver has made available beyond the ones
+ * being served: their bytes are in the driver's CPU cache, and a copy would wait for each in turn.
+ * Chains [skip, skip + count) from the next one. A peek only: nothing read here is trusted or
+ * kept, and an address outside the table is skipped. */
+#define PREFETCH_AHEAD 4
+
+static void netloop_prefetch(const NetLoop *n, const DeviceSide *g, int write, uint32_t skip, uint32_t count)
+{
+    uint32_t slot = g->packed ? g->next_avail_idx : g->last_avail_idx;
+    int wrap = g->avail_wrap_counter;
+    uint16_t avail_idx = g->packed ? 0 : ld16(g->driver + AVAIL_IDX);
+    for (uint32_t k = 0; k < skip + count; k++) {
+        const uint8_t *d;
+        if (g->packed) {
+            uint32_t walked = 0; /* this chain's slots, to find the next head */
+            if (!is_avail_packed(g, slot, wrap))
+                return;
+            d = g->desc + (size_t)slot * DESC_SIZE;
+            for (;;) {
+                uint16_t flags = ld16(g->desc + (size_t)slot * DESC_SIZE + DESC_FLAGS_OFF);
+                if (++slot == g->num) {
+                    slot = 0;
+                    wrap ^= 1;
+                }
+                if (!(flags & VRING_DESC_F_NEXT) || ++walked >= g->num)
+                    break;
+            }
+        } else {
+            if ((uint16_t)slot == avail_idx)
+                return;
+            uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ((uint16_t)slot % g->num));
+            slot++;
+            if (head >= g->num)
+                return;
+            d = g->desc + (size_t)head * DESC_SIZE;
+        }
+        if (k < skip || (ld16(d + (g->packed ? DESC_FLAGS_OFF : 12)) & VRING_DESC_F_INDIRECT))
+            continue;
+        uint32_t len = ld32(d + DESC_LEN_OFF);
+        const uint8_t *p = mem_view(&n->mem, ld64(d), len < 64 ? len : 64);
+        if (p == NULL)
+            continue;
+        if (write)
+            __builtin_prefetch(p, 1);
+        else
+            __builtin_prefetch(p, 0);
+    }
+}
+
 static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
 {
     Token t = {.id = c->id, .ndescs = c->ndescs, .writable_bytes = c->writable_bytes};
@@ -126,6 +178,8 @@ static int netloop_process(NetLoop *n)
     DeviceSide *rx = &n->q[NET_RX], *tx = &n->q[NET_TX];
     Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
     int progress = 0;
+    netloop_prefetch(n, tx, 0, 0, PREFETCH_AHEAD);
+    netloop_prefetch(n, rx, 1, 0, PREFETCH_AHEAD);
     while (dev_has_avail(tx)) {
         if (!dev_has_avail(rx))
             break; /* hold: the frame stays in the TX ring until RX buffers arrive */
@@ -136,12 +190,14 @@ static int netloop_process(NetLoop *n)
         if (guest_pop(tx, tc) != 1 || (tc->indirect && !n->indirect_ok))
             goto punt;
         tx_popped = 1;
+        netloop_prefetch(n, tx, 0, PREFETCH_AHEAD - 1, 1);
         if (netloop_gather(n, tc, &len) < 0)
             goto punt;
         if (len >= NET_HDR_SIZE) {
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
+            netloop_prefetch(n, rx, 1, PREFETCH_AHEAD - 1, 1);
             /* Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1). */
             n->pkt[NET_NUM_BUFFERS_OFF] = 1;
             n->pkt[NET_NUM_BUFFERS_OFF + 1] = 0;
@@ -207,8 +263,9 @@ static int netloop_service(NetLoop *n)
 }
 
 /* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): the specs as the C
- * relay's guest spec (relay_impl.device_ring_spec; their regions item is not used), regions the IOTLB
- * as (iova, size, buffer, perm). */
+ * relay's guest spec (relay_impl.device_ring_spec), whose regions are the ring's three areas as
+ * the Python ring holds them (translated when the ring started, as a device does at DRIVER_OK);
+ * regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
 static PyObject *netloop_attach(NetLoop *n, PyObject *args)
 {
     PyObject *specs[2], *regions;
@@ -223,7 +280,12 @@ static PyObject *netloop_attach(NetLoop *n, PyObject *args)
     if (mem_table_init(&n->mem, regions) < 0)
         goto fail;
     for (int i = 0; i < 2; i++) {
-        if (device_side_setup(&n->q[i], &n->mem, specs[i]) < 0)
+        if (PyTuple_GET_SIZE(specs[i]) != 10) {
+            PyErr_SetString(PyExc_TypeError, "a ring spec is a tuple of 10");
+            goto fail;
+        }
+        if (mem_table_init(&n->areas[i], PyTuple_GET_ITEM(specs[i], 7)) < 0 ||
+            device_side_setup(&n->q[i], &n->mem, &n->areas[i], specs[i]) < 0)
             goto fail;
         if (n->chain[i].segs == NULL) {
             n->chain[i].cap = 64;

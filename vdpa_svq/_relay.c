@@ -143,9 +143,8 @@ typedef struct {
     Py_ssize_t n;
 } MemTable;
 
-/* mirrors memory/guest.py:GuestMemory._locate (as view()/contains()): the host address of
- * [gpa, gpa+length) when one region holds all of it, else NULL. */
-static uint8_t *mem_view(const MemTable *m, uint64_t gpa, uint64_t length)
+/* The region that holds all of [gpa, gpa+length), else NULL. */
+static inline const Region *mem_region(const MemTable *m, uint64_t gpa, uint64_t length)
 {
     Py_ssize_t lo = 0, hi = m->n; /* bisect_right(starts, gpa) */
     while (lo < hi) {
@@ -161,24 +160,22 @@ static uint8_t *mem_view(const MemTable *m, uint64_t gpa, uint64_t length)
     uint64_t off = gpa - r->gpa;
     if (off > r->size || length > r->size - off) /* gpa + length > region.end, without overflow */
         return NULL;
-    return r->host + off;
+    return r;
+}
+
+/* mirrors memory/guest.py:GuestMemory._locate (as view()/contains()): the host address of
+ * [gpa, gpa+length) when one region holds all of it, else NULL. */
+static inline uint8_t *mem_view(const MemTable *m, uint64_t gpa, uint64_t length)
+{
+    const Region *r = mem_region(m, gpa, length);
+    return r ? r->host + (gpa - r->gpa) : NULL;
 }
 
 /* mem_view for a device access that needs `perm` (PERM_READ / PERM_WRITE) of the region. */
-static uint8_t *mem_access(const MemTable *m, uint64_t addr, uint64_t length, int perm)
+static inline uint8_t *mem_access(const MemTable *m, uint64_t addr, uint64_t length, int perm)
 {
-    uint8_t *p = mem_view(m, addr, length);
-    if (p == NULL)
-        return NULL;
-    Py_ssize_t lo = 0, hi = m->n; /* the region mem_view found */
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (addr < m->r[mid].gpa)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    return (m->r[lo - 1].perm & perm) == perm ? p : NULL;
+    const Region *r = mem_region(m, addr, length);
+    return r && (r->perm & perm) == perm ? r->host + (addr - r->gpa) : NULL;
 }
 
 typedef struct {
@@ -1136,6 +1133,12 @@ typedef struct {
     unsigned long long forwarded, returned, bytes_written, device_kicks, guest_calls, ring_full;
 } RelayStats;
 
+/* Dirty pages are gathered during one call (a burst) and put in the log at its end, one atomic
+ * OR per page rather than per write: a burst's used elements share a page or two. Every write
+ * is before its mark still, and no call returns with marks pending, so a sync of the log never
+ * misses a page written before the relay stopped (as DPDK's vhost log cache does it). */
+#define MARK_BATCH 64
+
 typedef struct {
     PyObject_HEAD
     PyObject *name;
@@ -1156,6 +1159,8 @@ typedef struct {
     Py_buffer dirty_view; /* the DirtyBitmap's bytearray, when there is a dirty log */
     int has_dirty;
     uint64_t dirty_pages;
+    uint64_t marks[MARK_BATCH]; /* pages written during the current call, not yet in the log */
+    uint32_t nmarks;
     int ready;
 } Relay;
 
@@ -1313,8 +1318,19 @@ static int svq_log_written(Relay *q, const Token *t, uint32_t written)
     return 0;
 }
 
+/* Put the call's pending marks in the log: one atomic OR per page, in the vhost log format. */
+static void svq_flush_marks(Relay *q)
+{
+    uint8_t *bits = q->dirty_view.buf;
+    for (uint32_t i = 0; i < q->nmarks; i++) {
+        uint64_t page = q->marks[i];
+        __atomic_fetch_or(&bits[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+    }
+    q->nmarks = 0;
+}
+
 /* mirrors relay.py:ShadowVirtqueue._mark (and dirty.py:DirtyBitmap.mark): every page that
- * [gpa, gpa+length) touches, one atomic OR per page, in the vhost log format. */
+ * [gpa, gpa+length) touches, marked by the end of this call (svq_flush_marks). */
 static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
 {
     if (!q->has_dirty || length == 0)
@@ -1328,9 +1344,14 @@ static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
         PyErr_SetString(PyExc_ValueError, msg);
         return -1;
     }
-    uint8_t *bits = q->dirty_view.buf;
-    for (uint64_t page = first; page <= last; page++)
-        __atomic_fetch_or(&bits[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+    for (uint64_t page = first; page <= last; page++) {
+        uint32_t n = q->nmarks;
+        if ((n > 0 && q->marks[n - 1] == page) || (n > 1 && q->marks[n - 2] == page))
+            continue; /* a used ring's page, again */
+        if (n == MARK_BATCH)
+            svq_flush_marks(q);
+        q->marks[q->nmarks++] = page;
+    }
     return 0;
 }
 
@@ -1419,7 +1440,9 @@ static PyObject *svq_guarded(Relay *q, int (*work)(Relay *))
     }
     if (q->error != Py_None)
         Py_RETURN_NONE;
-    if (work(q) < 0) {
+    int failed = work(q) < 0;
+    svq_flush_marks(q); /* what was written before a failure is still written */
+    if (failed) {
         if (!PyErr_ExceptionMatches(RingError))
             return NULL;
         PyObject *type, *value, *tb;
@@ -1447,8 +1470,9 @@ static void mem_table_release(MemTable *m)
     m->n = 0;
 }
 
-/* regions: a sequence of (gpa, size, writable buffer of at least size bytes[, perm]), sorted by gpa;
- * perm (PERM_READ | PERM_WRITE) is the device's access to the region, both when it is left out. */
+/* regions: a sequence of (gpa, size, buffer of at least size bytes[, perm]), sorted by gpa; perm
+ * (PERM_READ | PERM_WRITE) is the device's access to the region, both when it is left out; the
+ * buffer must be writable when perm has PERM_WRITE. */
 static int mem_table_init(MemTable *m, PyObject *regions)
 {
     PyObject *seq = PySequence_Fast(regions, "regions must be a sequence of (gpa, size, buffer)");
@@ -1469,7 +1493,7 @@ static int mem_table_init(MemTable *m, PyObject *regions)
         int perm = PERM_READ | PERM_WRITE;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKO|i", &gpa, &size, &obj, &perm))
             goto fail;
-        if (PyObject_GetBuffer(obj, &m->views[i], PyBUF_WRITABLE) < 0)
+        if (PyObject_GetBuffer(obj, &m->views[i], perm & PERM_WRITE ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
             goto fail;
         m->n = i + 1;
         if ((unsigned long long)m->views[i].len < size || (i > 0 && gpa < m->r[i - 1].gpa + m->r[i - 1].size)) {
@@ -1501,8 +1525,9 @@ static uint8_t *area(const MemTable *m, uint64_t gpa, uint64_t size, const char 
 }
 
 /* A device side from its spec: (packed, num, desc, driver, device, event_idx, name, regions, state,
- * in_flight), over `mem` (the spec's regions are the caller's business). */
-static int device_side_setup(DeviceSide *g, const MemTable *mem, PyObject *spec)
+ * in_flight): buffers in `mem`, the three ring areas in `areas` (the spec's regions are the
+ * caller's business). */
+static int device_side_setup(DeviceSide *g, const MemTable *mem, const MemTable *areas, PyObject *spec)
 {
     unsigned long long desc, driver, device, st[5];
     PyObject *regions, *in_flight;
@@ -1519,9 +1544,9 @@ static int device_side_setup(DeviceSide *g, const MemTable *mem, PyObject *spec)
     g->desc_addr = desc;
     g->driver_addr = driver;
     g->device_addr = device;
-    g->desc = area(g->mem, desc, (uint64_t)DESC_SIZE * g->num, "guest descriptor area");
-    g->driver = area(g->mem, driver, g->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)g->num, "guest driver area");
-    g->device = area(g->mem, device, g->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)g->num, "guest device area");
+    g->desc = area(areas, desc, (uint64_t)DESC_SIZE * g->num, "guest descriptor area");
+    g->driver = area(areas, driver, g->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)g->num, "guest driver area");
+    g->device = area(areas, device, g->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)g->num, "guest device area");
     if (!g->desc || !g->driver || !g->device)
         return -1;
     if (g->packed) {
@@ -1566,7 +1591,7 @@ static int device_side_init(Relay *q, PyObject *spec)
     }
     if (mem_table_init(&q->guest_mem, PyTuple_GET_ITEM(spec, 7)) < 0)
         return -1;
-    return device_side_setup(&q->guest, &q->guest_mem, spec);
+    return device_side_setup(&q->guest, &q->guest_mem, &q->guest_mem, spec);
 }
 
 static int driver_side_init(Relay *q, PyObject *spec, int indirect)
@@ -1826,6 +1851,7 @@ static PyObject *relay_forward_avail(Relay *q, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     Py_ssize_t n = svq_forward_avail(q);
+    svq_flush_marks(q);
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
@@ -1836,6 +1862,7 @@ static PyObject *relay_forward_used(Relay *q, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     Py_ssize_t n = svq_forward_used(q);
+    svq_flush_marks(q);
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 

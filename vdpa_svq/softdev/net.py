@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from kernel_iface import uapi
 from vdpa_svq.relay_impl import device_ring_spec
+from vdpa_svq.ring import DeviceRing, Layout
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
@@ -40,6 +41,18 @@ SPEED_UNKNOWN = 0xFFFFFFFF
 DUPLEX_UNKNOWN = 0xFF
 
 DEFAULT_MAC = bytes.fromhex("525400000001")
+
+
+def _ring_areas(ring: DeviceRing) -> tuple[tuple[int, int, memoryview, int], ...]:
+    """The ring's three areas as (iova, size, view, perm), sorted: the views the ring took when it
+    started, so the C datapath reaches them as the Python one does, whatever the IOTLB says now."""
+    a = ring._a  # type: ignore[union-attr]
+    views = (a.desc, a.driver_event, a.device_event) if ring.layout is Layout.PACKED else (a.desc, a.avail, a.used)
+    addrs = (ring.addrs.desc, ring.addrs.driver, ring.addrs.device)
+    return tuple(
+        sorted((addr, v.nbytes, v, uapi.VHOST_ACCESS_RO if v.readonly else uapi.VHOST_ACCESS_RW)
+               for addr, v in zip(addrs, views, strict=True))
+    )
 
 
 class SoftNetDevice(SoftDevice):
@@ -97,8 +110,8 @@ class SoftNetDevice(SoftDevice):
             if not (self.running and rx.usable and tx.usable):
                 return False
             c.attach(
-                device_ring_spec(rx.ring),  # type: ignore[arg-type]
-                device_ring_spec(tx.ring),  # type: ignore[arg-type]
+                device_ring_spec(rx.ring, _ring_areas(rx.ring)),  # type: ignore[arg-type]
+                device_ring_spec(tx.ring, _ring_areas(tx.ring)),  # type: ignore[arg-type]
                 tuple((m.iova, m.size, m.view, m.perm) for m in self.mem.mappings),
                 (rx.call_fd, tx.call_fd),
                 self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),

@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         print("dpdk-testpmd not found: apt-get install -y dpdk-dev", file=sys.stderr)
         return 1
     via_dpdk = "vdpa-svq serve vhost-user:(DPDK vhost PMD)"
-    kinds = ("dpdk-vhost", f"vdpa-svq serve {args.device}", via_dpdk)
+    # Polling on CPU 1: the CPU the DPDK backend's forwarding lcore gets in the first row (the
+    # frontend's forwarding lcore is on CPU 0 in every row).
+    polled = ("--poll-us", "50", "--cpus", "1")
+    kinds = ("dpdk-vhost", f"vdpa-svq serve {args.device}", f"vdpa-svq serve {args.device} {' '.join(polled)}",
+             via_dpdk)
     rates: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="vdpa-svq-bench-") as tmp:
         for n in range(args.slices):
@@ -118,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                             procs.append(backend("dpdk-vhost", "", dev_sock, f"{tag}-dev"))
                             procs.append(backend("serve", f"vhost-user:{dev_sock}", sock, tag))
                         else:
-                            procs.append(backend(kind, args.device, sock, tag))
+                            extra = polled if kind.endswith(" ".join(polled)) else ()
+                            procs.append(backend(kind, args.device, sock, tag, extra=extra))
                         rx, tx, secs = frontend(sock, packed, args.seconds, tag, args.peer_mac, burst=args.burst)
                     finally:
                         for proc in reversed(procs):
                             stop(proc)
                     rates.setdefault((kind, layout), []).append(rx / secs)
-                    print(f"slice {n}: {kind:28} {layout:6} RX {rx:>10} TX {tx:>10}  {rx / secs:>12,.0f} pps",
+                    print(f"slice {n}: {kind:50} {layout:6} RX {rx:>10} TX {tx:>10}  {rx / secs:>12,.0f} pps",
                           file=sys.stderr)
     lines = [f"| backend ({args.slices} slices of {args.seconds:g} s, median RX pps) | split | packed |",
              "|---|---:|---:|"]
@@ -155,7 +160,10 @@ io forwarding after a first burst; {slices} interleaved slices of {seconds:g} s 
 - "dpdk-vhost": the frontend straight to DPDK's vhost PMD (a second testpmd forwarding back): the ceiling.
   The two forwarding lcores have a CPU each.
 - "vdpa-svq serve {device}": vdpa-svq's shadow virtqueues (C relay, event-driven) in front of the built-in
-  software loopback device, whose datapath is Python: it bounds this row.
+  software loopback device, whose datapath runs in C (vdpa_svq/_netloop.c) in the relay's own thread: the
+  relay's kick is served inline, so one thread moves each frame guest -> shadow -> device -> shadow -> guest.
+- "... --poll-us 50 --cpus 1": the same, busy-polling, pinned to CPU 1, the CPU the DPDK backend's
+  forwarding lcore has in the first row (the frontend's forwarding lcore is on CPU 0 in every row).
 - "vdpa-svq serve vhost-user:(DPDK vhost PMD)": the shadow virtqueues in front of the first row's DPDK
   backend, as the device (`vhost-user:PATH`): the relay's own cost, against a device in C. Three parties
   on two CPUs: the relay shares a CPU with the device's busy-polling lcore, so every wake-up waits for it.
