@@ -3,11 +3,18 @@ it leaves to the Python datapath. (Every other soft device test runs on both dat
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from kernel_iface import uapi
 from kernel_iface.device import PackedVringBase
+from tests.kernel.frames import exchange
 from tests.softdev.driver import NET_HDR, RX, SLOT, TX, NetDriver, net_hdr, rx_hdr
+from vdpa_svq.attach import net_guest
+from vdpa_svq.guest.frames import build_frame, parse_frame
+from vdpa_svq.loop import EventfdNotifier
+from vdpa_svq.ring import Layout
 from vdpa_svq.softdev import SoftNetDevice
 
 
@@ -116,3 +123,25 @@ def test_a_fault_in_a_chain_c_leaves_to_python_is_python_s_own(net, net_datapath
     reason = drv.wait_error(RX)
     assert "device write to a read-only mapping" in reason
     assert drv.dev.queue_errors()[RX] == reason
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+@pytest.mark.parametrize("guest_layout", [Layout.SPLIT, Layout.PACKED], ids=["guest-split", "guest-packed"])
+@pytest.mark.parametrize("packed", [False, True], ids=["shadow-split", "shadow-packed"])
+def test_the_shadow_relay_kicks_the_soft_net_device_inline(net_datapath, impl, guest_layout, packed):
+    """In one process the relay calls the device's kick itself (no eventfd): with the C datapath
+    every frame crosses guest -> shadow -> device -> shadow -> guest in the relay's thread."""
+    guest, drv = net_guest(SoftNetDevice(packed=packed), num=64, shadow=True, guest_layout=guest_layout, impl=impl)
+    try:
+        svq = guest.shadow.queues[TX].svq
+        if net_datapath == "c":
+            assert isinstance(svq.device_kick, functools.partial)
+            assert svq.device_kick.func == guest.device._c.kick
+        else:
+            assert isinstance(svq.device_kick, EventfdNotifier)
+        frames = [build_frame(seq, 60 + (seq * 37) % 1400) for seq in range(150)]
+        got = exchange(drv, frames, len(frames))
+        assert sorted(s for s in map(parse_frame, got)) == list(range(len(frames)))
+        assert guest.shadow.errors() == {}
+    finally:
+        guest.close()
