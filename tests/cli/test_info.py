@@ -74,9 +74,11 @@ def test_info_json():
     assert net["config"]["mac"] == "52:54:00:00:00:01"
     assert "VIRTIO_F_VERSION_1" in net["features"]["names"]
     assert int(net["features"]["bits"], 16) >> 32 & 1
+    assert net["datapath"] == "c"  # the extension is built for the tests: soft:net's loopback runs in C
     blk = json.loads(run("info", "soft:blk", "--json").stdout)
     assert blk["config"]["capacity_sectors"] == 2048 and blk["config"]["capacity_bytes"] == 2048 * 512
     assert blk["vqs"] == {"count": 1, "max_size": 1024, "sizes": [1024]}
+    assert "datapath" not in blk  # soft:blk has only the Python one: nothing to choose, nothing said
 
 
 def test_info_on_a_terminal_uses_rich(monkeypatch):

@@ -118,6 +118,8 @@ def gather(dev: Any) -> dict[str, Any]:
         "address_spaces": {"as_num": as_num, "group_num": group_num, "vq_groups": groups},
         "config": {"size": len(config), "raw": config.hex(), **(decoder(config, features) if decoder else {})},
         "relay": {"impl": impl, "available": impls},
+        # A software device's own datapath (soft:net's loopback runs in C when the extension is built).
+        **({"datapath": dev.datapath} if hasattr(dev, "datapath") else {}),
     }
 
 
@@ -180,6 +182,7 @@ def render(info: dict[str, Any]) -> None:
         ("groups", groups),
         *_config_lines(info),
         ("relay", f"{relay['impl']} (available: {', '.join(relay['available'])})"),
+        *([("device datapath", info["datapath"])] if "datapath" in info else []),
     ]
     print_fields(info["device"], fields)
 
