@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-mac", default=None, help="first burst's destination (vdpa_sim filters on its MAC)")
     ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
     ap.add_argument("--kernel", action="store_true", help="passthrough vs serve, in the kernel bench")
-    ap.add_argument("--impls", default="c,c/poll=50,py",
-                    help="--kernel: serve variants to measure: a relay (c, py), '/poll=US' for --poll-us US "
-                         "(default c,c/poll=50,py)")
+    ap.add_argument("--impls", default="c,c/poll=50,c/poll=2000/cpus=1,py",
+                    help="--kernel: serve variants to measure: a relay (c, py), '/poll=US' for --poll-us US, "
+                         "'/cpus=LIST' for --cpus LIST (default c,c/poll=50,c/poll=2000/cpus=1,py)")
     ap.add_argument("--timeout", type=float, default=480.0, help="--kernel: bound for boot + the whole guest run")
     ap.add_argument("--kernel-guest", action="store_true", help=argparse.SUPPRESS)  # inside the guest
     ap.add_argument("--json", help=argparse.SUPPRESS)  # --kernel-guest: where the host reads the rates
@@ -183,14 +183,21 @@ is the point. Device: vdpa_sim net (loopback, split rings only), {device}.
   (`--vdev net_virtio_user0,path={device},queues=1,packed_vq=0`): the kernel's vhost-vdpa, no shadow virtqueue.
 - "vdpa-svq serve --impl X": the same testpmd over vhost-user (split rings) to `vdpa-svq serve {device}`,
   whose shadow virtqueues (relay X) drive the device; the C relay runs in the C loop (no Python per wake-up).
-  "--poll-us 50": after each burst the relay keeps notifications off and polls the rings for 50 us
-  (yielding the vCPU while idle, so that vdpa_sim's kthread still gets it) before sleeping again.
+  "--poll-us US": after each burst the relay keeps notifications off and polls the rings for US µs
+  (yielding the vCPU while idle, so that vdpa_sim's kthread still gets it) before sleeping again. 50 µs
+  suits the host; under TCG everything in the guest runs tens of times slower, so 2000 µs is the same
+  window in guest time. "--cpus 1": the serve process on vCPU 1, away from testpmd's polling lcore (vCPU 0).
+- "vdpa_sim worker" / "vdpa-svq serve": vCPU time per received packet of vdpa_sim's kernel worker and of
+  the whole serve process (/proc, user + system); "vCPUs busy": the share of each vCPU that was not idle
+  (vCPU 0 / vCPU 1). A relay that costs little but leaves vCPU time idle loses to latency (the extra hop
+  each way), not to its own work.
 - io forwarding after a first burst (--tx-first, --eth-peer set to the device's MAC, which vdpa_sim filters on);
   {slices} slices of {seconds:g} s, interleaved (passthrough, c, py, passthrough, ...); the rate is RX packets over
   the time from "start packet forwarding" to SIGINT (EAL start-up under TCG is not counted); median per row.
 - The guest has {smp} vCPUs and testpmd's forwarding lcore busy-polls one of them. In passthrough the rest is
   vdpa_sim's kernel worker; through serve the relay process (eventfd wake-ups, the C or Python hot loop,
-  all emulated) competes with that worker for the same vCPU time.
+  all emulated) runs beside that worker: the columns say how much vCPU time each takes, and how much
+  of each vCPU was left idle.
 
 {table}
 
@@ -248,23 +255,37 @@ def _device_worker_pids() -> list[int]:
     return pids
 
 
+def _cpu_times() -> list[tuple[int, int]]:
+    """(busy, total) jiffies of each CPU so far, from /proc/stat (idle and iowait are not busy)."""
+    out = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            v = [int(x) for x in values]
+            out.append((sum(v) - v[3] - v[4], sum(v)))
+    return out
+
+
 class CpuMeter:
-    """vCPU time the device's kernel worker and vdpa-svq's process spend between start() and stop()."""
+    """Between start() and stop(): the vCPU time of the device's kernel worker and of vdpa-svq's
+    process, and how busy each vCPU was."""
 
     def __init__(self, relay_pid: int | None) -> None:
         self.workers = _device_worker_pids()
         self.relay_pid = relay_pid
 
-    def _now(self) -> tuple[float, float]:
+    def _now(self) -> tuple[float, float, list[tuple[int, int]]]:
         worker = sum(_task_cpu_seconds(p) for p in self.workers)
-        return worker, _task_cpu_seconds(self.relay_pid) if self.relay_pid else 0.0
+        return worker, _task_cpu_seconds(self.relay_pid) if self.relay_pid else 0.0, _cpu_times()
 
     def start(self) -> None:
         self._t0 = self._now()
 
-    def stop(self) -> tuple[float, float]:
-        t1 = self._now()
-        return t1[0] - self._t0[0], t1[1] - self._t0[1]
+    def stop(self) -> tuple[float, float, list[float]]:
+        """(worker seconds, relay seconds, busy fraction of each vCPU)."""
+        w, r, cpus = self._now()
+        busy = [(b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(self._t0[2], cpus, strict=True)]
+        return w - self._t0[0], r - self._t0[1], busy
 
 
 def kernel_guest(args: argparse.Namespace) -> int:
@@ -280,8 +301,10 @@ def kernel_guest(args: argparse.Namespace) -> int:
     variants = [serve_variant(v) for v in args.impls.split(",") if v]
     kinds = ["passthrough", *(label for label, _, _ in variants)]
     rates: dict[str, list[float]] = {k: [] for k in kinds}
-    # vCPU microseconds per received packet: (vdpa_sim's worker, the serve process), per slice.
+    # vCPU microseconds per received packet: (vdpa_sim's worker, the serve process), per slice;
+    # and how busy each vCPU was, per slice.
     cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    busy: dict[str, list[list[float]]] = {k: [] for k in kinds}
     errors: list[str] = []
     notes: list[str] = []
     t_start = time.monotonic()
@@ -301,7 +324,7 @@ def kernel_guest(args: argparse.Namespace) -> int:
                     meter = CpuMeter(be.pid if be is not None else None)
                     meter.start()  # both sleep until testpmd forwards: its start-up costs them nothing
                     rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180, burst=args.burst)
-                    worker_s, relay_s = meter.stop()
+                    worker_s, relay_s, vcpu_busy = meter.stop()
                 except Exception as e:  # noqa: BLE001 -- reported, the other rows still run
                     errors.append(f"slice {n} {kind}: {e}")
                     print(f"slice {n}: {kind}: FAILED {e}", file=sys.stderr, flush=True)
@@ -318,10 +341,12 @@ def kernel_guest(args: argparse.Namespace) -> int:
                 rates[kind].append(rx / secs)
                 if rx:
                     cpu[kind].append((worker_s * 1e6 / rx, relay_s * 1e6 / rx))
+                busy[kind].append(vcpu_busy)
                 print(f"slice {n}: {kind:26} RX {rx:>9} TX {tx:>9} in {secs:5.2f} s {rx / secs:>10,.0f} pps "
                       f"(cell {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
     result = {"device": device, "kernel": os.uname().release, "smp": os.cpu_count(), "slices": args.slices,
-              "seconds": args.seconds, "kinds": kinds, "rates": rates, "cpu": cpu, "errors": errors, "notes": notes,
+              "seconds": args.seconds, "kinds": kinds, "rates": rates, "cpu": cpu, "busy": busy,
+              "errors": errors, "notes": notes,
               "guest_seconds": time.monotonic() - t_start}
     if args.json:
         Path(args.json).write_text(json.dumps(result))
@@ -346,9 +371,15 @@ def kernel_table(r: dict) -> tuple[str, str]:
     kinds, rates = r["kinds"], r["rates"]
     base = statistics.median(rates["passthrough"]) if rates.get("passthrough") else None
     lines = [f"| path ({r['slices']} slices of {r['seconds']:g} s) | median RX pps | min | max | slices | "
-             "/ passthrough (medians) | vdpa_sim worker, vCPU µs/packet | vdpa-svq serve, vCPU µs/packet |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "/ passthrough (medians) | vdpa_sim worker, vCPU µs/packet | vdpa-svq serve, vCPU µs/packet | "
+             "vCPUs busy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     cpu = r.get("cpu", {})
+
+    def vcpus_busy(kind: str) -> str:
+        slices = r.get("busy", {}).get(kind) or []
+        if not slices:
+            return "-"
+        return " / ".join(f"{statistics.median(s[i] for s in slices):.0%}" for i in range(len(slices[0])))
 
     def per_packet(kind: str, i: int) -> str:
         v = [c[i] for c in cpu.get(kind, [])]
@@ -367,7 +398,7 @@ def kernel_table(r: dict) -> tuple[str, str]:
         stalled = sum(1 for x in r.get("notes", []) if f" {kind}: " in x)
         label = f"{kind} (relay stopped a queue in {stalled} slice(s): traffic stalled)" if stalled else kind
         lines.append(f"| {label} | {med:,.0f} | {min(v):,.0f} | {max(v):,.0f} | {len(v)} | {ratio} | "
-                     f"{per_packet(kind, 0)} | {per_packet(kind, 1)} |")
+                     f"{per_packet(kind, 0)} | {per_packet(kind, 1)} | {vcpus_busy(kind)} |")
     verdict = ["Target (from the issue): vdpa-svq serve >= 0.9x passthrough."]
     worker = [c[0] for c in cpu.get("passthrough", [])]
     for kind, x in ratios.items():
