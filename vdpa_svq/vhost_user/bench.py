@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, accumulated, run_frontend
+from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, Window, accumulated, run_frontend
 
 
 def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -44,11 +44,12 @@ def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | None,
-             start_timeout: float = 60.0, burst: int | None = None) -> tuple[int, int, float]:
+             start_timeout: float = 60.0, burst: int | None = None,
+             window: Window | None = None) -> tuple[int, int, float]:
     """(RX, TX, seconds forwarded) of one testpmd virtio-user run of about `seconds` of forwarding.
     `sock` is a vhost-user socket, or a /dev/vhost-vdpa-N node (virtio-user's vhost-vdpa backend)."""
     run = run_frontend(sock, packed, seconds, f"fe-{tag}", peer_mac, start_timeout=start_timeout, burst=burst,
-                       stop_timeout=max(30.0, start_timeout / 2))
+                       stop_timeout=max(30.0, start_timeout / 2), window=window)
     counts = accumulated(run.log)
     if not (counts and run.started):
         raise RuntimeError(f"testpmd did not forward or printed no statistics:\n{run.log[-2000:]}")
@@ -267,8 +268,8 @@ def _cpu_times() -> list[tuple[int, int]]:
 
 
 class CpuMeter:
-    """Between start() and stop(): the vCPU time of the device's kernel worker and of vdpa-svq's
-    process, and how busy each vCPU was."""
+    """Between start() and stop() (the frontend's counted forwarding): the vCPU time of the device's
+    kernel worker and of vdpa-svq's process, and how busy each vCPU was."""
 
     def __init__(self, relay_pid: int | None) -> None:
         self.workers = _device_worker_pids()
@@ -281,11 +282,12 @@ class CpuMeter:
     def start(self) -> None:
         self._t0 = self._now()
 
-    def stop(self) -> tuple[float, float, list[float]]:
-        """(worker seconds, relay seconds, busy fraction of each vCPU)."""
+    def stop(self) -> None:
         w, r, cpus = self._now()
         busy = [(b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(self._t0[2], cpus, strict=True)]
-        return w - self._t0[0], r - self._t0[1], busy
+        self.result = (w - self._t0[0], r - self._t0[1], busy)
+
+    result: tuple[float, float, list[float]] = (0.0, 0.0, [])  # (worker s, relay s, busy share per vCPU)
 
 
 def kernel_guest(args: argparse.Namespace) -> int:
@@ -322,9 +324,9 @@ def kernel_guest(args: argparse.Namespace) -> int:
                         _, impl, extra = variants[k - 1]
                         be = backend("serve", device, path, tag, impl=impl, timeout=120, extra=("-v", *extra))
                     meter = CpuMeter(be.pid if be is not None else None)
-                    meter.start()  # both sleep until testpmd forwards: its start-up costs them nothing
-                    rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180, burst=args.burst)
-                    worker_s, relay_s, vcpu_busy = meter.stop()
+                    rx, tx, secs = frontend(path, False, args.seconds, tag, mac, start_timeout=180, burst=args.burst,
+                                            window=meter)
+                    worker_s, relay_s, vcpu_busy = meter.result
                 except Exception as e:  # noqa: BLE001 -- reported, the other rows still run
                     errors.append(f"slice {n} {kind}: {e}")
                     print(f"slice {n}: {kind}: FAILED {e}", file=sys.stderr, flush=True)

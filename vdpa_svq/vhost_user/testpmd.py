@@ -13,10 +13,16 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 EAL = ["--no-huge", "-m", "512", "--no-pci"]
 # --stats-period keeps testpmd forwarding until a signal (without it, it exits when stdin ends).
 TESTPMD_ARGS = ["--forward-mode=io", "--nb-cores=1", "--total-num-mbufs=16384", "--stats-period", "1"]
+
+
+class Window(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -31,10 +37,12 @@ class FrontendRun:
 
 def run_frontend(path: str, packed: bool, seconds: float, prefix: str, peer_mac: str | None = None, *,
                  start_timeout: float = 60.0, stop_timeout: float = 30.0,
-                 binary: str = "dpdk-testpmd", burst: int | None = None) -> FrontendRun:
+                 binary: str = "dpdk-testpmd", burst: int | None = None,
+                 window: Window | None = None) -> FrontendRun:
     """testpmd virtio-user on `path` (a vhost-user socket, or a /dev/vhost-vdpa-N node) for about
     `seconds` of forwarding. `peer_mac`: the destination of the first burst, for devices that filter
-    on it (vdpa_sim); io mode forwards frames unchanged after that."""
+    on it (vdpa_sim); io mode forwards frames unchanged after that. `window` is told when the
+    forwarding that is counted starts and ends (a meter of CPU time, say)."""
     vdev = f"net_virtio_user0,path={path},queues=1,packed_vq={int(packed)}"
     if not path.startswith("/dev/"):
         vdev += ",server=0"
@@ -61,8 +69,12 @@ def run_frontend(path: str, packed: bool, seconds: float, prefix: str, peer_mac:
     try:
         if forwarding.wait(start_timeout):
             t0 = time.monotonic()
+            if window is not None:
+                window.start()
             time.sleep(seconds)
             forwarded = time.monotonic() - t0
+            if window is not None:
+                window.stop()
         proc.send_signal(signal.SIGINT)  # testpmd stops forwarding and prints its statistics
         try:
             proc.wait(stop_timeout)
