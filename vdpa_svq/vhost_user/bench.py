@@ -227,20 +227,14 @@ def write_section(path: str, name: str, text: str) -> None:
     Path(path).write_text(new)
 
 
-def _task_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of every thread of process `pid` so far; 0 once it is gone."""
-    total = 0
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` so far: all its threads, those that have exited too
+    (a relay thread that ends before the meter reads it still counts); 0 once it is gone."""
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
         return 0.0
-    for tid in tasks:
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
 
 
 def _device_worker_pids() -> list[int]:
@@ -276,8 +270,8 @@ class CpuMeter:
         self.relay_pid = relay_pid
 
     def _now(self) -> tuple[float, float, list[tuple[int, int]]]:
-        worker = sum(_task_cpu_seconds(p) for p in self.workers)
-        return worker, _task_cpu_seconds(self.relay_pid) if self.relay_pid else 0.0, _cpu_times()
+        worker = sum(_cpu_seconds(p) for p in self.workers)
+        return worker, _cpu_seconds(self.relay_pid) if self.relay_pid else 0.0, _cpu_times()
 
     def start(self) -> None:
         self._t0 = self._now()
