@@ -42,8 +42,6 @@ typedef struct {
     size_t pkt_cap;
 } NetLoop;
 
-static inline int dev_has_avail(const DeviceSide *g) { return g->packed ? has_avail_packed(g) : has_avail_split(g); }
-
 static void netloop_unload(NetLoop *n)
 {
     for (int i = 0; i < 2; i++) {
@@ -92,77 +90,52 @@ static int netloop_gather(NetLoop *n, const Chain *c, size_t *len)
 }
 
 /* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter).
- * Bytes written, or -1 to punt; nothing is written unless every segment it needs is allowed. */
+ * Bytes written, or -1 to punt (the Python datapath then writes the same bytes up to its fault). */
 static int64_t netloop_scatter(NetLoop *n, const Chain *c, size_t len)
 {
     size_t done = 0;
-    for (int pass = 0; pass < 2; pass++) { /* check, then copy */
-        done = 0;
-        for (uint32_t i = 0; i < c->nsegs && done < len; i++) {
-            const Seg *sg = &c->segs[i];
-            if (!sg->write)
-                continue;
-            size_t k = sg->len < len - done ? sg->len : len - done;
-            if (k == 0)
-                continue;
-            uint8_t *dst = mem_access(&n->mem, sg->addr, k, PERM_WRITE);
-            if (dst == NULL)
-                return -1;
-            if (pass)
-                memcpy(dst, n->pkt + done, k);
-            done += k;
-        }
+    for (uint32_t i = 0; i < c->nsegs && done < len; i++) {
+        const Seg *sg = &c->segs[i];
+        if (!sg->write)
+            continue;
+        size_t k = sg->len < len - done ? sg->len : len - done;
+        if (k == 0)
+            continue;
+        uint8_t *dst = mem_access(&n->mem, sg->addr, k, PERM_WRITE);
+        if (dst == NULL)
+            return -1;
+        memcpy(dst, n->pkt + done, k);
+        done += k;
     }
     return (int64_t)done;
 }
 
-/* Start fetching the first buffers of the chains the driver has made available beyond the ones
- * being served: their bytes are in the driver's CPU cache, and a copy would wait for each in turn.
- * Chains [skip, skip + count) from the next one. A peek only: nothing read here is trusted or
- * kept, and an address outside the table is skipped. */
-#define PREFETCH_AHEAD 4
-
-static void netloop_prefetch(const NetLoop *n, const DeviceSide *g, int write, uint32_t skip, uint32_t count)
+/* Start fetching the first buffer of the chain that would be popped next: its bytes are in the
+ * driver's CPU cache, and the copy would wait for them. A peek only: nothing read here is trusted
+ * or kept, and an address outside the IOTLB is skipped. */
+static void netloop_prefetch_next(const NetLoop *n, const DeviceSide *g, int write)
 {
-    uint32_t slot = g->packed ? g->next_avail_idx : g->last_avail_idx;
-    int wrap = g->avail_wrap_counter;
-    uint16_t avail_idx = g->packed ? 0 : ld16(g->driver + AVAIL_IDX);
-    for (uint32_t k = 0; k < skip + count; k++) {
-        const uint8_t *d;
-        if (g->packed) {
-            uint32_t walked = 0; /* this chain's slots, to find the next head */
-            if (!is_avail_packed(g, slot, wrap))
-                return;
-            d = g->desc + (size_t)slot * DESC_SIZE;
-            for (;;) {
-                uint16_t flags = ld16(g->desc + (size_t)slot * DESC_SIZE + DESC_FLAGS_OFF);
-                if (++slot == g->num) {
-                    slot = 0;
-                    wrap ^= 1;
-                }
-                if (!(flags & VRING_DESC_F_NEXT) || ++walked >= g->num)
-                    break;
-            }
-        } else {
-            if ((uint16_t)slot == avail_idx)
-                return;
-            uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ((uint16_t)slot % g->num));
-            slot++;
-            if (head >= g->num)
-                return;
-            d = g->desc + (size_t)head * DESC_SIZE;
-        }
-        if (k < skip || (ld16(d + (g->packed ? DESC_FLAGS_OFF : 12)) & VRING_DESC_F_INDIRECT))
-            continue;
-        uint32_t len = ld32(d + DESC_LEN_OFF);
-        const uint8_t *p = mem_view(&n->mem, ld64(d), len < 64 ? len : 64);
-        if (p == NULL)
-            continue;
-        if (write)
-            __builtin_prefetch(p, 1);
-        else
-            __builtin_prefetch(p, 0);
+    const uint8_t *d;
+    if (g->packed) {
+        if (!is_avail_packed(g, g->next_avail_idx, g->avail_wrap_counter))
+            return;
+        d = g->desc + (size_t)g->next_avail_idx * DESC_SIZE;
+    } else {
+        if (ld16(g->driver + AVAIL_IDX) == g->last_avail_idx)
+            return;
+        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * (g->last_avail_idx % g->num));
+        if (head >= g->num)
+            return;
+        d = g->desc + (size_t)head * DESC_SIZE;
     }
+    uint32_t len = ld32(d + DESC_LEN_OFF);
+    const uint8_t *p = mem_view(&n->mem, ld64(d), len < 64 ? len : 64);
+    if (p == NULL)
+        return;
+    if (write)
+        __builtin_prefetch(p, 1);
+    else
+        __builtin_prefetch(p, 0);
 }
 
 static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
@@ -178,10 +151,10 @@ static int netloop_process(NetLoop *n)
     DeviceSide *rx = &n->q[NET_RX], *tx = &n->q[NET_TX];
     Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
     int progress = 0;
-    netloop_prefetch(n, tx, 0, 0, PREFETCH_AHEAD);
-    netloop_prefetch(n, rx, 1, 0, PREFETCH_AHEAD);
-    while (dev_has_avail(tx)) {
-        if (!dev_has_avail(rx))
+    netloop_prefetch_next(n, tx, 0);
+    netloop_prefetch_next(n, rx, 1);
+    while (guest_has_avail(tx)) {
+        if (!guest_has_avail(rx))
             break; /* hold: the frame stays in the TX ring until RX buffers arrive */
         DeviceSide tx0 = *tx, rx0 = *rx;
         int tx_popped = 0, rx_popped = 0;
@@ -190,14 +163,14 @@ static int netloop_process(NetLoop *n)
         if (guest_pop(tx, tc) != 1 || (tc->indirect && !n->indirect_ok))
             goto punt;
         tx_popped = 1;
-        netloop_prefetch(n, tx, 0, PREFETCH_AHEAD - 1, 1);
+        netloop_prefetch_next(n, tx, 0);
         if (netloop_gather(n, tc, &len) < 0)
             goto punt;
         if (len >= NET_HDR_SIZE) {
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
-            netloop_prefetch(n, rx, 1, PREFETCH_AHEAD - 1, 1);
+            netloop_prefetch_next(n, rx, 1);
             /* Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1). */
             n->pkt[NET_NUM_BUFFERS_OFF] = 1;
             n->pkt[NET_NUM_BUFFERS_OFF + 1] = 0;

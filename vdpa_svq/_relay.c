@@ -656,6 +656,10 @@ static int enable_notify_packed(DeviceSide *g)
 
 /* ---- the guest ring's API: the layout is picked here, once ------------------------------------ */
 
+static inline int guest_has_avail(const DeviceSide *g)
+{
+    return g->packed ? has_avail_packed(g) : has_avail_split(g);
+}
 static inline int guest_pop(DeviceSide *g, Chain *c) { return g->packed ? pop_packed(g, c) : pop_split(g, c); }
 static inline int guest_push_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
 {
@@ -2046,8 +2050,7 @@ static int relay_has_work(const Relay *q)
 {
     if (!relay_live(q))
         return 0;
-    return shadow_has_used(&q->shadow) || (!q->held && (q->guest.packed ? has_avail_packed(&q->guest)
-                                                                        : has_avail_split(&q->guest)));
+    return shadow_has_used(&q->shadow) || (!q->held && guest_has_avail(&q->guest));
 }
 
 /* One polling round on one relay, notifications off: used buffers back first (that frees room

@@ -268,6 +268,7 @@ class CpuMeter:
     def __init__(self, relay_pid: int | None) -> None:
         self.workers = _device_worker_pids()
         self.relay_pid = relay_pid
+        self.result: tuple[float, float, list[float]] = (0.0, 0.0, [])  # (worker s, relay s, busy per vCPU)
 
     def _now(self) -> tuple[float, float, list[tuple[int, int]]]:
         worker = sum(_cpu_seconds(p) for p in self.workers)
@@ -280,8 +281,6 @@ class CpuMeter:
         w, r, cpus = self._now()
         busy = [(b1 - b0) / max(1, t1 - t0) for (b0, t0), (b1, t1) in zip(self._t0[2], cpus, strict=True)]
         self.result = (w - self._t0[0], r - self._t0[1], busy)
-
-    result: tuple[float, float, list[float]] = (0.0, 0.0, [])  # (worker s, relay s, busy share per vCPU)
 
 
 def kernel_guest(args: argparse.Namespace) -> int:
