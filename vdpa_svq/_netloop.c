@@ -55,18 +55,54 @@ static void netloop_unload(NetLoop *n)
     n->loaded = 0;
 }
 
-/* Take a chain back out of the ring as if it had never been popped (saved: the side before it). */
-static void unpop(DeviceSide *g, const DeviceSide *saved, const Chain *c, int popped)
+/* What a pop changes of its ring, besides in_flight[] (a whole DeviceSide would be copied twice
+ * per frame: measurably slower). */
+typedef struct {
+    uint32_t next_avail_idx;
+    int avail_wrap_counter, broken;
+    uint16_t last_avail_idx;
+} PopMark;
+
+static inline PopMark pop_mark(const DeviceSide *g)
+{
+    PopMark m = {g->next_avail_idx, g->avail_wrap_counter, g->broken, g->last_avail_idx};
+    return m;
+}
+
+/* Take a chain back out of the ring as if it had never been popped (m: the mark before it). */
+static void unpop(DeviceSide *g, const PopMark *m, const Chain *c, int popped)
 {
     if (popped)
         g->in_flight[c->id] = 0;
-    *g = *saved;
+    g->next_avail_idx = m->next_avail_idx;
+    g->avail_wrap_counter = m->avail_wrap_counter;
+    g->broken = m->broken;
+    g->last_avail_idx = m->last_avail_idx;
 }
 
-/* The frame's bytes: the TX chain's readable segments, in order (chainio.gather). 0, or -1 to punt. */
-static int netloop_gather(NetLoop *n, const Chain *c, size_t *len)
+/* Copy [src, +len) to n->pkt at offset `at`, growing it as needed. 0, or -1 to punt. */
+static int netloop_stage(NetLoop *n, size_t at, const uint8_t *src, size_t len)
+{
+    if (at + len > n->pkt_cap) {
+        size_t cap = (at + len) * 2;
+        uint8_t *p = PyMem_Realloc(n->pkt, cap);
+        if (p == NULL)
+            return -1; /* the Python datapath will manage, or say why not */
+        n->pkt = p;
+        n->pkt_cap = cap;
+    }
+    memcpy(n->pkt + at, src, len);
+    return 0;
+}
+
+/* The frame: the TX chain's readable segments, in order (chainio.gather). A frame in one segment
+ * (the usual case) is used where it is; one in several is gathered into n->pkt. 0 with *frame and
+ * *len, or -1 to punt. */
+static int netloop_gather(NetLoop *n, const Chain *c, const uint8_t **frame, size_t *len)
 {
     size_t total = 0;
+    const uint8_t *only = NULL;
+    int pieces = 0;
     for (uint32_t i = 0; i < c->nsegs; i++) {
         const Seg *sg = &c->segs[i];
         if (sg->write || sg->len == 0)
@@ -74,25 +110,28 @@ static int netloop_gather(NetLoop *n, const Chain *c, size_t *len)
         const uint8_t *src = mem_access(&n->mem, sg->addr, sg->len, PERM_READ);
         if (src == NULL)
             return -1;
-        if (total + sg->len > n->pkt_cap) {
-            size_t cap = (total + sg->len) * 2;
-            uint8_t *p = PyMem_Realloc(n->pkt, cap);
-            if (p == NULL)
-                return -1; /* the Python datapath will manage, or say why not */
-            n->pkt = p;
-            n->pkt_cap = cap;
+        if (++pieces == 1) {
+            only = src;
+            total = sg->len;
+            continue;
         }
-        memcpy(n->pkt + total, src, sg->len);
+        if (pieces == 2 && netloop_stage(n, 0, only, total) < 0)
+            return -1;
+        if (netloop_stage(n, total, src, sg->len) < 0)
+            return -1;
         total += sg->len;
     }
+    *frame = pieces > 1 ? n->pkt : only;
     *len = total;
     return 0;
 }
 
-/* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter).
+/* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter), with
+ * num_buffers = 1 in its header: without MRG_RXBUF the device MUST set it so (5.1.6.4.1).
  * Bytes written, or -1 to punt (the Python datapath then writes the same bytes up to its fault). */
-static int64_t netloop_scatter(NetLoop *n, const Chain *c, size_t len)
+static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame, size_t len)
 {
+    static const uint8_t num_buffers_le[2] = {1, 0};
     size_t done = 0;
     for (uint32_t i = 0; i < c->nsegs && done < len; i++) {
         const Seg *sg = &c->segs[i];
@@ -104,7 +143,10 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, size_t len)
         uint8_t *dst = mem_access(&n->mem, sg->addr, k, PERM_WRITE);
         if (dst == NULL)
             return -1;
-        memcpy(dst, n->pkt + done, k);
+        memmove(dst, frame + done, k); /* a driver may hand the same memory to TX and RX */
+        for (size_t o = NET_NUM_BUFFERS_OFF; o < NET_NUM_BUFFERS_OFF + 2 && done < NET_HDR_SIZE; o++)
+            if (done <= o && o < done + k)
+                dst[o - done] = num_buffers_le[o - NET_NUM_BUFFERS_OFF];
         done += k;
     }
     return (int64_t)done;
@@ -156,25 +198,31 @@ static int netloop_process(NetLoop *n)
     while (guest_has_avail(tx)) {
         if (!guest_has_avail(rx))
             break; /* hold: the frame stays in the TX ring until RX buffers arrive */
-        DeviceSide tx0 = *tx, rx0 = *rx;
+        PopMark tx0 = pop_mark(tx), rx0 = pop_mark(rx);
         int tx_popped = 0, rx_popped = 0;
         size_t len = 0;
+        const uint8_t *frame = NULL;
         int64_t written = -1;
         if (guest_pop(tx, tc) != 1 || (tc->indirect && !n->indirect_ok))
             goto punt;
         tx_popped = 1;
         netloop_prefetch_next(n, tx, 0);
-        if (netloop_gather(n, tc, &len) < 0)
+        if (netloop_gather(n, tc, &frame, &len) < 0)
             goto punt;
         if (len >= NET_HDR_SIZE) {
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
             netloop_prefetch_next(n, rx, 1);
-            /* Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1). */
-            n->pkt[NET_NUM_BUFFERS_OFF] = 1;
-            n->pkt[NET_NUM_BUFFERS_OFF + 1] = 0;
-            written = netloop_scatter(n, rc, len);
+            /* Into several RX segments, a frame read in place could be overwritten by the first
+             * before the next reads it (a driver may hand the same memory to TX and RX): copy it
+             * out first, as the Python datapath does every frame. */
+            if (rc->nsegs > 1 && frame != n->pkt) {
+                if (netloop_stage(n, 0, frame, len) < 0)
+                    goto punt;
+                frame = n->pkt;
+            }
+            written = netloop_scatter(n, rc, frame, len);
             if (written < 0)
                 goto punt;
             netloop_push(rx, rc, (uint32_t)written);

@@ -237,15 +237,18 @@ def rx_hdr(tx_hdr: bytes) -> bytes:
 class NetDriver(GuestDriver):
     """A virtio-net driver over GuestDriver: post RX buffers, send frames, receive them back."""
 
-    def post_rx(self, count: int = 1, *, split_hdr: bool = False) -> int:
-        """Post up to `count` RX buffers of SLOT bytes; return how many fit in the ring."""
+    def post_rx(self, count: int = 1, *, split_hdr: bool = False, split_at: int | None = None) -> int:
+        """Post up to `count` RX buffers of SLOT bytes, in two descriptors when split_hdr (at the
+        header's end) or split_at (anywhere); return how many fit in the ring."""
+        if split_hdr:
+            split_at = NET_HDR
         ring = self.queues[RX].ring
         posted = 0
         for _ in range(count):
             if not self.pool.free:
                 break
             gpa = self.pool.get()
-            in_ = [(gpa, NET_HDR), (gpa + NET_HDR, SLOT - NET_HDR)] if split_hdr else [(gpa, SLOT)]
+            in_ = [(gpa, split_at), (gpa + split_at, SLOT - split_at)] if split_at else [(gpa, SLOT)]
             try:
                 ring.add((), in_, gpa, indirect=self.indirect)
             except RingFull:
@@ -255,13 +258,18 @@ class NetDriver(GuestDriver):
         self.kick(RX)
         return posted
 
-    def send(self, frame: bytes, hdr: bytes, *, kick: bool = True) -> None:
-        assert 0 < len(frame) <= SLOT and len(hdr) == NET_HDR
+    def send(self, frame: bytes, hdr: bytes, *, kick: bool = True, one_segment: bool = False) -> None:
+        """Header and frame in two descriptors, or (one_segment) in one, as DPDK's virtio PMD does."""
+        assert 0 < len(frame) <= SLOT - (NET_HDR if one_segment else 0) and len(hdr) == NET_HDR
         h, f = self.pool.get(), self.pool.get()
         self.mem.write(h, hdr)
         self.mem.write(f, frame)
+        out = [(h, NET_HDR), (f, len(frame))]
+        if one_segment:
+            self.mem.write(h + NET_HDR, frame)
+            out = [(h, NET_HDR + len(frame))]
         try:
-            self.queues[TX].ring.add([(h, NET_HDR), (f, len(frame))], (), (h, f), indirect=self.indirect)
+            self.queues[TX].ring.add(out, (), (h, f), indirect=self.indirect)
         except RingFull:
             self.pool.put(h)
             self.pool.put(f)

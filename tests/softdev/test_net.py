@@ -154,6 +154,23 @@ def test_reset_forgets_everything_and_setup_works_again(make_net, packed):
     assert dev.stats()["rx"].chains == 1  # stats restart with the device
 
 
+@pytest.mark.parametrize("split_at", [1, 10, 11, 12, 40])
+def test_one_segment_frames_into_rx_buffers_split_anywhere(make_net, split_at):
+    """A TX frame in one descriptor (header and data together, as DPDK sends it) lands whole in
+    an RX buffer of two descriptors split at any byte, num_buffers (bytes 10 and 11) included:
+    the C datapath copies such a frame straight from the TX buffer and sets num_buffers in the
+    RX buffer, wherever its two bytes fall."""
+    drv = make_net(num=8)
+    rng = random.Random(split_at)
+    for seq in range(12):
+        drv.post_rx(1, split_at=split_at)
+        frame = rng.randbytes(rng.randint(1, 200))
+        drv.send(frame, net_hdr(seq), one_segment=True)
+        assert drv.recv(1) == [rx_hdr(net_hdr(seq)) + frame]
+        drv.complete_tx(1)
+    assert drv.dev.queue_errors() == {}
+
+
 def test_frame_larger_than_the_rx_buffer_is_truncated(make_net):
     """Without MRG_RXBUF there is no second buffer to continue in: the device fills the one it
     has and reports that length (a documented choice; the driver sizes RX buffers for its MTU)."""
