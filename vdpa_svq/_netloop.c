@@ -152,32 +152,44 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame,
     return (int64_t)done;
 }
 
-/* Start fetching the first buffer of the chain that would be popped next: its bytes are in the
- * driver's CPU cache, and the copy would wait for them. A peek only: nothing read here is trusted
- * or kept, and an address outside the IOTLB is skipped. */
-static void netloop_prefetch_next(const NetLoop *n, const DeviceSide *g, int write)
+/* Start fetching the first buffer of the chain `ahead` chains after the next one (counting one
+ * descriptor a chain, as frames mostly are): its bytes are in the driver's CPU cache, and the copy
+ * would wait for them. A peek only: nothing read here is trusted or kept, and an address outside
+ * the IOTLB is skipped. */
+static void netloop_prefetch(NetLoop *n, const DeviceSide *g, int write, uint32_t ahead)
 {
     const uint8_t *d;
     if (g->packed) {
-        if (!is_avail_packed(g, g->next_avail_idx, g->avail_wrap_counter))
+        uint32_t slot = g->next_avail_idx + ahead;
+        int wrap = g->avail_wrap_counter;
+        if (slot >= g->num) {
+            slot -= g->num;
+            wrap ^= 1;
+        }
+        if (slot >= g->num || !is_avail_packed(g, slot, wrap))
             return;
-        d = g->desc + (size_t)g->next_avail_idx * DESC_SIZE;
+        d = g->desc + (size_t)slot * DESC_SIZE;
     } else {
-        if (ld16(g->driver + AVAIL_IDX) == g->last_avail_idx)
+        if ((uint16_t)(ld16(g->driver + AVAIL_IDX) - g->last_avail_idx) <= ahead)
             return;
-        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * (g->last_avail_idx % g->num));
+        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ((g->last_avail_idx + ahead) % g->num));
         if (head >= g->num)
             return;
         d = g->desc + (size_t)head * DESC_SIZE;
     }
     uint32_t len = ld32(d + DESC_LEN_OFF);
-    const uint8_t *p = mem_view(&n->mem, ld64(d), len < 64 ? len : 64);
-    if (p == NULL)
+    len = len < 128 ? len : 128; /* a small frame and its header span two lines */
+    const uint8_t *p = mem_view(&n->mem, ld64(d), len);
+    if (p == NULL || len == 0)
         return;
-    if (write)
+    const uint8_t *last = p + len - 1;
+    if (write) {
         __builtin_prefetch(p, 1);
-    else
+        __builtin_prefetch(last, 1);
+    } else {
         __builtin_prefetch(p, 0);
+        __builtin_prefetch(last, 0);
+    }
 }
 
 static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
@@ -193,8 +205,11 @@ static int netloop_process(NetLoop *n)
     DeviceSide *rx = &n->q[NET_RX], *tx = &n->q[NET_TX];
     Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
     int progress = 0;
-    netloop_prefetch_next(n, tx, 0);
-    netloop_prefetch_next(n, rx, 1);
+    uint32_t ahead = 4;
+    for (uint32_t k = 0; k < ahead; k++) {
+        netloop_prefetch(n, tx, 0, k);
+        netloop_prefetch(n, rx, 1, k);
+    }
     while (guest_has_avail(tx)) {
         if (!guest_has_avail(rx))
             break; /* hold: the frame stays in the TX ring until RX buffers arrive */
@@ -206,14 +221,14 @@ static int netloop_process(NetLoop *n)
         if (guest_pop(tx, tc) != 1 || (tc->indirect && !n->indirect_ok))
             goto punt;
         tx_popped = 1;
-        netloop_prefetch_next(n, tx, 0);
+        netloop_prefetch(n, tx, 0, ahead - 1);
         if (netloop_gather(n, tc, &frame, &len) < 0)
             goto punt;
         if (len >= NET_HDR_SIZE) {
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
-            netloop_prefetch_next(n, rx, 1);
+            netloop_prefetch(n, rx, 1, ahead - 1);
             /* Into several RX segments, a frame read in place could be overwritten by the first
              * before the next reads it (a driver may hand the same memory to TX and RX): copy it
              * out first, as the Python datapath does every frame. */

@@ -141,11 +141,20 @@ typedef struct {
     Region *r;           /* sorted by gpa, non-overlapping (GuestMemory keeps them so) */
     Py_buffer *views;    /* the exports that keep each region's mmap open */
     Py_ssize_t n;
+    Py_ssize_t hint;     /* the region found last: most lookups land in it again */
 } MemTable;
 
 /* The region that holds all of [gpa, gpa+length), else NULL. */
-static inline const Region *mem_region(const MemTable *m, uint64_t gpa, uint64_t length)
+static inline const Region *mem_region(MemTable *m, uint64_t gpa, uint64_t length)
 {
+    if (m->hint < m->n) {
+        /* gpa strictly inside the hinted region: no other region can hold it (they don't
+         * overlap), so this is what the bisection would find, without its unpredictable branches. */
+        const Region *h = &m->r[m->hint];
+        uint64_t off = gpa - h->gpa;
+        if (gpa >= h->gpa && off < h->size && length <= h->size - off)
+            return h;
+    }
     Py_ssize_t lo = 0, hi = m->n; /* bisect_right(starts, gpa) */
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) / 2;
@@ -160,19 +169,20 @@ static inline const Region *mem_region(const MemTable *m, uint64_t gpa, uint64_t
     uint64_t off = gpa - r->gpa;
     if (off > r->size || length > r->size - off) /* gpa + length > region.end, without overflow */
         return NULL;
+    m->hint = lo - 1;
     return r;
 }
 
 /* mirrors memory/guest.py:GuestMemory._locate (as view()/contains()): the host address of
  * [gpa, gpa+length) when one region holds all of it, else NULL. */
-static inline uint8_t *mem_view(const MemTable *m, uint64_t gpa, uint64_t length)
+static inline uint8_t *mem_view(MemTable *m, uint64_t gpa, uint64_t length)
 {
     const Region *r = mem_region(m, gpa, length);
     return r ? r->host + (gpa - r->gpa) : NULL;
 }
 
 /* mem_view for a device access that needs `perm` (PERM_READ / PERM_WRITE) of the region. */
-static inline uint8_t *mem_access(const MemTable *m, uint64_t addr, uint64_t length, int perm)
+static inline uint8_t *mem_access(MemTable *m, uint64_t addr, uint64_t length, int perm)
 {
     const Region *r = mem_region(m, addr, length);
     return r && (r->perm & perm) == perm ? r->host + (addr - r->gpa) : NULL;
@@ -186,27 +196,39 @@ typedef struct {
     uint64_t addr, len;
 } Piece; /* (iova, length) for the device; (gpa, length) for the dirty log */
 
+/* The mapping that holds gpa, else NULL. The one found last is tried first: as in mem_region,
+ * it is what the bisection would find, without its unpredictable branches. */
+static inline const IovaMapping *iova_find(const IovaMapping *maps, Py_ssize_t nmaps, Py_ssize_t *hint, uint64_t gpa)
+{
+    if (*hint < nmaps && gpa >= maps[*hint].gpa && gpa - maps[*hint].gpa < maps[*hint].size)
+        return &maps[*hint];
+    Py_ssize_t lo = 0, hi = nmaps;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (gpa < maps[mid].gpa)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    if (lo == 0 || gpa - maps[lo - 1].gpa >= maps[lo - 1].size)
+        return NULL;
+    *hint = lo - 1;
+    return &maps[lo - 1];
+}
+
 /* mirrors memory/iova.py:IovaMap.translate: append the pieces covering [gpa, gpa+length) to
  * dst (storing at most cap of them, counting the rest in *n). On a hole, -1 with the failing
  * (gpa, length) in *bad, as the GuestMemoryError of the reference carries them. */
-static int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps, uint64_t gpa, uint64_t length,
-                          Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
+static int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps, Py_ssize_t *hint, uint64_t gpa,
+                          uint64_t length, Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
 {
     for (;;) {
-        Py_ssize_t lo = 0, hi = nmaps;
-        while (lo < hi) {
-            Py_ssize_t mid = (lo + hi) / 2;
-            if (gpa < maps[mid].gpa)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        if (lo == 0 || gpa - maps[lo - 1].gpa >= maps[lo - 1].size) {
+        const IovaMapping *m = iova_find(maps, nmaps, hint, gpa);
+        if (m == NULL) {
             bad->addr = gpa;
             bad->len = length;
             return -1;
         }
-        const IovaMapping *m = &maps[lo - 1];
         uint64_t room = m->size - (gpa - m->gpa);
         uint64_t take = length < room ? length : room;
         if (*n < cap) {
@@ -297,7 +319,7 @@ typedef struct {
     PyObject *name;
     uint64_t desc_addr, driver_addr, device_addr; /* guest-physical, for the dirty log */
     uint8_t *desc, *driver, *device;              /* host views of the three areas */
-    const MemTable *mem;
+    MemTable *mem;
     uint8_t *in_flight; /* heads (split) / buffer ids (packed) popped and not yet used */
     /* split */
     uint16_t last_avail_idx, used_idx, signalled_used;
@@ -1159,7 +1181,7 @@ typedef struct {
     DriverSide shadow;
     MemTable guest_mem, shadow_mem;
     IovaMapping *iova;
-    Py_ssize_t niova;
+    Py_ssize_t niova, iova_hint;
     Py_buffer dirty_view; /* the DirtyBitmap's bytearray, when there is a dirty log */
     int has_dirty;
     uint64_t dirty_pages;
@@ -1182,12 +1204,12 @@ static int svq_translate(Relay *q)
         Piece *dst = sg->write ? q->in : q->out;
         uint64_t *n = sg->write ? &q->nin : &q->nout;
         if (sg->len) {
-            if (iova_translate(q->iova, q->niova, sg->addr, sg->len, dst, q->piece_cap, n, &bad) < 0)
+            if (iova_translate(q->iova, q->niova, &q->iova_hint, sg->addr, sg->len, dst, q->piece_cap, n, &bad) < 0)
                 goto unmapped;
         } else { /* keep an empty buffer as one, at its translated address */
             Piece first;
             uint64_t one = 0;
-            if (iova_translate(q->iova, q->niova, sg->addr, 1, &first, 1, &one, &bad) < 0)
+            if (iova_translate(q->iova, q->niova, &q->iova_hint, sg->addr, 1, &first, 1, &one, &bad) < 0)
                 goto unmapped;
             if (*n < q->piece_cap) {
                 dst[*n].addr = first.addr;
@@ -1485,7 +1507,7 @@ static int mem_table_init(MemTable *m, PyObject *regions)
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     m->r = PyMem_Calloc(n ? n : 1, sizeof(Region));
     m->views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    m->n = 0;
+    m->n = m->hint = 0;
     if (m->r == NULL || m->views == NULL) {
         Py_DECREF(seq);
         PyErr_NoMemory();
@@ -1516,7 +1538,7 @@ fail:
     return -1;
 }
 
-static uint8_t *area(const MemTable *m, uint64_t gpa, uint64_t size, const char *what)
+static uint8_t *area(MemTable *m, uint64_t gpa, uint64_t size, const char *what)
 {
     uint8_t *p = mem_view(m, gpa, size);
     if (p == NULL) {
@@ -1531,7 +1553,7 @@ static uint8_t *area(const MemTable *m, uint64_t gpa, uint64_t size, const char 
 /* A device side from its spec: (packed, num, desc, driver, device, event_idx, name, regions, state,
  * in_flight): buffers in `mem`, the three ring areas in `areas` (the spec's regions are the
  * caller's business). */
-static int device_side_setup(DeviceSide *g, const MemTable *mem, const MemTable *areas, PyObject *spec)
+static int device_side_setup(DeviceSide *g, MemTable *mem, MemTable *areas, PyObject *spec)
 {
     unsigned long long desc, driver, device, st[5];
     PyObject *regions, *in_flight;
@@ -1614,7 +1636,7 @@ static int driver_side_init(Relay *q, PyObject *spec, int indirect)
     }
     if (mem_table_init(&q->shadow_mem, regions) < 0)
         return -1;
-    const MemTable *m = &q->shadow_mem;
+    MemTable *m = &q->shadow_mem;
     s->desc = area(m, desc, (uint64_t)DESC_SIZE * s->num, "shadow descriptor area");
     s->driver = area(m, driver, s->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)s->num, "shadow driver area");
     s->device = area(m, device, s->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)s->num, "shadow device area");

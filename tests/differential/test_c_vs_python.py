@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.relay.harness import RelayRig
 from vdpa_svq.errors import DeviceRingError, GuestRingError, RingBroken
+from vdpa_svq.memory import PAGE_SIZE
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.ring import Chain, Layout
 from vdpa_svq.ring.chain import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
@@ -35,9 +36,9 @@ def test_c_relay_is_built():
 
 
 # -- the two rigs ---------------------------------------------------------------------------------
-def make_pair(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, indirect, seed):
+def make_pair(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, indirect, seed, fragment=0):
     return [RelayRig(guest_layout, shadow_layout, guest_num, shadow_num, event_idx, seed=seed, indirect=indirect,
-                     impl=impl) for impl in ("py", "c")]
+                     impl=impl, fragment=fragment) for impl in ("py", "c")]
 
 
 def error_of(rig: RelayRig):
@@ -58,7 +59,7 @@ def ring_state_of(rig: RelayRig) -> dict:
 def snapshot(rig: RelayRig) -> dict:
     return {
         "ring state": ring_state_of(rig),
-        "guest memory": bytes(rig.guest_mem.regions[0].mm),
+        "guest memory": bytes(rig.backing.regions[0].mm),
         "shadow memory": bytes(rig.shadow_mem.regions[0].mm),
         "dirty bitmap": bytes(rig.dirty.bits),
         "stats": rig.svq.stats,
@@ -174,6 +175,49 @@ def test_c_relay_matches_over_many_laps(guest_layout, shadow_layout, event_idx, 
                 run(rig, 200)
             assert_same(py, c, f"after lap {lap}")
         assert py.reaped == py.next_token > 100
+    finally:
+        py.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+@pytest.mark.parametrize("fragment", [1, 2])
+def test_c_relay_matches_with_guest_memory_in_many_regions(guest_layout, shadow_layout, fragment):
+    """Guest memory in many regions, mapped at IOVAs in shuffled order: consecutive buffers are in
+    different regions and mappings, so the C relay's lookups (which try the region and mapping
+    found last first) must find the right one every time."""
+    from tests.relay.test_relay import run
+
+    py, c = make_pair(guest_layout, shadow_layout, 16, 16, True, False, 5, fragment=fragment)
+    try:
+        assert len(c.guest_mem.regions) > 4
+        for lap in range(6):
+            for rig in (py, c):
+                run(rig, 150)
+            assert_same(py, c, f"after lap {lap}")
+        assert py.reaped == py.next_token > 100
+    finally:
+        py.close()
+        c.close()
+
+
+@pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
+def test_buffers_at_region_edges_give_the_same_outcome(guest_layout, shadow_layout):
+    """A buffer that ends a region, then one that starts the next (found right after a lookup in
+    the region before), then one across the cut (looked up right after one in the region it
+    starts in): the first chain is relayed, the second is the guest's error ("outside guest
+    memory"), the same in both relays."""
+    py, c = make_pair(guest_layout, shadow_layout, 16, 16, False, False, 3, fragment=1)
+    try:
+        for rig in (py, c):
+            cut = rig.data + PAGE_SIZE
+            rig.drv.add([(cut - 16, 16)], [(cut, 16), (cut + PAGE_SIZE - 16, 16)], 0)
+            rig.svq.on_guest_kick()
+            assert rig.svq.error is None
+            rig.drv.add([(cut - 32, 8), (cut - 8, 16)], [], 1)
+            rig.svq.on_guest_kick()
+        assert "outside guest memory" in py.svq.error.reason
+        assert_same(py, c, "after the chains at the edges")
     finally:
         py.close()
         c.close()

@@ -40,6 +40,9 @@ class RelayRig:
     indirect: bool = False
     impl: str = "py"
     device_pages: set[int] = field(default_factory=set)
+    # > 0: the data area is guest memory regions of `fragment` pages each, and the IOVA map
+    # places them in shuffled order: every lookup (GPA -> host, GPA -> IOVA) has many to pick from.
+    fragment: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -47,11 +50,17 @@ class RelayRig:
         self.g_indirect = IndirectArea((end + 0xFFF) & ~0xFFF, MAX_SEGS * 2)
         self.data = (self.g_indirect.gpa + IndirectArea.size(self.guest_num, MAX_SEGS * 2) + 0xFFF) & ~0xFFF
         nblocks = self.guest_num * MAX_SEGS * 2
-        self.guest_mem = GuestMemory.create(self.data + nblocks * BLOCK, name="guest")
+        size = self.data + nblocks * BLOCK
+        self.backing = GuestMemory.create(size, name="guest")  # the memfd all guest memory is in
         self.free = list(range(nblocks))
         self.iova = IovaMap()
-        for r in self.guest_mem:
-            self.iova.add(r.gpa, r.size, r.gpa)
+        # (gpa, size, iova) of each guest memory region
+        pieces = [(0, size, 0)] if not self.fragment else self._fragments(size)
+        self.guest_mem = self.backing if not self.fragment else GuestMemory()
+        for gpa, n, iova in pieces:
+            if self.fragment:
+                self.guest_mem.add_region(gpa, n, self.backing.regions[0].fd, gpa)
+            self.iova.add(gpa, n, iova)
         # Shadow memory: owned by the relay, at fresh IOVAs above guest memory.
         s_size = 0x1000 + 16 * self.shadow_num * 2 + 8 * self.shadow_num + 0x3000
         s_size += IndirectArea.size(self.shadow_num, MAX_SEGS * 4)
@@ -61,9 +70,10 @@ class RelayRig:
         s_indirect = IndirectArea((end + 15) & ~15, MAX_SEGS * 4) if self.indirect else None
         # The device's view: both memfds at their IOVAs.
         self.dev_mem = GuestMemory()
-        self.dev_mem.add_region(0, self.guest_mem.regions[0].size, self.guest_mem.regions[0].fd)
+        for gpa, n, iova in pieces:
+            self.dev_mem.add_region(iova, n, self.backing.regions[0].fd, gpa)
         self.dev_mem.add_region(s_base, self.shadow_mem.regions[0].size, self.shadow_mem.regions[0].fd)
-        self.dirty = DirtyBitmap(self.guest_mem.size)
+        self.dirty = DirtyBitmap(size)
         ev = self.event_idx
         self.drv = driver_ring(self.guest_layout, self.guest_mem, self.guest_num, g_addrs, event_idx=ev,
                                indirect_area=self.g_indirect, name="guest-driver")
@@ -81,6 +91,17 @@ class RelayRig:
         self.next_token = 0
         self.reaped = 0
         self.used_log: list[tuple[int, int]] = []  # (token, len) in the order the guest reaped them
+
+    def _fragments(self, size: int) -> list[tuple[int, int, int]]:
+        """The rings' area, then the data area cut every `fragment` pages (no buffer crosses a cut),
+        at IOVAs above guest memory in shuffled order."""
+        step = self.fragment * PAGE_SIZE
+        cuts = list(range(self.data, size, step))
+        order = list(range(len(cuts)))
+        self.rng.shuffle(order)
+        base = (size + 0xFFFF) & ~0xFFFF
+        data = [(gpa, min(step, size - gpa), base + k * step) for gpa, k in zip(cuts, order, strict=True)]
+        return [(0, self.data, 0), *data]
 
     def make_svq(self, iova: IovaMap):
         """The relay under test (`impl`), over fresh guest-side and shadow rings."""
@@ -189,10 +210,11 @@ class RelayRig:
             self.svq.on_device_call()
 
     def _rec_for(self, chain) -> Rec:
-        # The device sees shadow ids; find the guest chain by the bytes' addresses.
+        # The device sees shadow ids; find the guest chain by the bytes' addresses (as IOVAs).
         addrs = [a for a, _ in chain.writable] or [a for a, _ in chain.readable]
         for rec in self.by_token.values():
-            if rec.written is None and addrs and ([a for a, _ in rec.in_] or [a for a, _ in rec.out])[0] == addrs[0]:
+            first = ([a for a, _ in rec.in_] or [a for a, _ in rec.out])[0]
+            if rec.written is None and addrs and self.iova.translate(first, 1)[0][0] == addrs[0]:
                 return rec
         raise AssertionError("device got a chain the guest never made available")
 
@@ -216,5 +238,5 @@ class RelayRig:
             self.svq.close()  # its exports keep the memory mapped: release them first
         for r in (self.drv, self.dev, *self.relay_rings):
             r.close()
-        for m in (self.dev_mem, self.shadow_mem, self.guest_mem):
+        for m in {id(m): m for m in (self.dev_mem, self.shadow_mem, self.guest_mem, self.backing)}.values():
             m.close()
