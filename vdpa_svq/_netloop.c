@@ -152,6 +152,18 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame,
     return (int64_t)done;
 }
 
+/* Ask for the line in exclusive state: the RX buffer's lines are in the driver's CPU cache,
+ * shared at best, and a store would wait for that copy to be invalidated. __builtin_prefetch(p, 1)
+ * is a plain read prefetch unless the target has PRFCHW; PREFETCHW decodes as a NOP where absent. */
+static inline void prefetch_for_write(const void *p)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 1);
+#endif
+}
+
 /* Start fetching the first buffer of the chain `ahead` chains after the next one (counting one
  * descriptor a chain, as frames mostly are): its bytes are in the driver's CPU cache, and the copy
  * would wait for them. A peek only: nothing read here is trusted or kept, and an address outside
@@ -184,8 +196,8 @@ static void netloop_prefetch(NetLoop *n, const DeviceSide *g, int write, uint32_
         return;
     const uint8_t *last = p + len - 1;
     if (write) {
-        __builtin_prefetch(p, 1);
-        __builtin_prefetch(last, 1);
+        prefetch_for_write(p);
+        prefetch_for_write(last);
     } else {
         __builtin_prefetch(p, 0);
         __builtin_prefetch(last, 0);
