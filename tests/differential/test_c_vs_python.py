@@ -165,14 +165,20 @@ def test_c_relay_writes_the_same_bytes_as_the_python_relay(pair, guest_num, shad
 @pytest.mark.parametrize("indirect", [False, True])
 def test_c_relay_matches_over_many_laps(guest_layout, shadow_layout, event_idx, indirect):
     """Long runs wrap the 16-bit indexes' low bits and both wrap counters many times over."""
+    shadow_num = 8 if indirect else 16
+    run_laps(*make_pair(guest_layout, shadow_layout, 4, shadow_num, event_idx, indirect, 11), laps=12, ops=200)
+
+
+def run_laps(py: RelayRig, c: RelayRig, *, laps: int, ops: int, check=None) -> None:
+    """`laps` runs of `ops` random steps in both rigs, compared after each; then closes them."""
     from tests.relay.test_relay import run
 
-    shadow_num = 8 if indirect else 16
-    py, c = make_pair(guest_layout, shadow_layout, 4, shadow_num, event_idx, indirect, 11)
     try:
-        for lap in range(12):
+        if check:
+            check(c)
+        for lap in range(laps):
             for rig in (py, c):
-                run(rig, 200)
+                run(rig, ops)
             assert_same(py, c, f"after lap {lap}")
         assert py.reaped == py.next_token > 100
     finally:
@@ -186,19 +192,12 @@ def test_c_relay_matches_with_guest_memory_in_many_regions(guest_layout, shadow_
     """Guest memory in many regions, mapped at IOVAs in shuffled order: consecutive buffers are in
     different regions and mappings, so the C relay's lookups (which try the region and mapping
     found last first) must find the right one every time."""
-    from tests.relay.test_relay import run
 
-    py, c = make_pair(guest_layout, shadow_layout, 16, 16, True, False, 5, fragment=fragment)
-    try:
-        assert len(c.guest_mem.regions) > 4
-        for lap in range(6):
-            for rig in (py, c):
-                run(rig, 150)
-            assert_same(py, c, f"after lap {lap}")
-        assert py.reaped == py.next_token > 100
-    finally:
-        py.close()
-        c.close()
+    def many_regions(rig: RelayRig) -> None:
+        assert len(rig.guest_mem.regions) > 4
+
+    pair = make_pair(guest_layout, shadow_layout, 16, 16, True, False, 5, fragment=fragment)
+    run_laps(*pair, laps=6, ops=150, check=many_regions)
 
 
 @pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
