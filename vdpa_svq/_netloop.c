@@ -164,10 +164,14 @@ static inline void prefetch_for_write(const void *p)
 #endif
 }
 
-/* Start fetching the first buffer of the chain `ahead` chains after the next one (counting one
- * descriptor a chain, as frames mostly are): its bytes are in the driver's CPU cache, and the copy
- * would wait for them. A peek only: nothing read here is trusted or kept, and an address outside
- * the IOTLB is skipped. */
+/* How many chains ahead of the copy their buffers are fetched: 4 measured 2-3% better than 1,
+ * 8 no better than 4 (paired runs of serve soft:net). */
+enum { NETLOOP_PREFETCH_AHEAD = 4 };
+
+/* Start fetching the first buffer of the chain `ahead` places after the next one (0: the next one;
+ * counting one descriptor a chain, as frames mostly are): its bytes are in the driver's CPU cache,
+ * and the copy would wait for them. A peek only: nothing read here is trusted or kept, and an
+ * address outside the IOTLB is skipped. */
 static void netloop_prefetch(NetLoop *n, const DeviceSide *g, int write, uint32_t ahead)
 {
     const uint8_t *d;
@@ -217,7 +221,7 @@ static int netloop_process(NetLoop *n)
     DeviceSide *rx = &n->q[NET_RX], *tx = &n->q[NET_TX];
     Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
     int progress = 0;
-    uint32_t ahead = 4;
+    const uint32_t ahead = NETLOOP_PREFETCH_AHEAD;
     for (uint32_t k = 0; k < ahead; k++) {
         netloop_prefetch(n, tx, 0, k);
         netloop_prefetch(n, rx, 1, k);

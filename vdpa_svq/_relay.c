@@ -141,7 +141,8 @@ typedef struct {
     Region *r;           /* sorted by gpa, non-overlapping (GuestMemory keeps them so) */
     Py_buffer *views;    /* the exports that keep each region's mmap open */
     Py_ssize_t n;
-    Py_ssize_t hint;     /* the region found last: most lookups land in it again */
+    Py_ssize_t hint;     /* the region found last: most lookups land in it again (checked before
+                          * use, so a stale hint costs a bisection, never a wrong answer) */
 } MemTable;
 
 /* The region that holds all of [gpa, gpa+length), else NULL. */
