@@ -222,6 +222,8 @@ static int netloop_process(NetLoop *n)
     Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
     int progress = 0;
     const uint32_t ahead = NETLOOP_PREFETCH_AHEAD;
+    if (!guest_has_avail(tx))
+        return 0; /* the usual second pass of a service: nothing to fetch ahead for */
     for (uint32_t k = 0; k < ahead; k++) {
         netloop_prefetch(n, tx, 0, k);
         netloop_prefetch(n, rx, 1, k);

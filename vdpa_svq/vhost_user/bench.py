@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     # Polling on CPU 1: the CPU the DPDK backend's forwarding lcore gets in the first row (the
     # frontend's forwarding lcore is on CPU 0 in every row).
     polled = ("--poll-us", "50", "--cpus", "1")
-    kinds = ("dpdk-vhost", f"vdpa-svq serve {args.device}", f"vdpa-svq serve {args.device} {' '.join(polled)}",
-             via_dpdk)
+    serve_args = {f"vdpa-svq serve {args.device}": (), f"vdpa-svq serve {args.device} {' '.join(polled)}": polled}
+    kinds = ("dpdk-vhost", *serve_args, via_dpdk)
     rates: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="vdpa-svq-bench-") as tmp:
         for n in range(args.slices):
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                             procs.append(backend("dpdk-vhost", "", dev_sock, f"{tag}-dev"))
                             procs.append(backend("serve", f"vhost-user:{dev_sock}", sock, tag))
                         else:
-                            extra = polled if kind.endswith(" ".join(polled)) else ()
-                            procs.append(backend(kind, args.device, sock, tag, extra=extra))
+                            procs.append(backend(kind, args.device, sock, tag, extra=serve_args.get(kind, ())))
                         rx, tx, secs = frontend(sock, packed, args.seconds, tag, args.peer_mac, burst=args.burst)
                     finally:
                         for proc in reversed(procs):
