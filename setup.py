@@ -1,4 +1,5 @@
-"""Build of the C relay (vdpa_svq._relay); everything else is in pyproject.toml.
+"""Build of the C relay (vdpa_svq._relay) and the SIGBUS guard (vdpa_svq._busguard); the rest
+is in pyproject.toml.
 
 The extension is optional (PEP 399): without a compiler the install still succeeds and
 vdpa_svq.relay_impl falls back to the Python reference. tests/differential fails loudly if it
@@ -16,6 +17,13 @@ setup(
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
             optional=True,
-        )
+        ),
+        Extension(
+            "vdpa_svq._busguard",  # SIGBUS-safe access to memory a peer can shrink (memory/guest.py)
+            ["vdpa_svq/_busguard.c"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+            optional=True,
+        ),
     ]
 )

@@ -21,6 +21,10 @@
  */
 
 enum { NET_RX = 0, NET_TX = 1, NET_HDR_SIZE = 12, NET_NUM_BUFFERS_OFF = 10 };
+/* The longest TX packet the device takes (net.py's NET_MAX_PACKET): header + the largest IP
+ * datagram with an Ethernet header and one VLAN tag. No GSO is offered, so nothing legitimate is
+ * longer; a longer chain is dropped unread, and the staging buffer never grows past twice this. */
+enum { NET_MAX_PACKET = NET_HDR_SIZE + 65535 + 18 };
 enum { NETLOOP_IDLE = 0, NETLOOP_PUNT = 1 };
 
 typedef struct {
@@ -101,6 +105,14 @@ static int netloop_stage(NetLoop *n, size_t at, const uint8_t *src, size_t len)
 static int netloop_gather(NetLoop *n, const Chain *c, const uint8_t **frame, size_t *len)
 {
     size_t total = 0;
+    for (uint32_t i = 0; i < c->nsegs; i++)
+        total += c->segs[i].write ? 0 : c->segs[i].len;
+    if (total > NET_MAX_PACKET) { /* dropped unread: *len 0 says so */
+        *frame = NULL;
+        *len = 0;
+        return 0;
+    }
+    total = 0;
     const uint8_t *only = NULL;
     int pieces = 0;
     for (uint32_t i = 0; i < c->nsegs; i++) {

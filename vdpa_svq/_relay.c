@@ -120,6 +120,22 @@ static int ring_fail(PyObject *cls, PyObject *queue, long long index, const char
     return -1;
 }
 
+/* cls(queue, reason): a failure at no particular ring index. */
+static int ring_fail_noindex(PyObject *cls, PyObject *queue, const char *fmt, ...)
+{
+    char reason[320];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(reason, sizeof reason, fmt, ap);
+    va_end(ap);
+    PyObject *exc = PyObject_CallFunction(cls, "Os", queue, reason);
+    if (exc != NULL) {
+        PyErr_SetObject(cls, exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
 static int queue_broken(PyObject *name)
 {
     PyErr_Format(RingBroken, "%U: queue is broken", name);
@@ -1236,14 +1252,22 @@ static inline int svq_use_indirect(const Relay *q, uint64_t n)
     return q->indirect && q->shadow.has_area && 1 < n && n <= q->shadow.area_max && n <= q->shadow.num;
 }
 
+/* Add one to an eventfd: 0, or the errno. EAGAIN is success: the counter is at its maximum (the
+ * fds a peer sends are made non-blocking), so a wake-up is pending anyway. */
+static int eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) < 0 && errno != EAGAIN ? errno : 0;
+}
+
 /* Notify the other side: an eventfd write when the notifier is an eventfd (no Python on the hot
  * path), else a call of the Python callable. */
 static int notify(int fd, PyObject *fn)
 {
     if (fd >= 0) {
-        uint64_t one = 1;
-        /* EAGAIN: the counter is at its maximum, so a wake-up is pending anyway. */
-        if (write(fd, &one, sizeof one) < 0 && errno != EAGAIN) {
+        int err = eventfd_signal(fd);
+        if (err) {
+            errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
@@ -1321,8 +1345,11 @@ static Py_ssize_t svq_forward_used(Relay *q)
     q->stats.returned += moved;
     if (moved && guest_need_notify(&q->guest)) {
         q->stats.guest_calls++;
-        if (notify(q->guest_call_fd, q->guest_call) < 0)
-            return -1;
+        if (q->guest_call_fd < 0)
+            return notify(-1, q->guest_call) < 0 ? -1 : moved;
+        int err = eventfd_signal(q->guest_call_fd);
+        if (err) /* the peer's fd went bad: this queue stops, not the loop (relay.py says the same) */
+            return ring_fail_noindex(GuestRingError, q->name, "the guest's call eventfd failed: %s", strerror(err));
     }
     return moved;
 }
@@ -2148,6 +2175,30 @@ static int pump_poll(Pump *p, uint64_t poll_ns)
     return pump_for_each(p, svq_rearm);
 }
 
+/* A source that is not a working eventfd any more (hung up, in error, read() gave no counter):
+ * a peer's fd that would otherwise wake us forever. Out of the epoll set; its relay stops with
+ * the reason (loop.py's Python loop says the same). A callable's source ends the pump instead:
+ * there is no queue to stop. */
+static int pump_drop(Pump *p, PumpSource *src)
+{
+    epoll_ctl(p->epfd, EPOLL_CTL_DEL, src->fd, NULL);
+    if (src->kind == SOURCE_CALLABLE) {
+        PyErr_Format(PyExc_OSError, "fd %d hung up or is not an eventfd", src->fd);
+        return -1;
+    }
+    Relay *q = src->relay;
+    if (q->error != Py_None)
+        return 0;
+    int kick = src->kind == SOURCE_KICK;
+    PyObject *exc = PyObject_CallFunction(kick ? GuestRingError : DeviceRingError, "Os", q->name,
+                                          kick ? "the guest's kick fd hung up or is not an eventfd"
+                                               : "the device's call fd hung up or is not an eventfd");
+    if (exc == NULL)
+        return -1;
+    Py_SETREF(q->error, exc);
+    return 0;
+}
+
 static PyObject *pump_run(Pump *p, PyObject *args)
 {
     long poll_us = 0;
@@ -2177,9 +2228,17 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         int worked = 0;
         for (int i = 0; i < n && !pump_stopping(p); i++) {
             PumpSource *src = events[i].data.ptr;
+            if (src->kind == SOURCE_STOP)
+                continue; /* the stop flag says it all */
             uint64_t count;
-            if (src->kind == SOURCE_STOP || read(src->fd, &count, sizeof count) < 0)
-                continue; /* the stop flag says it all; EAGAIN: another reader was first */
+            ssize_t got = read(src->fd, &count, sizeof count);
+            if (got < 0 && errno == EAGAIN)
+                continue; /* another reader was first */
+            if (got != (ssize_t)sizeof count || events[i].events & (EPOLLHUP | EPOLLERR)) {
+                if (pump_drop(p, src) < 0)
+                    goto fail;
+                continue;
+            }
             p->wakeups++;
             if (pump_dispatch(src) < 0)
                 goto fail;

@@ -10,6 +10,7 @@ comment in _relay.c). Without it, the Python loop below runs everything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -21,6 +22,20 @@ try:
 except ImportError:  # no C relay: the Python loop
     Pump = None
 
+from vdpa_svq.errors import DeviceRingError, GuestRingError
+
+# Why a relay stops when one of its fds is not a working eventfd any more (the C Pump's words).
+HUNG_UP = {
+    "kick": (GuestRingError, "the guest's kick fd hung up or is not an eventfd"),
+    "call": (DeviceRingError, "the device's call fd hung up or is not an eventfd"),
+}
+
+
+def signal_eventfd(fd: int) -> None:
+    """Add one to an eventfd (non-blocking); a counter already at its maximum is signalled already."""
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_write(fd, 1)
+
 
 class EventfdNotifier:
     """Notify the other side through an eventfd; the C relay writes `fd` itself, without calling us."""
@@ -29,7 +44,7 @@ class EventfdNotifier:
         self.fd = fd
 
     def __call__(self) -> None:
-        os.eventfd_write(self.fd, 1)
+        signal_eventfd(self.fd)
 
 
 class RelayLoop:
@@ -43,6 +58,7 @@ class RelayLoop:
         self._pump: Any = Pump() if Pump is not None else None
         # The Python loop's own state, only when there is no pump (which has its epoll and stop fd).
         self._handlers: dict[int, Callable[[], None]] = {}
+        self._relays: dict[int, tuple[Any, str]] = {}  # fd -> (relay, "kick" or "call")
         self._epoll: Any = None
         self._stop = -1
         if self._pump is None:
@@ -68,6 +84,7 @@ class RelayLoop:
             self._pump.add_relay(fd, c_relay, which)
         else:
             self.add(fd, relay.on_guest_kick if which == "kick" else relay.on_device_call)
+            self._relays[fd] = (relay, which)
 
     @property
     def wakeups(self) -> int:
@@ -95,15 +112,31 @@ class RelayLoop:
 
     def _run_python(self) -> None:
         while True:
-            for fd, _ in self._epoll.poll(1.0):
+            for fd, events in self._epoll.poll(1.0):
                 if fd == self._stop:
                     return
                 try:
-                    os.eventfd_read(fd)
+                    count = os.read(fd, 8)
                 except BlockingIOError:
+                    continue  # another reader was first
+                except OSError:
+                    count = b""
+                if len(count) != 8 or events & (select.EPOLLHUP | select.EPOLLERR):
+                    self._drop(fd)
                     continue
                 self._wakeups += 1
                 self._handlers[fd]()
+
+    def _drop(self, fd: int) -> None:
+        """An fd that would wake us forever (hung up, in error, not an eventfd): out of the epoll
+        set, and its relay stops with the reason; a plain handler's fd ends the loop."""
+        self._epoll.unregister(fd)
+        if fd not in self._relays:
+            raise OSError(f"fd {fd} hung up or is not an eventfd")
+        relay, which = self._relays[fd]
+        if relay.error is None:
+            cls, reason = HUNG_UP[which]
+            relay.error = cls(relay.name, reason)
 
     @property
     def running(self) -> bool:

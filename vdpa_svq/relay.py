@@ -9,6 +9,7 @@ page the device wrote (and every guest ring byte the relay wrote) is marked in t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,7 +133,10 @@ class ShadowVirtqueue:
         self.stats.returned += moved
         if moved and self.guest.need_notify():
             self.stats.guest_calls += 1
-            self.guest_call()
+            try:
+                self.guest_call()
+            except OSError as e:  # the peer's fd went bad: this queue stops, not the loop
+                raise GuestRingError(self.name, f"the guest's call eventfd failed: {os.strerror(e.errno)}") from None
         return moved
 
     def _log_written(self, chain: Chain, written: int) -> None:

@@ -394,8 +394,12 @@ class ShadowSession:
             name=f"svq{index}",
             impl=self.impl,
         )
-        self.loop.add_relay(guest_kick, svq, "kick")
-        self.loop.add_relay(dq.call_fd, svq, "call")
+        try:
+            self.loop.add_relay(guest_kick, svq, "kick")
+            self.loop.add_relay(dq.call_fd, svq, "call")
+        except BaseException:
+            svq.close()  # it holds views of the shadow memory, which close() must unmap
+            raise
         q = ShadowQueue(index, svq, dq, guest_kick, guest_call)
         self.queues[index] = q
         return q

@@ -7,6 +7,7 @@ import array
 import mmap
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernel_iface import uapi
@@ -23,6 +24,10 @@ NUM = 64
 
 def bit(n: int) -> int:
     return 1 << n
+
+
+def new_eventfd(queue: int) -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
 def send(sock: socket.socket, request: int, payload: bytes = b"", fds: list[int] | None = None,
@@ -66,10 +71,14 @@ class VhostUserFrontend:
     extra_features: int = 0  # device-specific bits to ack (each must be offered)
     config: bool = False  # negotiate protocol feature CONFIG
     offered: int = 0  # what GET_FEATURES said
+    extra_memory: int = 0  # bytes of guest memory after what the rings and buffers use (sparse)
+    # The fds sent as queue i's kick and call notifiers (a misbehaving frontend sends others).
+    make_kick_fd: Callable[[int], int] = new_eventfd
+    make_call_fd: Callable[[int], int] = new_eventfd
 
     def __post_init__(self) -> None:
         self.plan = plan_layout(self.layout, self.num, 2, RX_BUFFER, self.num)
-        self.mem = GuestMemory.create(self.plan.size)
+        self.mem = GuestMemory.create(self.plan.size + self.extra_memory)
 
     def ack(self, request: Request, payload: bytes = b"", fds: list[int] | None = None) -> None:
         send(self.sock, request, payload, fds, flags=FLAG_NEED_REPLY)
@@ -127,8 +136,8 @@ class VhostUserFrontend:
             addrs = self.plan.rings[i]
             self.rings.append(driver_ring(self.layout, self.mem, self.num, addrs, event_idx=self.event_idx,
                                           indirect_area=indirect[i], name=f"client vq{i}"))
-            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            kick = self.make_kick_fd(i)
+            call = self.make_call_fd(i)
             self.kick_fds.append(kick)
             self.call_fds.append(call)
             self.ack(Request.SET_VRING_NUM, m.VringState(i, self.num).encode())

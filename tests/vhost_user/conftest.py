@@ -32,8 +32,8 @@ class RunningServer:
         import time
 
         deadline = time.monotonic() + timeout
-        while len(self.server.summaries) < n:
-            assert time.monotonic() < deadline, f"{len(self.server.summaries)} of {n} connections finished"
+        while self.server.connections < n:
+            assert time.monotonic() < deadline, f"{self.server.connections} of {n} connections finished"
             time.sleep(0.01)
 
     def stop(self) -> None:

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 from vdpa_svq.errors import GuestMemoryError
 
+try:
+    from vdpa_svq import _busguard
+except ImportError:  # no C extension: memory that can shrink is refused (add_region)
+    _busguard = None
+
 PAGE_SIZE = 4096
 
 
@@ -31,6 +36,11 @@ class MemoryRegion:
     mm: mmap.mmap = field(repr=False)
     hva: int = 0  # host virtual address of the first byte (for IOTLB updates)
     owns_fd: bool = True
+    guard: int | None = None  # its _busguard slot, when the file can shrink under us
+
+    def faults(self) -> tuple[int, int]:
+        """(SIGBUS faults caught in this region, the first faulting host address)."""
+        return _busguard.faults(self.guard) if self.guard is not None else (0, 0)
 
     @property
     def end(self) -> int:
@@ -84,8 +94,16 @@ class GuestMemory:
             os.close(fd)
             raise
 
-    def add_region(self, gpa: int, size: int, fd: int, offset: int = 0, *, owns_fd: bool = False) -> MemoryRegion:
-        """Map `size` bytes of `fd` at file offset `offset` as guest memory [gpa, gpa+size)."""
+    def add_region(self, gpa: int, size: int, fd: int, offset: int = 0, *, owns_fd: bool = False,
+                   shrinkable: bool = False, page_size: int = PAGE_SIZE) -> MemoryRegion:
+        """Map `size` bytes of `fd` at file offset `offset` as guest memory [gpa, gpa+size).
+
+        `shrinkable`: someone else can truncate the file (a peer's unsealed memory); an access
+        past its new end then reads zeros instead of killing us, and faulted() names the region.
+        """
+        if shrinkable and _busguard is None:
+            raise GuestMemoryError(gpa, size, "this file can shrink under us and the SIGBUS guard "
+                                              "(the C extension vdpa_svq._busguard) is not built")
         if size <= 0 or gpa < 0:
             raise GuestMemoryError(gpa, size, "empty region or negative address")
         i = bisect.bisect_right(self._starts, gpa)
@@ -93,6 +111,12 @@ class GuestMemory:
             raise GuestMemoryError(gpa, size, "overlaps an existing region")
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         region = MemoryRegion(gpa, size, fd, offset, mm, _mmap_address(mm), owns_fd)
+        if shrinkable:
+            try:
+                region.guard = _busguard.guard(region.hva, size, page_size)
+            except BaseException:
+                mm.close()
+                raise
         self._regions.insert(i, region)
         self._starts.insert(i, gpa)
         self._views.insert(i, memoryview(mm))
@@ -109,6 +133,10 @@ class GuestMemory:
     @property
     def size(self) -> int:
         return sum(r.size for r in self._regions)
+
+    def faulted(self) -> list[MemoryRegion]:
+        """Regions whose file shrank under an access (see add_region's `shrinkable`)."""
+        return [r for r in self._regions if r.faults()[0]]
 
     def _locate(self, gpa: int, length: int) -> tuple[int, int]:
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -147,6 +175,8 @@ class GuestMemory:
             v.release()
         for r in self._regions:
             _BY_HVA.pop(r.hva, None)
+            if r.guard is not None:
+                _busguard.unguard(r.guard)  # before the range is unmapped and maybe reused
             r.mm.close()
             if r.owns_fd:
                 os.close(r.fd)

@@ -33,6 +33,10 @@ VIRTIO_NET_S_LINK_UP = 1
 # csum_offset le16, num_buffers le16 -- 12 bytes with VERSION_1 (which this device requires).
 NET_HDR_SIZE = 12
 _NUM_BUFFERS_OFF = 10
+# The longest TX packet taken: header + the largest IP datagram with an Ethernet header and one
+# VLAN tag. No GSO is offered, so nothing legitimate is longer; a longer chain is dropped unread
+# (not gathered into memory a peer could make as large as it likes). _netloop.c: the same.
+NET_MAX_PACKET = NET_HDR_SIZE + 65535 + 18
 # struct virtio_net_config up to supported_hash_types: mac[6], status le16, max_virtqueue_pairs le16,
 # mtu le16, speed le32, duplex u8, rss_max_key_size u8, rss_max_indirection_table_length le16,
 # supported_hash_types le32 -- 24 bytes, the size vdpa_sim net reports.
@@ -157,6 +161,11 @@ class SoftNetDevice(SoftDevice):
             chain = self.pop(tx)
             if chain is None:
                 break
+            if sum(length for _, length in chain.readable) > NET_MAX_PACKET:
+                tx.stats.dropped += 1
+                self.push(tx, chain, 0, read=0)
+                progress = True
+                continue
             try:
                 packet = gather(self.mem, chain)
             except QUEUE_FAULTS as e:

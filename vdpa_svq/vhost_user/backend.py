@@ -35,14 +35,15 @@ import mmap
 import os
 import select
 import socket
-import stat
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import uapi
 from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.loop import signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import Layout, RingAddresses, RingState
 from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
@@ -58,6 +59,7 @@ from vdpa_svq.vhost_user.messages import (
     ProtocolFeature,
     Request,
 )
+from vdpa_svq.vhost_user.peer_fds import check_memory_fd, take_eventfd
 
 log = logging.getLogger("vdpa_svq.vhost_user")
 
@@ -101,6 +103,7 @@ OFFERED_PROTOCOL_FEATURES = sum(bit(b) for b in PROTOCOL_FEATURES)
 # --no-huge frontend puts memory at its virtual addresses (~2^47): no log there unless asked for.
 MAX_LOGGED_SPAN = 1 << 36
 LOG_SYNC_S = 0.02
+KEPT_SUMMARIES = 64  # the last connections' summaries a long-lived server keeps (the rest: counted)
 POLL_S = 0.2
 MESSAGE_TIMEOUT_S = 5.0  # the rest of a message that started arriving; a frontend stalled mid-message is dropped
 
@@ -203,7 +206,8 @@ class Connection:
         self.status = 0
         self.mem: GuestMemory | None = None
         self.table: tuple[m.MemRegion, ...] = ()
-        self.log_mm: mmap.mmap | None = None
+        self.log_mem: GuestMemory | None = None  # the frontend's dirty log (SET_LOG_BASE)
+        self.log_mm: mmap.mmap | None = None  # its one region's mapping
         self.shadow: ShadowSession | None = None
         self.stats: dict[int, dict[str, int]] = {}  # queue -> counters of finished relay runs
         self._started_at = 0.0
@@ -234,6 +238,7 @@ class Connection:
                     self.device.check_alive()
                 if self.sock in ready:
                     self.handle_one()
+                self._check_memory()
                 self._maybe_sync_log()
         except ConnectionClosed:
             pass
@@ -246,6 +251,16 @@ class Connection:
         finally:
             self.close()
         return self.summary
+
+    def _check_memory(self) -> None:
+        """A frontend that truncated its memory file under us: its accesses read zeros now (see
+        GuestMemory.add_region's shrinkable), and the connection ends with the reason."""
+        for mem, what in ((self.mem, "guest memory"), (self.log_mem, "the dirty log")):
+            for r in mem.faulted() if mem is not None else ():
+                n, addr = r.faults()
+                raise BackendError(f"{what} at {r.gpa:#x} (+{r.size:#x}) shrank under the relay: {n} access(es) "
+                                   f"past the end of the frontend's file, the first at offset {addr - r.hva:#x}; "
+                                   "a frontend must not truncate memory it shared (seal it with F_SEAL_SHRINK)")
 
     def handle_one(self) -> None:
         request, flags, body, fds = recv_message(self.sock)
@@ -321,8 +336,10 @@ class Connection:
             for region, fd in zip(table.regions, msg.fds, strict=True):
                 if region.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                     raise BackendError(f"SET_MEM_TABLE: mmap_offset {region.mmap_offset:#x} not page aligned")
-                _check_backing(fd, region.mmap_offset, region.size, f"SET_MEM_TABLE: region at {region.gpa:#x}")
-                new.add_region(region.gpa, region.size, fd, region.mmap_offset, owns_fd=True)
+                shrinkable, page = check_memory_fd(fd, region.mmap_offset, region.size,
+                                                   f"SET_MEM_TABLE: region at {region.gpa:#x}")
+                new.add_region(region.gpa, region.size, fd, region.mmap_offset, owns_fd=True,
+                               shrinkable=shrinkable, page_size=page)
         except BaseException:
             taken = {r.fd for r in new}
             new.close()
@@ -342,22 +359,23 @@ class Connection:
         area = msg.payload
         assert isinstance(area, m.LogArea)
         fd = msg.fds[0]
+        log_mem = GuestMemory()  # the log as one region at 0: mapped SIGBUS-safe like guest memory
         try:
             if area.mmap_offset % mmap.ALLOCATIONGRANULARITY:
                 raise BackendError(f"SET_LOG_BASE: mmap_offset {area.mmap_offset:#x} not page aligned")
-            _check_backing(fd, area.mmap_offset, area.mmap_size, "SET_LOG_BASE: the log")
+            shrinkable, page = check_memory_fd(fd, area.mmap_offset, area.mmap_size, "SET_LOG_BASE: the log")
             try:
-                mm = mmap.mmap(fd, area.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                               offset=area.mmap_offset)
+                log_mem.add_region(0, area.mmap_size, fd, area.mmap_offset, shrinkable=shrinkable, page_size=page)
             except (OSError, ValueError) as e:
                 raise BackendError(f"SET_LOG_BASE: cannot map the log ({area.mmap_size} bytes): {e}") from None
         finally:
             os.close(fd)
             msg.fds.clear()
         self.sync_log()  # pages dirtied so far go into the log they were dirtied under
-        if self.log_mm is not None:
-            self.log_mm.close()
-        self.log_mm = mm
+        if self.log_mem is not None:
+            self.log_mem.close()
+        self.log_mem = log_mem
+        self.log_mm = log_mem.regions[0].mm
         return b""  # QEMU waits for a reply with no payload (as DPDK's vhost_user_set_log_base sends)
 
     def on_set_log_fd(self, msg: Message) -> None:
@@ -409,6 +427,8 @@ class Connection:
     def _set_vring_fd(self, msg: Message, attr: str) -> VuQueue:
         assert isinstance(msg.payload, int)
         q = self._queue(msg.request, msg.payload & m.VRING_IDX_MASK)
+        if msg.fds:
+            take_eventfd(msg.fds[-1], f"{msg.request.name}: queue {q.index}")
         new = msg.fds.pop() if msg.fds else None
         old = getattr(q, attr)
         running = self.shadow.queues.get(q.index) if self.shadow is not None else None
@@ -440,7 +460,7 @@ class Connection:
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             q.enabled = True  # without protocol features a ring starts on its kick fd
         if self.shadow is not None:
-            os.eventfd_write(q.kick_fd, 1)  # a replaced kick fd: buffers made available meanwhile
+            signal_eventfd(q.kick_fd)  # a replaced kick fd: buffers made available meanwhile
         self._maybe_start()
 
     def on_set_vring_call(self, msg: Message) -> None:
@@ -584,7 +604,7 @@ class Connection:
         log.info("%s: relaying %d queues, guest %s rings -> shadow %s rings", self.summary.peer,
                  len(plan), layout.value, self.session.layout.value)
         for q in self.queues:
-            os.eventfd_write(q.kick_fd, 1)  # buffers made available before the relay ran
+            signal_eventfd(q.kick_fd)  # buffers made available before the relay ran
 
     def _stop_relay(self) -> None:
         """Stop relaying: return what the device finished, keep each ring's state, reset the device."""
@@ -657,9 +677,9 @@ class Connection:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
-        if self.log_mm is not None:
-            self.log_mm.close()
-            self.log_mm = None
+        if self.log_mem is not None:
+            self.log_mem.close()
+            self.log_mem = self.log_mm = None
         self.sock.close()
 
 
@@ -692,19 +712,6 @@ def or_into(log_view: memoryview, bits: bytes) -> None:
         log_view[start:end] = merged.to_bytes(len(chunk), "little")
 
 
-def _check_backing(fd: int, offset: int, size: int, what: str) -> None:
-    """Refuse a mapping past the end of its file: touching it would raise SIGBUS in the relay
-    and kill the server. (A frontend that shrinks the file later can still do that, as with
-    any vhost-user backend.)"""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise BackendError(f"{what}: the fd is not a memory file (mode {st.st_mode:#o})")
-    if offset + size > st.st_size:
-        raise BackendError(
-            f"{what}: {size:#x} bytes at offset {offset:#x}, past the end of its {st.st_size:#x}-byte file"
-        )
-
-
 def hangup_fd(device: Any) -> int | None:
     """An fd readable once `device` is gone (a vhost-user backend's socket), or None: a vhost-vdpa
     node or a software device cannot go away under us."""
@@ -728,7 +735,11 @@ class Server:
         self.path = path
         self.impl = impl
         self.poll_us = poll_us
-        self.summaries: list[ConnectionSummary] = []
+        # The last KEPT_SUMMARIES connections: a server runs for months, and every frontend that
+        # connects (or an attacker connecting in a loop) must not grow it.
+        self.summaries: deque[ConnectionSummary] = deque(maxlen=KEPT_SUMMARIES)
+        self.connections = 0  # every connection served
+        self.failed = 0  # of which closed with an error
         self._stop = threading.Event()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -743,7 +754,7 @@ class Server:
             self.listener.close()
             raise
 
-    def serve_forever(self, on_connection: Any = None) -> list[ConnectionSummary]:
+    def serve_forever(self, on_connection: Any = None) -> deque[ConnectionSummary]:
         n = 0
         device = self.session.device
         hangup = hangup_fd(device)
@@ -773,6 +784,8 @@ class Server:
         log.info("%s: frontend connected", peer)
         summary = Connection(self.session, sock, impl=self.impl, peer=peer, poll_us=self.poll_us).serve(self._stop)
         self.summaries.append(summary)
+        self.connections += 1
+        self.failed += summary.error is not None
         return summary
 
     def stop(self) -> None:
