@@ -17,7 +17,11 @@ of byte p // 8, one page being 4 KiB, covering [0, end of the highest region).
 DumpWriter writes to a temporary file in the target's directory and renames it into place only
 after the trailer is written and fsynced: at the target path there is either nothing, the previous
 file, or a complete dump. read_dump checks everything it reads and raises DumpError naming the
-file, the offset and what is wrong.
+file, the offset and what is wrong; it trusts nothing in the file. The header is bounded in size
+and nesting before it is parsed, and every field is type- and range-checked; the bitmaps are
+inflated a chunk at a time into PageSets, so a small file that claims terabytes of guest memory
+costs the time to inflate it (about 2 s per 1 GiB of bitmap, i.e. per 32 TiB of guest claimed),
+never the memory.
 """
 
 from __future__ import annotations
@@ -25,18 +29,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vdpa_svq import __version__
-from vdpa_svq.dirty import pages_of
 from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.pageset import PageSet
 
 # 0x89 (high bit: caught by 7-bit channels), "\r\n" and "\n" (caught by newline translation), 0x1a
 # (stops `type` on DOS): the PNG trick, so a dump mangled as text never reads as good.
@@ -57,6 +64,15 @@ TAGS = (TAG_HEAD, TAG_ROUND, TAG_TAIL)
 
 # A section of this much or more would not fit the le32 length (a bitmap compresses far below it).
 MAX_SECTION = 1 << 32
+# Bounds on what a header may hold, checked before it is parsed: real headers are a few hundred
+# bytes, nest three deep and list the handful of regions a VMM maps.
+MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 32
+MAX_REGIONS = 4096
+MAX_INT_DIGITS = 20  # a u64 is at most 20 decimal digits
+MAX_HEX_DIGITS = 16
+# Times (creation, rounds) are seconds since the epoch that datetime can show: up to year 9999.
+MAX_TIME = 253402300799.0
 
 
 class DumpError(VdpaSvqError):
@@ -99,8 +115,12 @@ class DumpHeader:
             return f"page size {self.page_size}, version {VERSION} knows only {PAGE_SIZE}"
         if not self.regions:
             return "no guest memory regions"
+        if len(self.regions) > MAX_REGIONS:
+            return f"{len(self.regions)} regions, more than the {MAX_REGIONS} a dump may hold"
         end = 0
         for gpa, size in sorted(self.regions):
+            if not (0 <= gpa < 1 << 64 and 0 <= size < 1 << 64):
+                return f"region ({gpa:#x}, {size:#x}) does not fit 64-bit guest-physical space"
             if size <= 0 or gpa < 0:
                 return f"region ({gpa:#x}, {size:#x}) is empty or negative"
             if gpa % self.page_size or size % self.page_size:
@@ -115,6 +135,8 @@ class DumpHeader:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < 1 << 64:
                 return f"{name} {value!r} is not a u64"
+        if not _is_time(self.created):
+            return f"creation time {self.created!r} is not a time between 1970 and 9999"
         if self.bitmap_bytes >= MAX_SECTION - ROUND.size:
             return f"guest memory of {self.memory_end:#x} bytes needs a bitmap too large for a section"
         return None
@@ -178,6 +200,10 @@ class DumpHeader:
             raise ValueError("'page_size' is not an integer")
         if not isinstance(obj["created"], int | float) or isinstance(obj["created"], bool):
             raise ValueError("'created' is not a number")
+        if not _is_time(obj["created"]):
+            raise ValueError(f"'created' ({obj['created']!r}) is not a time between 1970 and 9999")
+        if len(regions) > MAX_REGIONS:
+            raise ValueError(f"{len(regions)} regions, more than the {MAX_REGIONS} a dump may hold")
         if not isinstance(obj["tool_version"], str):
             raise ValueError("'tool_version' is not a string")
         return cls(
@@ -197,9 +223,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_TIME
+
+
 def _hex_field(obj: dict[str, Any], name: str) -> int:
     value = obj[name]
-    if isinstance(value, str) and value.startswith("0x"):
+    if isinstance(value, str) and value.startswith("0x") and len(value) <= 2 + MAX_HEX_DIGITS:
         try:
             return int(value, 16)
         except ValueError:
@@ -213,12 +243,13 @@ class Round:
 
     number: int
     when: float
-    bitmap: bytes = field(repr=False)
-    pages: tuple[int, ...] = field(repr=False)
+    pages: PageSet = field(repr=False)
+    count: int  # len(pages), which the reader has checked against the section's count
 
     @property
-    def count(self) -> int:
-        return len(self.pages)
+    def bitmap(self) -> bytes:
+        """The round's whole vhost-format bitmap: memory for all of guest memory, so small guests only."""
+        return self.pages.to_bitmap()
 
 
 @dataclass(frozen=True)
@@ -232,15 +263,12 @@ class Dump:
         """Dirty pages summed over the rounds (what pre-copy would resend)."""
         return sum(r.count for r in self.rounds)
 
-    def union_bitmap(self) -> bytes:
-        acc = 0
+    def union(self) -> PageSet:
+        """Every page dirtied in any round."""
+        acc = PageSet(self.header.pages)
         for r in self.rounds:
-            acc |= int.from_bytes(r.bitmap, "little")
-        return acc.to_bytes(self.header.bitmap_bytes, "little")
-
-    def union(self) -> list[int]:
-        """Every page dirtied in any round, ascending."""
-        return pages_of(self.union_bitmap())
+            acc |= r.pages
+        return acc
 
 
 def _popcount(bitmap: bytes) -> int:
@@ -376,16 +404,27 @@ def write_dump(path: str | os.PathLike, header: DumpHeader, rounds: Sequence[tup
 # --------------------------------------------------------------------------------------------------
 
 
-def read_dump(path: str | os.PathLike) -> Dump:
+Progress = Callable[[int, int], None]  # (bytes of the file read so far, its size)
+
+
+def read_dump(path: str | os.PathLike, progress: Progress | None = None) -> Dump:
     """Read and check a whole dump. OSError for a file that cannot be read, DumpError for one that is
-    not a complete, intact dump."""
-    return _Reader(os.fspath(path), Path(path).read_bytes()).read()
+    not a complete, intact dump. `progress` is called after each section."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            # A FIFO or a device (/dev/zero) would be read forever.
+            raise DumpError(path, 0, "not a regular file")
+        data = f.read()
+    return _Reader(path, data, progress).read()
 
 
 class _Reader:
-    def __init__(self, path: str, data: bytes) -> None:
+    def __init__(self, path: str, data: bytes, progress: Progress | None = None) -> None:
         self.path = path
         self.data = data
+        self.progress = progress
+        self.chunks: dict[bytes, int] = {}  # equal bitmap chunks of all rounds share one int
 
     def fail(self, offset: int, what: str) -> DumpError:
         return DumpError(self.path, offset, what)
@@ -400,6 +439,8 @@ class _Reader:
                 raise self.fail(offset, f"truncated: the file ends {where} without a trailer (incomplete copy?)")
             start = offset
             tag, payload, offset = self._section(offset)
+            if self.progress:
+                self.progress(offset, len(self.data))
             if header is None and tag != TAG_HEAD:
                 raise self.fail(start, f"expected the HEAD section first, found {tag.decode()}")
             if tag == TAG_HEAD:
@@ -457,9 +498,16 @@ class _Reader:
         return tag, data[offset + SECTION_HEAD.size : end], end + SECTION_CRC.size
 
     def _header(self, offset: int, payload: bytes) -> DumpHeader:
+        if len(payload) > MAX_HEADER_BYTES:
+            raise self.fail(offset, f"a header of {len(payload)} bytes, more than the {MAX_HEADER_BYTES} allowed")
+        depth = _json_depth(payload)
+        if depth > MAX_HEADER_DEPTH:
+            raise self.fail(offset, f"the header nests {depth} deep, more than the {MAX_HEADER_DEPTH} allowed")
         try:
-            obj = json.loads(payload.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            obj = json.loads(payload.decode(), parse_int=_bounded_int, parse_constant=_no_constant)
+        except UnicodeDecodeError as e:
+            raise self.fail(offset, f"the header is not UTF-8: {e}") from None
+        except ValueError as e:  # JSONDecodeError, and what _bounded_int and _no_constant raise
             raise self.fail(offset, f"the header is not valid JSON: {e}") from None
         try:
             return DumpHeader.from_json(obj)
@@ -477,19 +525,19 @@ class _Reader:
                 offset,
                 f"round {number}: bitmap of {size} bytes, the guest memory layout needs {header.bitmap_bytes}",
             )
-        inflate = zlib.decompressobj()
+        if not _is_time(when):
+            raise self.fail(offset, f"round {number}: time {when!r} is not a time between 1970 and 9999")
         try:
-            # Bounded: a corrupt stream must not inflate into gigabytes before we notice.
-            bitmap = inflate.decompress(payload[ROUND.size :], size + 1)
-        except zlib.error as e:
-            raise self.fail(offset, f"round {number}: the bitmap does not decompress: {e}") from None
-        if len(bitmap) != size or not inflate.eof or inflate.unused_data:
-            raise self.fail(offset, f"round {number}: the compressed bitmap does not hold exactly {size} bytes")
-        if _popcount(bitmap) != count:
-            raise self.fail(offset, f"round {number}: {_popcount(bitmap)} pages set, the section says {count}")
-        if _spare_bits_set(bitmap, header.pages):
+            pages = PageSet.from_zlib(memoryview(payload)[ROUND.size :], size, header.pages, self.chunks)
+        except ValueError as e:
+            raise self.fail(offset, f"round {number}: {e}") from None
+        last = pages.max_page()
+        if last is not None and last >= header.pages:
             raise self.fail(offset, f"round {number}: pages past the end of guest memory are marked dirty")
-        return Round(number, when, bitmap, tuple(pages_of(bitmap)))
+        actual = len(pages)
+        if actual != count:
+            raise self.fail(offset, f"round {number}: {actual} pages set, the section says {count}")
+        return Round(number, when, pages, count)
 
     def _trailer(self, offset: int, payload: bytes, rounds: list[Round]) -> None:
         if len(payload) != TRAILER.size:
@@ -500,3 +548,28 @@ class _Reader:
         actual = sum(r.count for r in rounds)
         if total != actual:
             raise self.fail(offset, f"the trailer says {total} dirty pages in all, the rounds hold {actual}")
+
+
+def _json_depth(text: bytes) -> int:
+    """How deep the JSON text's arrays and objects nest, strings skipped: checked before json.loads,
+    whose recursion a crafted header would otherwise exhaust."""
+    outside = _JSON_STRING.sub(b'""', text)
+    arr = np.frombuffer(outside, dtype=np.uint8)
+    steps = np.isin(arr, _OPENERS).astype(np.int64) - np.isin(arr, _CLOSERS)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def _bounded_int(digits: str) -> int:
+    # Python refuses ints over 4300 digits with a ValueError of its own; the header's are u64.
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")

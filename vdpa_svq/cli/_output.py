@@ -84,20 +84,9 @@ def _wrap(value: str, width: int) -> list[str]:
     return lines
 
 
-def ranges(pages: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted page numbers as inclusive (first, last) runs."""
-    out: list[tuple[int, int]] = []
-    for p in pages:
-        if out and p == out[-1][1] + 1:
-            out[-1] = (out[-1][0], p)
-        else:
-            out.append((p, p))
-    return out
-
-
-def format_ranges(pages: Iterable[int]) -> str:
-    """`0-3, 130, 190-191`; `-` for none."""
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges(pages)) or "-"
+def format_ranges(spans: Iterable[tuple[int, int]]) -> str:
+    """Inclusive (first, last) runs as `0-3, 130, 190-191`; `-` for none."""
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "-"
 
 
 def human_bytes(n: int) -> str:

@@ -6,16 +6,19 @@ from typing import Any
 
 import click
 
-from vdpa_svq.cli._output import echo_json, json_option, print_table, ranges
-from vdpa_svq.cli.dirty_log._common import dump_argument
-from vdpa_svq.dump import read_dump
+from vdpa_svq.cli._output import echo_json, json_option, print_table
+from vdpa_svq.cli.dirty_log._common import check_listable, dump_argument, read_with_progress
+from vdpa_svq.pageset import PageSet
 
 
-def compare(a: set[int], b: set[int], with_pages: bool) -> dict[str, Any]:
-    parts = {"only_a": sorted(a - b), "only_b": sorted(b - a), "both": sorted(a & b)}
-    out: dict[str, Any] = {name: len(pages) for name, pages in parts.items()}
+def parts(a: PageSet, b: PageSet) -> dict[str, PageSet]:
+    return {"only_a": a - b, "only_b": b - a, "both": a & b}
+
+
+def compare(split: dict[str, PageSet], with_pages: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {name: len(pages) for name, pages in split.items()}
     if with_pages:
-        out["page_ranges"] = {name: [list(s) for s in ranges(pages)] for name, pages in parts.items()}
+        out["page_ranges"] = {name: [list(s) for s in pages.ranges()] for name, pages in split.items()}
     return out
 
 
@@ -37,21 +40,28 @@ def diff(a: str, b: str, per_round: bool, pages: bool, as_json: bool) -> None:
       vdpa-svq dirty-log diff python.vdl c.vdl
       vdpa-svq dirty-log diff a.vdl b.vdl --per-round --json
     """
-    da, db = read_dump(a), read_dump(b)
+    da, db = read_with_progress(a), read_with_progress(b)
+    union = parts(da.union(), db.union())
+    splits = []
+    if per_round:
+        empty = PageSet(0)
+        for n in range(1, max(len(da.rounds), len(db.rounds)) + 1):
+            pa = da.rounds[n - 1].pages if n <= len(da.rounds) else empty
+            pb = db.rounds[n - 1].pages if n <= len(db.rounds) else empty
+            splits.append((n, parts(pa, pb)))
+    if pages:
+        check_listable(f"{a} and {b}", [s for split in [union, *(p for _, p in splits)] for s in split.values()])
     result: dict[str, Any] = {
         "a": a,
         "b": b,
         "same_layout": sorted(da.header.regions) == sorted(db.header.regions),
-        "union": compare(set(da.union()), set(db.union()), pages),
+        "union": compare(union, pages),
     }
     if per_round:
-        rounds = []
-        for n in range(1, max(len(da.rounds), len(db.rounds)) + 1):
-            pa = set(da.rounds[n - 1].pages) if n <= len(da.rounds) else set()
-            pb = set(db.rounds[n - 1].pages) if n <= len(db.rounds) else set()
-            row = {"round": n, "in_a": n <= len(da.rounds), "in_b": n <= len(db.rounds), **compare(pa, pb, pages)}
-            rounds.append(row)
-        result["rounds"] = rounds
+        result["rounds"] = [
+            {"round": n, "in_a": n <= len(da.rounds), "in_b": n <= len(db.rounds), **compare(split, pages)}
+            for n, split in splits
+        ]
     if as_json:
         echo_json(result)
         return

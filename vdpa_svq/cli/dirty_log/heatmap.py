@@ -7,9 +7,9 @@ import os
 import click
 
 from vdpa_svq.cli._output import echo_json, json_option
-from vdpa_svq.cli.dirty_log._common import dump_argument
+from vdpa_svq.cli.dirty_log._common import dump_argument, read_with_progress
 from vdpa_svq.cli.errors import UserError
-from vdpa_svq.dump import Dump, read_dump
+from vdpa_svq.dump import Dump
 
 DEFAULT_BINS = 256
 
@@ -18,22 +18,29 @@ def heat(dump: Dump, bins: int):
     """(rounds x bins array of the share of each bin's pages dirtied in each round, bin edges).
 
     The regions are laid back to back (holes between them left out, or a VM with memory above 4 GiB
-    would plot mostly holes); edges are page offsets into that concatenation.
+    would plot mostly holes); edges are page offsets into that concatenation. Counts come from the
+    rounds' PageSets (count of pages below each edge), never from whole bitmaps: the work follows
+    the bins and the dirty chunks, not the guest size the dump claims.
     """
     import numpy as np
 
-    h = dump.header
-    spans = h.page_spans()
-    total = sum(end - first for first, end in spans)
+    spans = np.array(dump.header.page_spans(), dtype=np.int64)
+    firsts, ends = spans[:, 0], spans[:, 1]
+    offsets = np.concatenate(([0], np.cumsum(ends - firsts)))  # where each region starts, back to back
+    total = int(offsets[-1])
     bins = max(1, min(bins, total))
     edges = np.linspace(0, total, bins + 1).round().astype(np.int64)
-    widths = np.diff(edges)
+    # Edge e lies in region i (the last one for the final edge), at page firsts[i] + e - offsets[i].
+    region = np.minimum(np.searchsorted(offsets, edges, side="right") - 1, len(firsts) - 1)
+    edge_pages = firsts[region] + edges - offsets[region]
     rows = []
     for r in dump.rounds:
-        # vhost bitmap: page p is bit p % 8 of byte p // 8, i.e. little-endian bit order.
-        bits = np.unpackbits(np.frombuffer(r.bitmap, dtype=np.uint8), bitorder="little")
-        memory = np.concatenate([bits[first:end] for first, end in spans])
-        rows.append(np.add.reduceat(memory.astype(np.int64), edges[:-1]) / widths)
+        below_first = r.pages.counts_below(firsts)
+        in_region = r.pages.counts_below(ends) - below_first
+        before = np.concatenate(([0], np.cumsum(in_region)))  # dirty pages in the regions before i
+        # Dirty pages at back-to-back offsets < edge: whole regions before, plus a part of its own.
+        cumulative = before[region] + r.pages.counts_below(edge_pages) - below_first[region]
+        rows.append(np.diff(cumulative) / np.diff(edges))
     return np.vstack(rows), edges
 
 
@@ -84,7 +91,7 @@ def heatmap(file: str, output: str, bins: int, as_json: bool) -> None:
     Example:
       vdpa-svq dirty-log heatmap run.vdl -o run.png
     """
-    dump = read_dump(file)
+    dump = read_with_progress(file)
     if not dump.rounds:
         raise UserError(f"{file}: the dump has no rounds, so there is nothing to plot")
     result = plot(dump, output, bins)

@@ -6,14 +6,16 @@ from typing import Any
 
 import click
 
-from vdpa_svq.cli._output import echo_json, format_ranges, human_bytes, json_option, print_fields, print_table, ranges
-from vdpa_svq.cli.dirty_log._common import dump_argument, header_fields
-from vdpa_svq.dump import Dump, read_dump
+from vdpa_svq.cli._output import echo_json, format_ranges, human_bytes, json_option, print_fields, print_table
+from vdpa_svq.cli.dirty_log._common import check_listable, dump_argument, header_fields, read_with_progress
+from vdpa_svq.dump import Dump
 
 
 def summary(dump: Dump, with_pages: bool) -> dict[str, Any]:
     h = dump.header
     union = dump.union()
+    if with_pages:
+        check_listable(dump.path, [*(r.pages for r in dump.rounds), union])
     out: dict[str, Any] = {
         "file": dump.path,
         "header": h.to_json(),
@@ -28,10 +30,10 @@ def summary(dump: Dump, with_pages: bool) -> dict[str, Any]:
     for r in dump.rounds:
         row: dict[str, Any] = {"round": r.number, "time": r.when, "pages": r.count}
         if with_pages:
-            row["page_ranges"] = [list(span) for span in ranges(r.pages)]
+            row["page_ranges"] = [list(span) for span in r.pages.ranges()]
         out["rounds"].append(row)
     if with_pages:
-        out["totals"]["page_ranges"] = [list(span) for span in ranges(union)]
+        out["totals"]["page_ranges"] = [list(span) for span in union.ranges()]
     return out
 
 
@@ -51,7 +53,7 @@ def show(file: str, pages: bool, as_json: bool) -> None:
       vdpa-svq dirty-log show run.vdl
       vdpa-svq dirty-log show run.vdl --pages --json
     """
-    dump = read_dump(file)
+    dump = read_with_progress(file)
     data = summary(dump, pages)
     if as_json:
         echo_json(data)
@@ -63,7 +65,7 @@ def show(file: str, pages: bool, as_json: bool) -> None:
     columns = ["ROUND", "+SECONDS", "DIRTY PAGES", "SIZE"] + (["PAGES"] if pages else [])
     rows = [
         [str(r.number), f"{r.when - start:.3f}", str(r.count), human_bytes(r.count * h.page_size)]
-        + ([format_ranges(r.pages)] if pages else [])
+        + ([format_ranges(r.pages.ranges())] if pages else [])
         for r in dump.rounds
     ]
     if rows:
@@ -78,4 +80,4 @@ def show(file: str, pages: bool, as_json: bool) -> None:
         f"({share:.1%} of guest memory)"
     )
     if pages:
-        click.echo(f"distinct pages: {format_ranges(dump.union())}")
+        click.echo(f"distinct pages: {format_ranges(dump.union().ranges())}")
