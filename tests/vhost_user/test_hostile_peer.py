@@ -9,6 +9,7 @@ import time
 import pytest
 
 from vdpa_svq.ring import Layout
+from vdpa_svq.vhost_user.backend import KEPT_SUMMARIES
 
 from .client import VhostUserFrontend
 from .hostile import HOSTILE, HUGE_TX, ServeProcess
@@ -87,3 +88,14 @@ def test_the_truncated_memory_error_names_the_cause(serve):
         fe.close()
     line = next(x for x in serve.stderr().splitlines() if "shrank under the relay" in x)
     assert "F_SEAL_SHRINK" in line and "truncate" in line, line
+
+
+def test_a_connection_loop_does_not_grow_the_server(server):
+    """Case 7: a frontend that connects and hangs up in a loop; the server keeps the last
+    KEPT_SUMMARIES summaries and counts the rest."""
+    n = KEPT_SUMMARIES + 36
+    for _ in range(n):
+        server.connect().close()
+    server.wait_connections(n, timeout=60)
+    assert len(server.server.summaries) == KEPT_SUMMARIES
+    assert server.server.connections == n
