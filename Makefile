@@ -48,3 +48,7 @@ bench-vhost-user-kernel: deps venv  ## testpmd on /dev/vhost-vdpa-N directly vs 
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+.PHONY: soak
+soak: deps venv  ## serve under frontends that connect, run traffic, misbehave and vanish for SOAK_SECONDS (300): fds/threads/RSS into RELIABILITY.md
+	$(PY) -m tests.vhost_user.soak --seconds $(or $(SOAK_SECONDS),300) --write RELIABILITY.md
