@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.vhost_user.client import VhostUserFrontend
-from tests.vhost_user.hostile import HOSTILE, Resources, ServeProcess
+from tests.vhost_user.hostile import HOSTILE, Resources, ServeProcess, close_kept
 from tests.vhost_user.test_backend import loop_frames
 from vdpa_svq.ring import Layout
 
@@ -86,6 +86,7 @@ class Soak:
                     done += 1
                     self.connections[name] += 1
                     serve.wait_connections(done)
+                close_kept()  # the read ends of this lap's full pipes (ours, not the server's)
                 self.laps += 1
                 self.samples.append((time.monotonic() - start, serve.resources()))
             log = serve.stderr()
