@@ -37,13 +37,13 @@ import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from vdpa_svq import __version__
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.pageset import PageSet
+
+if TYPE_CHECKING:  # imported where a dump is read: numpy stays out of serve's and attach's threads
+    from vdpa_svq.pageset import PageSet
 
 # 0x89 (high bit: caught by 7-bit channels), "\r\n" and "\n" (caught by newline translation), 0x1a
 # (stops `type` on DOS): the PNG trick, so a dump mangled as text never reads as good.
@@ -265,6 +265,8 @@ class Dump:
 
     def union(self) -> PageSet:
         """Every page dirtied in any round."""
+        from vdpa_svq.pageset import PageSet
+
         acc = PageSet(self.header.pages)
         for r in self.rounds:
             acc |= r.pages
@@ -527,6 +529,8 @@ class _Reader:
             )
         if not _is_time(when):
             raise self.fail(offset, f"round {number}: time {when!r} is not a time between 1970 and 9999")
+        from vdpa_svq.pageset import PageSet
+
         try:
             pages = PageSet.from_zlib(memoryview(payload)[ROUND.size :], size, header.pages, self.chunks)
         except ValueError as e:
@@ -553,15 +557,16 @@ class _Reader:
 def _json_depth(text: bytes) -> int:
     """How deep the JSON text's arrays and objects nest, strings skipped: checked before json.loads,
     whose recursion a crafted header would otherwise exhaust."""
-    outside = _JSON_STRING.sub(b'""', text)
-    arr = np.frombuffer(outside, dtype=np.uint8)
-    steps = np.isin(arr, _OPENERS).astype(np.int64) - np.isin(arr, _CLOSERS)
+    import numpy as np
+
+    outside = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
+    steps = np.isin(outside, _OPENERS).astype(np.int64) - np.isin(outside, _CLOSERS)
     return int(np.cumsum(steps).max(initial=0))
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
-_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
+_OPENERS = list(b"[{")
+_CLOSERS = list(b"]}")
 
 
 def _bounded_int(digits: str) -> int:

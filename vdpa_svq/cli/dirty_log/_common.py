@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,7 +13,9 @@ from kernel_iface import uapi
 from vdpa_svq.cli._output import human_bytes
 from vdpa_svq.cli.errors import UserError
 from vdpa_svq.dump import Dump, DumpHeader, read_dump
-from vdpa_svq.pageset import PageSet
+
+if TYPE_CHECKING:  # numpy (under PageSet) is loaded when a dump is read, not by every command
+    from vdpa_svq.pageset import PageSet
 
 DEVICE_TYPES = {uapi.VIRTIO_ID_NET: "net", uapi.VIRTIO_ID_BLOCK: "blk"}
 # --pages lists every run of dirty pages; a crafted (or pathological) dump can hold billions.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vdpa_svq.cli._output import echo_json, json_option, print_table
 from vdpa_svq.cli.dirty_log._common import check_listable, dump_argument, read_with_progress
-from vdpa_svq.pageset import PageSet
+
+if TYPE_CHECKING:
+    from vdpa_svq.pageset import PageSet
 
 
 def parts(a: PageSet, b: PageSet) -> dict[str, PageSet]:
@@ -44,6 +46,8 @@ def diff(a: str, b: str, per_round: bool, pages: bool, as_json: bool) -> None:
     union = parts(da.union(), db.union())
     splits = []
     if per_round:
+        from vdpa_svq.pageset import PageSet
+
         empty = PageSet(0)
         for n in range(1, max(len(da.rounds), len(db.rounds)) + 1):
             pa = da.rounds[n - 1].pages if n <= len(da.rounds) else empty
