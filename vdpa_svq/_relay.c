@@ -2027,7 +2027,14 @@ static PyTypeObject RelayType = {
  * notifications off and polls the rings itself until nothing arrived for poll_us, then turns
  * notifications back on (relaying what raced in) and sleeps in epoll again. Under load the guest
  * and the device then make no notification syscalls and the relay no wake-ups: a CPU's worth of
- * spinning bought for latency, as DPDK's PMDs do. */
+ * spinning bought for latency, as DPDK's PMDs do.
+ *
+ * Adaptive polling (adaptive_max_us > 0, serve's and attach's default): the window is not fixed
+ * but learnt, as KVM's halt polling learns its own: when a wake-up comes soon after a polling phase
+ * gave up (sooner than the cap), a longer window would have caught it, so the window doubles;
+ * when it comes later than the cap, the spin was wasted, so the window halves (to 0: no polling).
+ * Steady traffic grows the window until the pump polls without a break, as with a hand-tuned
+ * poll_us; an idle queue costs one window's spin, then nothing. */
 
 enum { SOURCE_STOP, SOURCE_KICK, SOURCE_CALL, SOURCE_CALLABLE };
 
@@ -2046,7 +2053,20 @@ typedef struct {
     PyObject *relays;  /* list of the C relays that have a source here: the ones the poller polls */
     PumpSource *sources, stop_source;
     unsigned long long wakeups, poll_rounds, poll_phases;
+    /* Adaptive polling: the current window, and how often it grew and shrank. */
+    uint64_t window_ns;
+    unsigned long long window_grows, window_shrinks;
 } Pump;
+
+/* The adaptive window's first step, and the rule (module function adapt_window, for its test). */
+#define ADAPT_START_NS 10000ull
+
+static uint64_t adapt_window(uint64_t window, uint64_t gap, uint64_t cap)
+{
+    if (gap < cap) /* a window this much longer would have caught the wake-up: grow */
+        return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap) : (window * 2 < cap ? window * 2 : cap);
+    return window / 2 < ADAPT_START_NS ? 0 : window / 2; /* idle longer than the cap: the spin was waste */
+}
 
 static uint64_t now_ns(void)
 {
@@ -2201,13 +2221,15 @@ static int pump_drop(Pump *p, PumpSource *src)
 
 static PyObject *pump_run(Pump *p, PyObject *args)
 {
-    long poll_us = 0;
-    if (!PyArg_ParseTuple(args, "|l", &poll_us))
+    long poll_us = 0, adaptive_max_us = 0;
+    if (!PyArg_ParseTuple(args, "|ll", &poll_us, &adaptive_max_us))
         return NULL;
-    if (poll_us < 0) {
-        PyErr_SetString(PyExc_ValueError, "poll_us must be >= 0");
+    if (poll_us < 0 || adaptive_max_us < 0 || (poll_us && adaptive_max_us)) {
+        PyErr_SetString(PyExc_ValueError, "poll_us and adaptive_max_us must be >= 0, and not both set");
         return NULL;
     }
+    uint64_t cap = (uint64_t)adaptive_max_us * 1000;
+    uint64_t idle_since = now_ns(); /* when the pump last stopped working (for the adaptive gap) */
     if (p->running) {
         PyErr_SetString(PyExc_RuntimeError, "the pump is already running");
         return NULL;
@@ -2244,8 +2266,18 @@ static PyObject *pump_run(Pump *p, PyObject *args)
                 goto fail;
             worked |= src->kind != SOURCE_CALLABLE;
         }
-        if (worked && poll_us > 0 && pump_poll(p, (uint64_t)poll_us * 1000) < 0)
+        if (!worked)
+            continue;
+        uint64_t window = (uint64_t)poll_us * 1000;
+        if (cap) {
+            window = adapt_window(p->window_ns, now_ns() - idle_since, cap);
+            p->window_grows += window > p->window_ns;
+            p->window_shrinks += window < p->window_ns;
+            p->window_ns = window;
+        }
+        if (window > 0 && pump_poll(p, window) < 0)
             goto fail;
+        idle_since = now_ns();
     }
     p->running = 0;
     Py_RETURN_NONE;
@@ -2386,21 +2418,25 @@ static void pump_dealloc(Pump *p)
 
 static PyObject *pump_get_stats(Pump *p, void *Py_UNUSED(closure))
 {
-    return Py_BuildValue("{s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases, "poll_rounds",
-                         p->poll_rounds);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases,
+                         "poll_rounds", p->poll_rounds, "poll_window_ns", (unsigned long long)p->window_ns,
+                         "window_grows", p->window_grows, "window_shrinks", p->window_shrinks);
 }
 
 static PyMethodDef pump_methods[] = {
     {"add_relay", (PyCFunction)pump_add_relay, METH_VARARGS,
      "add_relay(fd, relay, 'kick'|'call'): the guest's kick or the device's call eventfd of a C relay."},
     {"add_callable", (PyCFunction)pump_add_callable, METH_VARARGS, "add_callable(fd, fn): fn() when fd is readable."},
-    {"run", (PyCFunction)pump_run, METH_VARARGS, "run(poll_us=0): relay until stop(); releases the GIL to wait."},
+    {"run", (PyCFunction)pump_run, METH_VARARGS,
+     "run(poll_us=0, adaptive_max_us=0): relay until stop(); releases the GIL to wait. poll_us: a fixed\n"
+     "polling window after each burst; adaptive_max_us: a learnt window, at most this long."},
     {"stop", (PyCFunction)pump_stop, METH_NOARGS, "Make run() return (from any thread)."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef pump_getset[] = {
-    {"stats", (getter)pump_get_stats, NULL, "{'wakeups', 'poll_phases', 'poll_rounds'}", NULL},
+    {"stats", (getter)pump_get_stats, NULL,
+     "{'wakeups', 'poll_phases', 'poll_rounds', 'poll_window_ns', 'window_grows', 'window_shrinks'}", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -2448,8 +2484,18 @@ static PyObject *harvest(PyObject *Py_UNUSED(module), PyObject *bitmap)
     return out;
 }
 
+static PyObject *py_adapt_window(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long window, gap, cap;
+    if (!PyArg_ParseTuple(args, "KKK", &window, &gap, &cap))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(adapt_window(window, gap, cap));
+}
+
 static PyMethodDef module_methods[] = {
     {"harvest", harvest, METH_O, "harvest(bitmap) -> bytes: the bits, and the bitmap cleared, atomically."},
+    {"adapt_window", py_adapt_window, METH_VARARGS,
+     "adapt_window(window_ns, gap_ns, cap_ns) -> the adaptive pump's next polling window."},
     {NULL, NULL, 0, NULL},
 };
 

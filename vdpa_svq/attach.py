@@ -17,6 +17,7 @@ from kernel_iface import uapi
 from vdpa_svq.guest.blk import SECTOR, BlkDriver
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.loop import Polling
 from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
 from vdpa_svq.ring import DriverRing, IndirectArea, Layout, RingAddresses, RingState, driver_ring, place_ring
 from vdpa_svq.session import DeviceSession, SessionError, ShadowSession
@@ -103,7 +104,8 @@ class InProcessGuest:
         s.start()
         self.mode = PASSTHROUGH
 
-    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "auto", poll_us: int = 0) -> None:
+    def connect_shadow(self, states: list[RingState] | None = None, *, impl: str = "auto",
+                       poll_us: Polling = 0) -> None:
         self.shadow = ShadowSession(self.session, self.mem, impl=impl, poll_us=poll_us)
         for i, addrs in enumerate(self.layout.rings):
             self.shadow.add_queue(
@@ -120,7 +122,7 @@ class InProcessGuest:
         self.mode = SHADOW
 
     # -- the live switch -------------------------------------------------------------------
-    def switch_to_shadow(self, *, impl: str = "auto", poll_us: int = 0) -> list[RingState]:
+    def switch_to_shadow(self, *, impl: str = "auto", poll_us: Polling = 0) -> list[RingState]:
         """Passthrough -> shadowed, mid-traffic: suspend, take the ring state, relay from there."""
         if self.mode != PASSTHROUGH:
             raise SessionError(f"{self.device.path}: not in passthrough (mode {self.mode or 'down'})")
@@ -214,7 +216,7 @@ def bring_up(
     guest_layout: Layout | None = None,
     guest_event_idx: bool = True,
     impl: str = "auto",
-    poll_us: int = 0,
+    poll_us: Polling = 0,
     **opts: Any,
 ) -> InProcessGuest:
     """Negotiate, lay the guest out, connect it (passthrough or shadowed), DRIVER_OK."""

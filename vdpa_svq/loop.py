@@ -4,8 +4,10 @@ Kick and call eventfds are edge-like counters: the loop reads (clears) an fd bef
 handler, so a notification that arrives while the handler runs is seen on the next poll.
 
 When the C relay is built, the loop is its Pump (vdpa_svq._relay): C relays are dispatched with no
-Python per wake-up, and `poll_us` > 0 turns on busy polling after each burst (see the Pump's
-comment in _relay.c). Without it, the Python loop below runs everything.
+Python per wake-up, and `poll_us` > 0 turns on busy polling after each burst, for a fixed window;
+`poll_us="auto"` for a window the pump learns from the traffic (see the Pump's comment in
+_relay.c). Without it, the Python loop below runs everything, event-driven ("auto" polls nothing
+there: there is nothing to learn for a loop that cannot poll).
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ except ImportError:  # no C relay: the Python loop
     Pump = None
 
 from vdpa_svq.errors import DeviceRingError, GuestRingError
+
+ADAPTIVE = "auto"  # poll_us: a polling window learnt from the traffic, up to ADAPTIVE_MAX_US
+# The learnt window's cap: a wake-up later than this after the last burst counts as idle. Long
+# enough for the gaps between a TCG guest's bursts (the kernel bench needed ~2 ms by hand, in
+# guest time that runs slower), short enough that an idle queue costs one short spin.
+ADAPTIVE_MAX_US = 2000
+Polling = int | str  # microseconds of busy polling after each burst (0: none), or ADAPTIVE
+
+
+def check_polling(poll_us: Polling) -> Polling:
+    """poll_us itself if it is a valid setting; ValueError otherwise."""
+    if poll_us == ADAPTIVE or (isinstance(poll_us, int) and not isinstance(poll_us, bool) and poll_us >= 0):
+        return poll_us
+    raise ValueError(f"poll_us must be >= 0 or {ADAPTIVE!r}, not {poll_us!r}")
+
+
+def polls_by_hand(poll_us: Polling) -> bool:
+    """A fixed polling window was asked for (which only the C relay's loop can do)."""
+    return poll_us != ADAPTIVE and bool(poll_us)
 
 # Why a relay stops when one of its fds is not a working eventfd any more (the C Pump's words).
 HUNG_UP = {
@@ -48,10 +69,9 @@ class EventfdNotifier:
 
 
 class RelayLoop:
-    def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: int = 0) -> None:
-        if poll_us < 0:
-            raise ValueError(f"poll_us must be >= 0, not {poll_us}")
-        if poll_us and Pump is None:
+    def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: Polling = 0) -> None:
+        check_polling(poll_us)
+        if polls_by_hand(poll_us) and Pump is None:
             raise ValueError("busy polling needs the C relay (vdpa_svq._relay), which is not built")
         self.name = name
         self.poll_us = poll_us
@@ -92,10 +112,12 @@ class RelayLoop:
 
     @property
     def stats(self) -> dict[str, int]:
-        """wakeups (eventfd wake-ups handled), and with polling: poll_phases, poll_rounds."""
+        """wakeups (eventfd wake-ups handled), and with polling: poll_phases, poll_rounds; adaptive:
+        poll_window_ns (the window learnt so far), window_grows, window_shrinks."""
         if self._pump is not None:
             return dict(self._pump.stats)
-        return {"wakeups": self._wakeups, "poll_phases": 0, "poll_rounds": 0}
+        return {"wakeups": self._wakeups, "poll_phases": 0, "poll_rounds": 0, "poll_window_ns": 0,
+                "window_grows": 0, "window_shrinks": 0}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -104,7 +126,10 @@ class RelayLoop:
     def _run(self) -> None:
         try:
             if self._pump is not None:
-                self._pump.run(self.poll_us)
+                if self.poll_us == ADAPTIVE:
+                    self._pump.run(0, ADAPTIVE_MAX_US)
+                else:
+                    self._pump.run(self.poll_us)
             else:
                 self._run_python()
         except BaseException as e:  # recorded, and reported by whoever stops or checks the loop

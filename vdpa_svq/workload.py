@@ -18,6 +18,7 @@ from vdpa_svq.attach import PASSTHROUGH, SHADOW, InProcessGuest, blk_guest, net_
 from vdpa_svq.dump import DumpHeader, DumpWriter
 from vdpa_svq.guest.blk import SECTOR
 from vdpa_svq.guest.frames import FrameError, build_frame, parse_frame
+from vdpa_svq.loop import Polling
 from vdpa_svq.ring import Layout
 from vdpa_svq.session import SessionError
 
@@ -32,7 +33,7 @@ class AttachOptions:
     dirty_log: str | None = None
     num: int = 256
     impl: str = "auto"
-    poll_us: int = 0  # busy-poll the rings this long after each burst (C relay's loop)
+    poll_us: Polling = 0  # busy-poll the rings this long after each burst (C relay's loop), or "auto"
 
     def device_packed(self) -> bool | None:
         if self.shadow_layout == "auto" and self.switch_after is not None:

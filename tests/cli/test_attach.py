@@ -95,11 +95,26 @@ def test_attach_soft_blk_busy_polling_reads_back_what_it_wrote(guest):
     assert loop["wakeups"] < q["forwarded"], f"polling saved no wake-ups: {loop}, {q}"
 
 
-def test_attach_without_poll_us_never_polls():
-    result = run("soft:net", "--duration", "0.3", "--json")
+def test_attach_with_poll_us_0_never_polls():
+    result = run("soft:net", "--duration", "0.3", "--poll-us", "0", "--json")
     assert result.exit_code == 0, result.output
     loop = json.loads(result.stdout)["relay_loop"]
     assert loop["wakeups"] > 0 and loop["poll_phases"] == loop["poll_rounds"] == 0, loop
+    assert loop["window_grows"] == loop["window_shrinks"] == 0, loop
+
+
+def test_attach_learns_a_polling_window_by_default():
+    """The default, --poll-us auto: traffic without a break grows the window, and the pump polls."""
+    result = run("soft:net", "--duration", "0.5", "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    loop = s["relay_loop"]
+    assert s["ok"] and loop["window_grows"] > 0 and loop["poll_rounds"] > 0, loop
+
+
+def test_a_bad_poll_setting_is_a_usage_error():
+    result = run("soft:net", "--poll-us", "fast")
+    assert result.exit_code == 2 and "'fast' is not 'auto' or a number of microseconds >= 0" in result.output
 
 
 def test_attach_human_summary_names_what_happened():

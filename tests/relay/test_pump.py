@@ -166,3 +166,52 @@ def test_marks_racing_a_harvest_are_never_lost():
         assert rigs.device_pages <= union
     finally:
         rigs.close()
+
+
+# -- adaptive polling (--poll-us auto) -------------------------------------------------------------
+CAP = 2_000_000  # ns
+
+
+@pytest.mark.parametrize("window, gap, expected", [
+    (0, 100, 10_000),                 # a wake-up soon after the last burst: start polling
+    (10_000, 100, 20_000),            # and again: double
+    (1_500_000, 100, CAP),            # never past the cap
+    (CAP, CAP - 1, CAP),
+    (CAP, CAP, CAP // 2),             # a wake-up after a whole cap of idle: the spin was waste, halve
+    (15_000, 10**10, 0),              # below the first step: stop polling altogether
+    (0, 10**10, 0),
+])
+def test_the_adaptive_window_rule(window, gap, expected):
+    assert _relay.adapt_window(window, gap, CAP) == expected
+
+
+def test_an_adaptive_loop_learns_a_window_then_sleeps_when_idle():
+    rig = RelayRig(Layout.SPLIT, Layout.SPLIT, 256, 256, event_idx=True, impl="c")
+    kick = eventfd()
+    loop = RelayLoop(poll_us="auto")
+    loop.add_relay(kick, rig.svq, "kick")
+    loop.start()
+    try:
+        for _ in range(20):  # bursts 0.5 ms apart: well inside the cap
+            rig.guest_add()
+            os.eventfd_write(kick, 1)
+            time.sleep(0.0005)
+        wait_for(lambda: loop.stats["window_grows"] >= 2)
+        assert loop.stats["poll_window_ns"] >= 20_000 and loop.stats["poll_rounds"] > 0, loop.stats
+        time.sleep(0.1)  # idle for longer than the cap: the next burst shrinks the window
+        cpu = time.process_time()
+        time.sleep(0.5)
+        assert time.process_time() - cpu < 0.1, "an idle adaptive loop must sleep, not spin"
+        shrinks = loop.stats["window_shrinks"]
+        rig.guest_add()
+        os.eventfd_write(kick, 1)
+        wait_for(lambda: loop.stats["window_shrinks"] == shrinks + 1)
+    finally:
+        loop.close()
+        os.close(kick)
+        rig.close()
+
+
+def test_poll_settings_are_checked():
+    with pytest.raises(ValueError, match="poll_us must be >= 0 or 'auto', not 'fast'"):
+        RelayLoop(poll_us="fast")

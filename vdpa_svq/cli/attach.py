@@ -11,7 +11,9 @@ from typing import Any
 import click
 
 from vdpa_svq.cli._cpus import CpuList, pin
+from vdpa_svq.cli._polling import POLL_HELP, PollSetting
 from vdpa_svq.devices import open_device
+from vdpa_svq.loop import ADAPTIVE, Polling
 from vdpa_svq.ring import Layout
 from vdpa_svq.workload import AttachOptions, AttachRun, Summary
 
@@ -82,14 +84,13 @@ def print_summary(s: Summary) -> None:
               help="Dirty-log sync rounds over the shadowed time, like migration pre-copy rounds.")
 @click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
               help="Relay implementation: the C hot loop, or the Python reference; auto takes C when it was built.")
-@click.option("--poll-us", type=click.IntRange(min=0), default=0, show_default=True, metavar="US",
-              help="After each burst, busy-poll the rings for US microseconds with notifications off before "
-                   "sleeping again (C relay only; 0 = notifications only).")
+@click.option("--poll-us", type=PollSetting(), default=ADAPTIVE, show_default=True, help=POLL_HELP)
 @click.option("--cpus", type=CpuList(), default=None,
               help="Run vdpa-svq (relay and in-process guest) on these CPUs only (as taskset -c: 1, 0,2, 2-3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, switch_after: float | None,
-           dirty_log: str | None, rounds: int, impl: str, poll_us: int, cpus: set[int] | None, as_json: bool) -> None:
+           dirty_log: str | None, rounds: int, impl: str, poll_us: Polling, cpus: set[int] | None,
+           as_json: bool) -> None:
     """Relay a device through shadow virtqueues and log the pages it dirties.
 
     DEV is /dev/vhost-vdpa-N, or soft:net / soft:blk (built-in software devices, for hosts without

@@ -9,7 +9,9 @@ import signal
 import click
 
 from vdpa_svq.cli._cpus import CpuList, pin
+from vdpa_svq.cli._polling import POLL_HELP, PollSetting
 from vdpa_svq.devices import open_device
+from vdpa_svq.loop import ADAPTIVE, Polling
 from vdpa_svq.vhost_user.backend import ConnectionSummary, Server
 
 
@@ -27,8 +29,10 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
                    f"{q['guest_calls']} guest calls")
     if s.relay_loop:
         loop = s.relay_loop
+        learnt = (f", polling window learnt: {loop['poll_window_ns'] / 1000:.0f} µs"
+                  if loop.get("window_grows") or loop.get("window_shrinks") else "")
         click.echo(f"  relay loop: {loop.get('wakeups', 0)} wake-ups, {loop.get('poll_rounds', 0)} polling rounds "
-                   f"in {loop.get('poll_phases', 0)} polling phases")
+                   f"in {loop.get('poll_phases', 0)} polling phases{learnt}")
     if s.log_syncs:
         click.echo(f"  dirty log: {s.log_syncs} syncs into the frontend's log")
 
@@ -39,16 +43,13 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
               help="Unix socket to listen on (the frontend connects as client; a stale socket is replaced).")
 @click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
               help="Relay implementation: the C hot loop, or the Python reference.")
-@click.option("--poll-us", type=click.IntRange(min=0), default=0, show_default=True, metavar="US",
-              help="After each burst, busy-poll the rings for US microseconds with notifications off before "
-                   "sleeping again: fewer wake-ups and syscalls under load, a CPU spinning meanwhile "
-                   "(C relay only; 0 = notifications only).")
+@click.option("--poll-us", type=PollSetting(), default=ADAPTIVE, show_default=True, help=POLL_HELP)
 @click.option("--cpus", type=CpuList(), default=None,
               help="Run the relay on these CPUs only (as taskset -c: 1, 0,2, 2-3). With --poll-us, give it a CPU "
                    "no other busy-polling thread uses.")
 @click.option("--json-stats", "as_json", is_flag=True, help="Print each connection's summary as one JSON line.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection's progress on stderr.")
-def serve(device: str, socket_path: str, impl: str, poll_us: int, cpus: set[int] | None, as_json: bool,
+def serve(device: str, socket_path: str, impl: str, poll_us: Polling, cpus: set[int] | None, as_json: bool,
           verbose: bool) -> None:
     """Serve vhost-user frontends (QEMU, DPDK virtio-user) through shadow virtqueues on DEV.
 

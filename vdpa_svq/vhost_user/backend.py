@@ -43,7 +43,7 @@ from typing import Any
 
 from kernel_iface import uapi
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.loop import signal_eventfd
+from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, polls_by_hand, signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import Layout, RingAddresses, RingState
 from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
@@ -193,7 +193,7 @@ class Connection:
     """One frontend connection: its memory, queues and log, and the shadow relay under them."""
 
     def __init__(self, session: DeviceSession, sock: socket.socket, *, impl: str = "auto", peer: str = "",
-                 poll_us: int = 0) -> None:
+                 poll_us: Polling = 0) -> None:
         self.session = session
         self.device = session.device
         self.sock = sock
@@ -726,10 +726,12 @@ def _close_quietly(fd: int) -> None:
 class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
-    def __init__(self, device: Any, path: str, *, impl: str = "auto", poll_us: int = 0) -> None:
-        if poll_us < 0:
-            raise BackendError(f"poll time must be >= 0 microseconds, not {poll_us}")
-        if poll_us and impl == "py":
+    def __init__(self, device: Any, path: str, *, impl: str = "auto", poll_us: Polling = 0) -> None:
+        try:
+            check_polling(poll_us)
+        except ValueError:
+            raise BackendError(f"poll time must be >= 0 microseconds or {ADAPTIVE!r}, not {poll_us!r}") from None
+        if polls_by_hand(poll_us) and impl == "py":
             raise BackendError("busy polling (--poll-us) runs in the C relay's loop; the Python relay has none")
         self.session = DeviceSession(device)
         self.path = path

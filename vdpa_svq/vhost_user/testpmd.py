@@ -38,16 +38,17 @@ class FrontendRun:
 def run_frontend(path: str, packed: bool, seconds: float, prefix: str, peer_mac: str | None = None, *,
                  start_timeout: float = 60.0, stop_timeout: float = 30.0,
                  binary: str = "dpdk-testpmd", burst: int | None = None,
-                 window: Window | None = None) -> FrontendRun:
+                 window: Window | None = None, tx_first: bool = True) -> FrontendRun:
     """testpmd virtio-user on `path` (a vhost-user socket, or a /dev/vhost-vdpa-N node) for about
     `seconds` of forwarding. `peer_mac`: the destination of the first burst, for devices that filter
     on it (vdpa_sim); io mode forwards frames unchanged after that. `window` is told when the
-    forwarding that is counted starts and ends (a meter of CPU time, say)."""
+    forwarding that is counted starts and ends (a meter of CPU time, say). Without `tx_first`
+    nothing is ever sent: the rings are set up and stay idle (for a backend's idle cost)."""
     vdev = f"net_virtio_user0,path={path},queues=1,packed_vq={int(packed)}"
     if not path.startswith("/dev/"):
         vdev += ",server=0"
     cmd = [binary, "-l", "0,1", "--main-lcore", "1", *EAL, f"--file-prefix={prefix}",
-           "--vdev", vdev, "--", *TESTPMD_ARGS, "--tx-first"]
+           "--vdev", vdev, "--", *TESTPMD_ARGS, *(["--tx-first"] if tx_first else [])]
     if burst is not None:  # packets per burst, and so in flight after --tx-first (testpmd's default: 32)
         cmd.append(f"--burst={burst}")
     if peer_mac:
