@@ -103,9 +103,9 @@ def test_attach_with_poll_us_0_never_polls():
     assert loop["window_grows"] == loop["window_shrinks"] == 0, loop
 
 
-def test_attach_learns_a_polling_window_by_default():
-    """The default, --poll-us auto: traffic without a break grows the window, and the pump polls."""
-    result = run("soft:net", "--duration", "0.5", "--json")
+def test_attach_learns_a_polling_window_with_poll_us_auto():
+    """--poll-us auto: traffic without a break grows the window, and the pump polls."""
+    result = run("soft:net", "--duration", "0.5", "--poll-us", "auto", "--json")
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     loop = s["relay_loop"]

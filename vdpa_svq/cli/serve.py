@@ -11,7 +11,7 @@ import click
 from vdpa_svq.cli._cpus import CpuList, pin
 from vdpa_svq.cli._polling import POLL_HELP, PollSetting
 from vdpa_svq.devices import open_device
-from vdpa_svq.loop import ADAPTIVE, Polling
+from vdpa_svq.loop import Polling
 from vdpa_svq.vhost_user.backend import ConnectionSummary, Server
 
 
@@ -43,7 +43,7 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
               help="Unix socket to listen on (the frontend connects as client; a stale socket is replaced).")
 @click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
               help="Relay implementation: the C hot loop, or the Python reference.")
-@click.option("--poll-us", type=PollSetting(), default=ADAPTIVE, show_default=True, help=POLL_HELP)
+@click.option("--poll-us", type=PollSetting(), default=0, show_default=True, help=POLL_HELP)
 @click.option("--cpus", type=CpuList(), default=None,
               help="Run the relay on these CPUs only (as taskset -c: 1, 0,2, 2-3). With --poll-us, give it a CPU "
                    "no other busy-polling thread uses.")
