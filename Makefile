@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test demo deps venv unit kernel lint bench clean
 
-test: deps venv lint unit kernel
+test: deps venv lint unit asan fuzz-ci kernel
 
 deps:  ## Debian packages the build and the tests need (installed only when missing; needs root)
 	@tools/install-debian-deps
@@ -52,3 +52,22 @@ clean:
 .PHONY: soak
 soak: deps venv  ## serve under frontends that connect, run traffic, misbehave and vanish for SOAK_SECONDS (300): fds/threads/RSS into RELIABILITY.md
 	$(PY) -m tests.vhost_user.soak --seconds $(or $(SOAK_SECONDS),300) --write RELIABILITY.md
+
+# -- sanitizers and fuzzing (issue 12) -------------------------------------------------------------
+.PHONY: asan fuzz fuzz-ci fuzz-seeds
+ASAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 VDPA_SVQ_EXT_DIR=build/asan
+asan: deps venv  ## the relay test suite once more, on the C extensions built with ASan + UBSan (gcc)
+	PY=$(PY) tools/build-sanitized asan
+	$(ASAN_ENV) $(PY) -m pytest -q -m 'not kernel' -p no:cacheprovider tests/relay tests/differential tests/softdev tests/spec
+
+fuzz: deps venv  ## every fuzz target for FUZZ_SECONDS (600) each from its seeds (FUZZ_TARGETS: a subset); results into fuzz/README.md
+	PY=$(PY) tools/build-sanitized fuzz
+	$(PY) -m fuzz.run --seconds $(or $(FUZZ_SECONDS),600) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS)) --write fuzz/README.md
+
+fuzz-ci: deps venv  ## every fuzz target for 60 s: what CI runs
+	PY=$(PY) tools/build-sanitized fuzz
+	$(PY) -m fuzz.run --seconds 60
+
+fuzz-seeds: venv  ## rewrite the committed seed corpus (after a target's input format changed)
+	$(PY) -m fuzz.make_seeds
