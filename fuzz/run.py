@@ -27,8 +27,9 @@ BUILD = ROOT / "build" / "fuzz"
 TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "dump": (["fuzz.target_dump"], ["-max_len=65536"]),
     "vhost_user": (["fuzz.target_vhost_user"], ["-max_len=16384"]),
-    "relay_guest": (["fuzz.target_relay", "guest"], ["-max_len=512"]),
-    "relay_device": (["fuzz.target_relay", "device"], ["-max_len=512"]),
+    # value profile: comparisons against ring sizes and indexes guide the mutations too
+    "relay_guest": (["fuzz.target_relay", "guest"], ["-max_len=512", "-use_value_profile=1"]),
+    "relay_device": (["fuzz.target_relay", "device"], ["-max_len=512", "-use_value_profile=1"]),
 }
 COMMON = ["-rss_limit_mb=3072", "-timeout=30", "-print_final_stats=1"]
 STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)")

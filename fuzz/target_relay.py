@@ -10,9 +10,13 @@ Input: 6 bytes of setup (layout pair, guest and shadow ring sizes, event_idx and
 rigs' seed), then ops, one byte each and their operands:
 
     ADD n · KICK · POP n · COMPLETE n · REAP  the well-behaved driver and device (RelayRig's own)
-    POKE offset u16, byte                     the hostile side writes one byte of its ring memory
-    POKE16 offset u16, value u16              ... two bytes (indexes, flags, ids)
+    POKE area u8, offset u16, byte            the hostile side writes one byte of its ring: area 0
+                                              descriptors, 1 driver area, 2 device area, 3 indirect
+    POKE16 area u8, offset u16, value u16     ... two bytes (indexes, flags, ids)
     NOTIFY                                    the hostile side notifies the relay, whatever it wrote
+    FORGE id u16, len u32, flags u8           the hostile side publishes an entry of its own making
+                                              where the relay reads next: a guest an available head
+                                              (split) or descriptor (packed), a device a used element
 
 A bug is a difference between the two relays (an exception from one and not the other included), an
 exception out of the relay's own notification handlers, or a sanitizer report from the C relay.
@@ -28,22 +32,32 @@ from fuzz._target import fuzz, instrumented
 with instrumented():
     from tests.differential.test_c_vs_python import PAIRS, apply, assert_same, make_pair
     from tests.relay.harness import RelayRig
-    from vdpa_svq.ring import Layout
+    from vdpa_svq.ring import IndirectArea, Layout
+    from vdpa_svq.ring.chain import VRING_DESC_F_WRITE, VRING_PACKED_DESC_F_AVAIL, VRING_PACKED_DESC_F_USED
+    from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
 
 GUEST_NUMS = (1, 2, 4, 8)
 SHADOW_NUMS = {Layout.SPLIT: (1, 2, 4, 8, 16), Layout.PACKED: (1, 2, 3, 4, 5, 8, 16)}  # split: powers of two
 SETUP = struct.Struct("<BBBBH")
-ADD, KICK, POP, COMPLETE, REAP, POKE, POKE16, NOTIFY = range(8)
-OPS = 8
+ADD, KICK, POP, COMPLETE, REAP, POKE, POKE16, NOTIFY, FORGE = range(9)
+OPS = 9
+FORGE_ARGS = struct.Struct("<HIB")  # id, len, flags
 
 
-def hostile_span(rig: RelayRig, side: str) -> tuple[object, int, int]:
-    """(memory, first address, length) that the hostile side may write."""
+def hostile_areas(rig: RelayRig, side: str) -> tuple[object, list[tuple[int, int]]]:
+    """(memory, [(address, length)]) that the hostile side may write: its ring's descriptor table,
+    driver area, device area and indirect tables. A poke names an area, so that the fuzzer's offsets
+    land in ring fields rather than anywhere in memory."""
     if side == "guest":
-        start = rig.g_addrs.desc
-        return rig.guest_mem, start, rig.data - start  # rings and indirect tables, up to the data blocks
-    region = rig.shadow_mem.regions[0]
-    return rig.dev_mem, region.gpa, region.size  # the whole shadow memory, at its IOVAs
+        layout, num, addrs, mem = rig.guest_layout, rig.guest_num, rig.g_addrs, rig.guest_mem
+        indirect = (rig.g_indirect.gpa, IndirectArea.size(num, rig.g_indirect.max_entries))
+    else:
+        layout, num, addrs, mem = rig.shadow_layout, rig.shadow_num, rig.s_addrs, rig.dev_mem
+        ind = rig.s_indirect
+        indirect = (ind.gpa, IndirectArea.size(num, ind.max_entries)) if ind is not None else None
+    areas = [(addrs.desc, desc_area_size(num)), (addrs.driver, driver_area_size(layout, num)),
+             (addrs.device, device_area_size(layout, num))]
+    return mem, areas + ([indirect] if indirect else [])
 
 
 def step(rig: RelayRig, side: str, op: int, arg: bytes) -> None:
@@ -54,15 +68,47 @@ def step(rig: RelayRig, side: str, op: int, arg: bytes) -> None:
     elif op == REAP:
         apply(rig, ("reap",))
     elif op in (POKE, POKE16):
-        mem, start, length = hostile_span(rig, side)
-        offset = struct.unpack_from("<H", arg)[0] % length
-        value = arg[2:3] if op == POKE else arg[2:4]
+        mem, areas = hostile_areas(rig, side)
+        start, length = areas[arg[0] % len(areas)]
+        offset = struct.unpack_from("<H", arg, 1)[0] % length
+        value = arg[3:4] if op == POKE else arg[3:5]
         mem.write(start + offset, value[: length - offset])
+    elif op == FORGE:
+        forge(rig, side, *FORGE_ARGS.unpack(arg))
     else:  # NOTIFY: must never raise; a ring error stops the queue and is recorded
         (rig.svq.on_guest_kick if side == "guest" else rig.svq.on_device_call)()
 
 
-ARG_BYTES = {ADD: 1, POP: 1, COMPLETE: 1, KICK: 0, REAP: 0, POKE: 3, POKE16: 4, NOTIFY: 0}
+def forge(rig: RelayRig, side: str, ident: int, length: int, flags: int) -> None:
+    """Publish one entry, well placed and arbitrary in content; the hostile side's own ring state
+    moves past it (its later, honest entries follow it)."""
+    if side == "guest":
+        drv, num, addrs, mem = rig.drv, rig.guest_num, rig.g_addrs, rig.guest_mem
+        if rig.guest_layout is Layout.SPLIT:
+            mem.write(addrs.driver + 4 + 2 * (drv.avail_idx_shadow % num), struct.pack("<H", ident))
+            drv.avail_idx_shadow = (drv.avail_idx_shadow + 1) & 0xFFFF
+            mem.write(addrs.driver + 2, struct.pack("<H", drv.avail_idx_shadow))
+            return
+        slot, wrap = drv.next_avail_idx, drv.avail_wrap_counter
+        avail = VRING_PACKED_DESC_F_AVAIL if wrap else VRING_PACKED_DESC_F_USED
+        mem.write(addrs.desc + 16 * slot, struct.pack("<QIHH", rig.data, length, ident, avail | flags & 7))
+        drv.next_avail_idx = (slot + 1) % num
+        drv.avail_wrap_counter ^= drv.next_avail_idx == 0
+        return
+    dev, num, addrs, mem = rig.dev, rig.shadow_num, rig.s_addrs, rig.dev_mem
+    if rig.shadow_layout is Layout.SPLIT:
+        mem.write(addrs.device + 4 + 8 * (dev.used_idx % num), struct.pack("<II", ident, length))
+        dev.used_idx = (dev.used_idx + 1) & 0xFFFF
+        mem.write(addrs.device + 2, struct.pack("<H", dev.used_idx))
+        return
+    slot, wrap = dev.next_used_idx, dev.used_wrap_counter
+    used = VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED if wrap else 0
+    mem.write(addrs.desc + 16 * slot + 8, struct.pack("<IHH", length, ident, used | flags & VRING_DESC_F_WRITE))
+    dev.next_used_idx = (slot + 1) % num
+    dev.used_wrap_counter ^= dev.next_used_idx == 0
+
+
+ARG_BYTES = {ADD: 1, POP: 1, COMPLETE: 1, KICK: 0, REAP: 0, POKE: 4, POKE16: 5, NOTIFY: 0, FORGE: FORGE_ARGS.size}
 
 
 def outcome(rig: RelayRig, side: str, op: int, arg: bytes) -> tuple[str, str] | None:
@@ -116,10 +162,12 @@ def seeds(side: str) -> dict[str, bytes]:
         out[f"{name}-laps"] = encode(pair, 2, 5, 1, pair, lap * 6)
         out[f"{name}-indirect"] = encode(pair, 3, 6, 3, 7 + pair, lap * 4)
         # the hostile side changes a byte of its ring after a lap, then notifies
-        hostile = [(POKE, struct.pack("<HB", 2, 0xFF)), (NOTIFY, b"")]
+        hostile = [(POKE, struct.pack("<BHB", 2, 2, 0xFF)), (NOTIFY, b"")]
         out[f"{name}-poke"] = encode(pair, 2, 4, 1, 3, lap * 2 + hostile + lap * 2)
-        out[f"{name}-poke16"] = encode(pair, 3, 6, 0, 5, lap + [(ADD, b"\3"), (POKE16, struct.pack("<HH", 18, 0x8000)),
-                                                            (NOTIFY, b"")] + lap)
+        forged = [(FORGE, FORGE_ARGS.pack(1, 64, 2)), (NOTIFY, b"")]
+        out[f"{name}-forge"] = encode(pair, 2, 5, 1, 9, lap * 2 + forged + lap)
+        flags_poke = (POKE16, struct.pack("<BHH", 0, 12, 0x8000))  # a descriptor's flags, mid-lap
+        out[f"{name}-poke16"] = encode(pair, 3, 6, 0, 5, lap + [(ADD, b"\3"), flags_poke, (NOTIFY, b"")] + lap)
     return out
 
 
