@@ -10,8 +10,12 @@
  *   missing  a gap in a stream's sequence (a buffer lost), plus what never came back at the end;
  *   dup      a sequence number at or below one already seen (a buffer used twice, or reordered).
  *
- * A stream's sender keeps at most WINDOW frames in flight, so nothing is lost to the guest's own socket
- * buffers; after STALL_MS without progress it sends on anyway (and counts a stall): a lost frame must
+ * The receiver reads in bursts, RX_HOLD_MS apart: between two, the frames received sit in the socket's
+ * queue, in buffers only the device wrote, so whenever the VM stops for its migration some frames are
+ * there, and the destination must have got every page the device wrote into them (with a receiver
+ * that keeps up, the guest has read, and so dirtied, nearly everything by then, and a broken dirty
+ * log would go unnoticed). A stream's sender keeps at most WINDOW frames in flight, so nothing is lost
+ * to the guest's own socket buffers; after STALL_MS without progress it sends on anyway (and counts a stall): a lost frame must
  * not stop the stream. Each sender thread is pinned to one CPU, so with multiqueue (XPS maps queue i to
  * CPU i) each stream stays on one queue pair and its order is the device's FIFO order.
  *
@@ -43,7 +47,8 @@
 #define ETHERTYPE_NETCHECK 0x88B5 /* IEEE local experimental */
 #define MAGIC 0x5653514Du         /* "VSQM" */
 #define MAX_STREAMS 8
-#define WINDOW 64
+#define WINDOW 128
+#define RX_HOLD_MS 10
 #define STALL_MS 300
 #define DRAIN_MS 2000
 #define MIN_FRAME 60
@@ -322,7 +327,8 @@ int main(int argc, char **argv)
     uint64_t next_report = now_ns() + (uint64_t)period_ms * 1000000ull;
     int stopped = 0;
     for (;;) {
-        receive_for(20);
+        if (receive_for(20))
+            usleep(RX_HOLD_MS * 1000);
         const char *cmd = command();
         if (cmd && !strcmp(cmd, "stop") && !stopped) {
             stopped = 1;

@@ -7,6 +7,8 @@ One run, for one configuration (backend, ring layout, queue pairs):
 2. the source QEMU on A boots the guest; netcheck runs at once and reports every second;
 3. a destination QEMU (-incoming) on B; QMP `migrate`, then `query-migrate` until completed; the
    source quits, the guest must keep running on the destination (its counters move on);
+   the destination starts paused (-S): once it has loaded everything, QEMU saves both guests' RAM
+   (pmemsave) and every page must be equal (the dirty log's direct check), then it runs (`cont`);
 4. the same back: a new destination on A, migrated from B;
 5. `stop`: netcheck drains and prints its final counts, which must be corrupt = 0, missing = 0,
    dup = 0 for vdpa-svq (for the reference, frames in flight in the host's UDP socket at the
@@ -30,17 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from vdpa_svq.migration.guest import guest_image
-from vdpa_svq.migration.vm import NetBackend, Report, Vm, VmError
-
-# The test-only fault hook (vdpa_svq/vhost_user/backend.py reads it): serve drops one page from the
-# dirty log it hands the frontend at the rings' final stop. A run with it set must fail.
-FAULT_ENV = "VDPA_SVQ_FAULT_DROP_DIRTY_PAGE"
+from vdpa_svq.migration.vm import MEM_BYTES, NetBackend, Report, Vm, VmError
+from vdpa_svq.vhost_user.backend import FAULT_ENV  # serve's test-only hook: one page left out of the log
 
 BOOT_S = 120.0  # TCG boot to the first report, on a busy 2-CPU host
 MIGRATE_S = 120.0
 PROGRESS_S = 60.0
-MAX_BANDWIDTH = 4 << 30  # bytes/s: QEMU 7.2's default (32 MiB/s) would make the RAM copy the whole story
+MAX_BANDWIDTH = 128 << 20  # bytes/s: the RAM copy takes a while with the guest running (see migrate())
 WARMUP_FRAMES = 2000  # frames verified before the first migration
+PAGE = 4096
+COMPARE_BLOCK = 1 << 20
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Leg:
     dirty_syncs: int | None
     frames_before: int  # verified frames on the source's last report before migrating
     frames_after: int  # on the destination's first report after it (the guest runs there)
+    pages_differ: int | None = None  # guest pages not equal between the stopped source and destination
+    differing: list[str] = field(default_factory=list)  # the first few of them (guest-physical)
 
 
 @dataclass
@@ -86,21 +89,22 @@ class Result:
         f = self.final
         return (self.error is None and bool(f) and f.get("ok", 0) > 0
                 and f.get("corrupt") == 0 and f.get("missing") == 0 and f.get("dup") == 0
-                and all(leg.status == "completed" and leg.frames_after > leg.frames_before for leg in self.legs))
+                and all(leg.status == "completed" and leg.frames_after > leg.frames_before and leg.pages_differ == 0
+                        for leg in self.legs))
 
     def verdict(self) -> str:
         f = self.final
         counts = (f"ok {f.get('ok')} corrupt {f.get('corrupt')} missing {f.get('missing')} dup {f.get('dup')}"
                   if f else "no final counts")
-        legs = "; ".join(f"{leg.src}->{leg.dst} {leg.status} downtime {leg.downtime_ms} ms total {leg.total_ms} ms"
-                         for leg in self.legs)
+        legs = "; ".join(f"{leg.src}->{leg.dst} {leg.status} downtime {leg.downtime_ms} ms total {leg.total_ms} ms, "
+                         f"{leg.pages_differ} pages differ" for leg in self.legs)
         why = f" ({self.error.splitlines()[0]})" if self.error else ""
         return f"{'PASS' if self.ok else 'FAIL'} {self.config}: {counts}; {legs}{why}"
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "ok": self.ok, "legs": [asdict(leg) for leg in self.legs],
-                "final": self.final, "corrupt_reports": self.corrupt_reports, "seconds": round(self.seconds, 1),
-                "error": self.error}
+                "final": self.final, "corrupt_reports": self.corrupt_reports, "serve": self.serve,
+                "seconds": round(self.seconds, 1), "error": self.error}
 
 
 class Serve:
@@ -160,6 +164,44 @@ def migrate(src: Vm, dst: Vm, uri: str) -> dict[str, Any]:
         time.sleep(0.05)
 
 
+def wait_incoming(dst: Vm) -> None:
+    """The destination's side of the migration done: all of RAM loaded (the source's "completed"
+    comes first, while the last pages may still be on their way)."""
+    deadline = time.monotonic() + MIGRATE_S
+    while (status := dst.cmd("query-migrate").get("status")) != "completed":
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise VmError(f"{dst.name}: incoming migration {status}\n{dst.tail()}")
+        time.sleep(0.05)
+
+
+def compare_memory(src: Vm, dst: Vm, work: Path) -> tuple[int, list[str]]:
+    """Guest pages that differ between the stopped source and the not yet started destination.
+
+    Both are stopped, so their RAM must be equal byte for byte: a page the device wrote that the
+    dirty log missed is the source's newer content against the destination's older one. QEMU
+    itself writes both files (pmemsave): the comparison trusts nothing of vdpa-svq's.
+    """
+    files = []
+    for vm in (src, dst):
+        path = work / f"{vm.name}.ram"
+        vm.cmd("pmemsave", val=0, size=MEM_BYTES, filename=str(path))
+        files.append(path)
+    differ: list[int] = []
+    try:
+        with open(files[0], "rb") as a, open(files[1], "rb") as b:
+            offset = 0
+            while block_a := a.read(COMPARE_BLOCK):
+                block_b = b.read(COMPARE_BLOCK)
+                if block_a != block_b:
+                    differ += [offset + o for o in range(0, len(block_a), PAGE)
+                               if block_a[o : o + PAGE] != block_b[o : o + PAGE]]
+                offset += len(block_a)
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+    return len(differ), [hex(gpa) for gpa in differ[:8]]
+
+
 def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
     """One configuration through config.legs migrations; never raises for a failed check (see Result)."""
     say = log or (lambda _msg: None)
@@ -190,7 +232,8 @@ def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
         for leg in range(config.legs):
             src_side, dst_side = leg % 2, (leg + 1) % 2
             uri_path = work / f"migrate-{leg}.sock"
-            dst = Vm(f"vm-{names[dst_side]}{leg}", image, backends[dst_side], work, incoming=f"unix:{uri_path}", **kw)
+            dst = Vm(f"vm-{names[dst_side]}{leg}", image, backends[dst_side], work, incoming=f"unix:{uri_path}",
+                     paused=True, **kw)
             vms.append(dst)
             before = vm.last_report()
             frames_before = _frames(before) if before else 0
@@ -204,6 +247,9 @@ def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
             result.legs.append(record)
             if record.status != "completed":
                 raise VmError(f"migration {names[src_side]} -> {names[dst_side]}: {info}\n{vm.tail()}\n{dst.tail()}")
+            wait_incoming(dst)
+            record.pages_differ, record.differing = compare_memory(vm, dst, work)
+            dst.cmd("cont")  # the destination was started paused (-S) for the comparison
             vm.quit()
             vm = dst
             last = frames_before

@@ -22,18 +22,42 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.migration.guest import GuestImage
+from vdpa_svq.migration.guest import GuestImage, _kbench
 
 MEM = "256M"
+MEM_BYTES = 256 << 20
 MAC = "52:54:00:12:34:70"
+MTU = 9000
 
 
 class VmError(VdpaSvqError):
     """QEMU failed, or the guest did not do what the test waits for; the message has the console tail."""
+
+
+QEMU_ENV = "VDPA_SVQ_QEMU"
+
+
+@cache
+def qemu_binary() -> str:
+    """The QEMU the test runs: $VDPA_SVQ_QEMU, else the backports QEMU `tools/kbench setup` unpacked.
+
+    Not the host's bookworm QEMU 7.2: its TCG live migration loses guest-CPU writes (a stopped source
+    and its destination differ in a few pages, kernel stacks and page-allocator lists among them, with
+    QEMU's own virtio-net as with vhost-user), and the guest dies on the destination.
+    """
+    if os.environ.get(QEMU_ENV):
+        return os.environ[QEMU_ENV]
+    kb = _kbench()
+    found = kb.Layout(kb.cache_dir()).qemu_binary()
+    if found is None:
+        raise VmError(f"no backports QEMU in the kernel bench's cache: run `.venv/bin/python tools/kbench setup` "
+                      f"(make test does), or point {QEMU_ENV} at a QEMU >= 8")
+    return str(found)
 
 
 @dataclass(frozen=True)
@@ -47,7 +71,7 @@ class NetBackend:
     def argv(self, packed: bool, queues: int) -> list[str]:
         # vectors=0 on both backends: the same interrupt path (INTx) for the measured guest and the reference.
         dev = (f"virtio-net-pci,netdev=net0,packed={'on' if packed else 'off'},event_idx=on,disable-legacy=on,"
-               f"romfile=,mac={MAC},vectors=0,mq={'on' if queues > 1 else 'off'}")
+               f"romfile=,mac={MAC},host_mtu={MTU},vectors=0,mq={'on' if queues > 1 else 'off'}")
         if self.kind == "vhost-user":
             return ["-chardev", f"socket,id=chr0,path={self.socket}",
                     "-netdev", f"vhost-user,id=net0,chardev=chr0,queues={queues}", "-device", dev]
@@ -70,7 +94,8 @@ class Vm:
     """A QEMU process with the test guest; `incoming` makes it a migration destination."""
 
     def __init__(self, name: str, image: GuestImage, net: NetBackend, workdir: Path, *, packed: bool,
-                 queues: int = 1, streams: int = 1, smp: int = 1, incoming: str | None = None) -> None:
+                 queues: int = 1, streams: int = 1, smp: int = 1, incoming: str | None = None,
+                 paused: bool = False) -> None:
         self.name = name
         self.workdir = workdir
         self.qmp_path = str(workdir / f"{name}.qmp")
@@ -79,13 +104,14 @@ class Vm:
         self._cond = threading.Condition()
         cmdline = f"console=ttyS0 quiet loglevel=3 panic=-1 netcheck_streams={streams}"
         self.argv = [
-            "qemu-system-x86_64", "-name", name, "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
+            qemu_binary(), "-name", name, "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
             "-m", MEM, "-smp", str(smp), "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none",
             "-serial", "stdio", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-object", f"memory-backend-memfd,id=mem0,size={MEM},share=on", "-numa", "node,memdev=mem0",
             *net.argv(packed, queues),
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
             *(["-incoming", incoming] if incoming else []),
+            *(["-S"] if paused else []),  # a destination that stays stopped after the migration (`cont` runs it)
         ]
         self.stderr_path = workdir / f"{name}.stderr"
         with open(self.stderr_path, "wb") as err:
@@ -97,8 +123,14 @@ class Vm:
     # -- console -------------------------------------------------------------------------------
     def _read_console(self) -> None:
         assert self.proc.stdout is not None
+        with open(self.workdir / f"{self.name}.console", "w") as keep:  # kept with the logs of a failed run
+            self._read_lines(keep)
+
+    def _read_lines(self, keep) -> None:
+        assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            keep.write(line + "\n")
             with self._cond:
                 self.console.append(line)
                 tag, _, rest = line.partition(" ")
