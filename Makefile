@@ -4,9 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo deps venv unit kernel lint bench clean
+.PHONY: test demo deps venv unit kernel migrate-test lint bench clean
 
-test: deps venv lint unit asan fuzz-ci kernel
+test: deps venv lint unit asan fuzz-ci kernel migrate-test
 
 deps:  ## Debian packages the build and the tests need (installed only when missing; needs root)
 	@tools/install-debian-deps
@@ -22,11 +22,15 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 unit: venv  ## host tests: everything but the real-device tests
-	$(PY) -m pytest -m 'not kernel' -q
+	$(PY) -m pytest -m 'not kernel and not migration' -q
 
 kernel: venv  ## real-device tests, inside the kernel bench guest
 	$(PY) tools/kbench setup
 	$(PY) tools/kbench run -- $(abspath $(PY)) -m pytest -m kernel -q -p no:cacheprovider tests/kernel
+
+migrate-test: deps venv  ## a real QEMU guest live-migrated through serve, A -> B -> A, split and packed; prints a verdict
+	$(PY) tools/kbench setup
+	$(PY) -m pytest -m migration -q -p no:cacheprovider tests/migration
 
 demo: deps venv
 	tools/demo

@@ -33,7 +33,7 @@ from typing import Any
 
 from vdpa_svq.migration.guest import guest_image
 from vdpa_svq.migration.vm import MEM_BYTES, NetBackend, Report, Vm, VmError
-from vdpa_svq.vhost_user.backend import FAULT_ENV  # serve's test-only hook: one page left out of the log
+from vdpa_svq.vhost_user.backend import FAULT_ENV  # serve's test-only hook: a dead dirty log
 
 BOOT_S = 120.0  # TCG boot to the first report, on a busy 2-CPU host
 MIGRATE_S = 120.0
