@@ -136,6 +136,8 @@ static unsigned build_frame(unsigned char *f, int stream, uint64_t seq)
     return len;
 }
 
+static unsigned rate; /* frames per second per stream; 0: as fast as the window allows */
+
 static void *sender(void *arg)
 {
     struct stream *s = arg;
@@ -146,8 +148,13 @@ static void *sender(void *arg)
     unsigned char frame[MAX_FRAME];
     struct sockaddr_ll to = {.sll_family = AF_PACKET, .sll_ifindex = ifindex, .sll_halen = 6};
     memcpy(to.sll_addr, mac, 6);
-    uint64_t seq = 0;
+    uint64_t seq = 0, t0 = now_ns();
     while (atomic_load(&sending)) {
+        if (rate) { /* paced: frame seq leaves at t0 + seq / rate */
+            uint64_t due = t0 + seq * 1000000000ull / rate, now = now_ns();
+            if (due > now)
+                usleep((useconds_t)((due - now) / 1000));
+        }
         uint64_t waited_from = now_ns(), progress = atomic_load(&s->expected);
         while (seq - atomic_load(&s->expected) >= WINDOW && atomic_load(&sending)) {
             uint64_t e = atomic_load(&s->expected);
@@ -290,6 +297,7 @@ int main(int argc, char **argv)
     }
     nstreams = atoi(argv[2]);
     int period_ms = argc > 3 ? atoi(argv[3]) : 1000;
+    rate = argc > 4 ? (unsigned)atoi(argv[4]) : 0;
     if (nstreams < 1 || nstreams > MAX_STREAMS) {
         fprintf(stderr, "netcheck: 1..%d streams\n", MAX_STREAMS);
         return 2;

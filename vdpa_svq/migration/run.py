@@ -51,6 +51,7 @@ class Config:
     queues: int = 1
     fault: bool = False  # the dirty-log fault hook on the source serve (A)
     legs: int = 2  # A -> B, then B -> A
+    rate: int = 0  # frames/s per stream (0: as fast as it goes)
 
     @property
     def name(self) -> str:
@@ -222,7 +223,8 @@ def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
         else:
             raise ValueError(f"backend is vdpa-svq or qemu, not {config.backend!r}")
         smp = max(1, config.queues)
-        kw = {"packed": config.packed, "queues": config.queues, "streams": config.queues, "smp": smp}
+        kw = {"packed": config.packed, "queues": config.queues, "streams": config.queues, "smp": smp,
+              "rate": config.rate}
         names = ["A", "B"]
         vm = Vm("vm-A", image, backends[0], work, **kw)
         vms.append(vm)
@@ -289,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queues", type=int, default=1)
     ap.add_argument("--fault", action="store_true")
     ap.add_argument("--legs", type=int, default=2)
+    ap.add_argument("--rate", type=int, default=0, help="frames/s per stream (default: as fast as it goes)")
     a = ap.parse_args(argv)
-    r = run(Config(a.backend, a.packed, a.queues, a.fault, a.legs), log=lambda s: print(s, file=sys.stderr))
+    r = run(Config(a.backend, a.packed, a.queues, a.fault, a.legs, a.rate), log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(r.to_json()))
     print(r.verdict())
     return 0 if r.ok else 1

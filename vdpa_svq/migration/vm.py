@@ -95,14 +95,14 @@ class Vm:
 
     def __init__(self, name: str, image: GuestImage, net: NetBackend, workdir: Path, *, packed: bool,
                  queues: int = 1, streams: int = 1, smp: int = 1, incoming: str | None = None,
-                 paused: bool = False) -> None:
+                 paused: bool = False, rate: int = 0) -> None:
         self.name = name
         self.workdir = workdir
         self.qmp_path = str(workdir / f"{name}.qmp")
         self.console: list[str] = []
         self.reports: list[Report] = []
         self._cond = threading.Condition()
-        cmdline = f"console=ttyS0 quiet loglevel=3 panic=-1 netcheck_streams={streams}"
+        cmdline = f"console=ttyS0 quiet loglevel=3 panic=-1 netcheck_streams={streams} netcheck_rate={rate}"
         self.argv = [
             qemu_binary(), "-name", name, "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
             "-m", MEM, "-smp", str(smp), "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none",

@@ -718,9 +718,9 @@ def rewound(state: RingState, packed: bool) -> RingState:
     return RingState(state.used_idx, state.used_idx)
 
 
-# Fault injection, for tests only: the device's marks are harvested and thrown away, the frontend's
-# log stays empty. A migration with it set should fail (docs/migration.md, "The fault test"); today
-# it mostly does not: QEMU sends the pages anyway, for a reason not found yet.
+# Fault injection, for tests only (tests/migration/: a migration with it set must fail): the device's
+# marks are harvested and thrown away, the frontend's log stays empty. With paced traffic the
+# destination then misses pages the device wrote (at full rate the guest rewrites them itself first).
 FAULT_ENV = "VDPA_SVQ_FAULT_DROP_DIRTY_PAGES"
 FAULT_DROP_DIRTY_PAGES = os.environ.get(FAULT_ENV, "") not in ("", "0")
 
