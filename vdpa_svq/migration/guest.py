@@ -41,7 +41,7 @@ class GuestImage:
 
 
 @cache
-def _kbench():
+def kbench():
     """tools/kbench as a module (it is a script without .py): its cache layout and kernel pin."""
     if not KBENCH.is_file():
         raise GuestImageError(f"{KBENCH} is missing: the guest's kernel comes from the kernel bench")
@@ -81,7 +81,7 @@ def build_netcheck(out: Path) -> None:
 
 def guest_image() -> GuestImage:
     """The kernel and the initramfs, built once per input (cached in the bench's cache)."""
-    kb = _kbench()
+    kb = kbench()
     lay = kb.Layout(kb.cache_dir())
     pin = lay.load_pin()
     if pin is None or not lay.vmlinuz(pin).is_file():

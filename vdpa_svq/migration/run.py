@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vdpa_svq.memory.guest import PAGE_SIZE
 from vdpa_svq.migration.guest import guest_image
 from vdpa_svq.migration.vm import MEM_BYTES, NetBackend, Report, Vm, VmError
 from vdpa_svq.vhost_user.backend import FAULT_ENV  # serve's test-only hook: a dead dirty log
@@ -40,7 +41,6 @@ MIGRATE_S = 120.0
 PROGRESS_S = 60.0
 MAX_BANDWIDTH = 128 << 20  # bytes/s: the RAM copy takes a while with the guest running (see migrate())
 WARMUP_FRAMES = 2000  # frames verified before the first migration
-PAGE = 4096
 COMPARE_BLOCK = 1 << 20
 
 
@@ -194,8 +194,8 @@ def compare_memory(src: Vm, dst: Vm, work: Path) -> tuple[int, list[str]]:
             while block_a := a.read(COMPARE_BLOCK):
                 block_b = b.read(COMPARE_BLOCK)
                 if block_a != block_b:
-                    differ += [offset + o for o in range(0, len(block_a), PAGE)
-                               if block_a[o : o + PAGE] != block_b[o : o + PAGE]]
+                    differ += [offset + o for o in range(0, len(block_a), PAGE_SIZE)
+                               if block_a[o : o + PAGE_SIZE] != block_b[o : o + PAGE_SIZE]]
                 offset += len(block_a)
     finally:
         for path in files:
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--legs", type=int, default=2)
     ap.add_argument("--rate", type=int, default=0, help="frames/s per stream (default: as fast as it goes)")
     a = ap.parse_args(argv)
-    r = run(Config(a.backend, a.packed, a.queues, a.fault, a.legs, a.rate), log=lambda s: print(s, file=sys.stderr))
+    config = Config(backend=a.backend, packed=a.packed, queues=a.queues, fault=a.fault, legs=a.legs, rate=a.rate)
+    r = run(config, log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(r.to_json()))
     print(r.verdict())
     return 0 if r.ok else 1

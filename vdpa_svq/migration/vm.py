@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.migration.guest import GuestImage, _kbench
+from vdpa_svq.migration.guest import GuestImage, kbench
 
-MEM = "256M"
 MEM_BYTES = 256 << 20
+MEM = f"{MEM_BYTES >> 20}M"
 MAC = "52:54:00:12:34:70"
-MTU = 9000
+MTU = 9000  # jumbo: Linux receives into chains of whole pages (its big-packets mode), pages only the device writes
 
 
 class VmError(VdpaSvqError):
@@ -52,7 +52,7 @@ def qemu_binary() -> str:
     """
     if os.environ.get(QEMU_ENV):
         return os.environ[QEMU_ENV]
-    kb = _kbench()
+    kb = kbench()
     found = kb.Layout(kb.cache_dir()).qemu_binary()
     if found is None:
         raise VmError(f"no backports QEMU in the kernel bench's cache: run `.venv/bin/python tools/kbench setup` "
@@ -124,20 +124,16 @@ class Vm:
     def _read_console(self) -> None:
         assert self.proc.stdout is not None
         with open(self.workdir / f"{self.name}.console", "w") as keep:  # kept with the logs of a failed run
-            self._read_lines(keep)
-
-    def _read_lines(self, keep) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            keep.write(line + "\n")
-            with self._cond:
-                self.console.append(line)
-                tag, _, rest = line.partition(" ")
-                if tag.startswith("NETCHECK") and rest.startswith("{"):
-                    with contextlib.suppress(ValueError):  # a line the console garbled: not a report
-                        self.reports.append(Report(tag, json.loads(rest)))
-                self._cond.notify_all()
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                keep.write(line + "\n")
+                with self._cond:
+                    self.console.append(line)
+                    tag, _, rest = line.partition(" ")
+                    if tag.startswith("NETCHECK") and rest.startswith("{"):
+                        with contextlib.suppress(ValueError):  # a line the console garbled: not a report
+                            self.reports.append(Report(tag, json.loads(rest)))
+                    self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
 
