@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
 from vdpa_svq.memory.guest import GuestMemory
@@ -41,6 +42,8 @@ from vdpa_svq.ring.layout import (
     PACKED_EVENT_SIZE,
     Layout,
     RingAddresses,
+    RingAreas,
+    RingExport,
     check_size,
     desc_area_size,
 )
@@ -81,6 +84,9 @@ class _PackedAreas:
     def set_flags(self, slot: int, flags: int) -> None:
         self.desc16[(slot * DESC_SIZE + _DESC_FLAGS_OFF) // 2] = flags
 
+    def areas(self) -> RingAreas:
+        return RingAreas(self.desc, self.driver_event, self.device_event)
+
     def release(self) -> None:
         for v in (self.desc16, self.driver_event16, self.device_event16, self.desc, self.driver_event,
                   self.device_event):
@@ -93,6 +99,27 @@ def _write_event(event16: memoryview, off_wrap: int | None, flags: int) -> None:
         # The other side reads flags, then off_wrap: off_wrap must be there first.
         wmb()
     event16[EVENT_FLAGS // 2] = flags
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedDriverExport(RingExport):
+    """Everything the driver side of a packed ring is, for a datapath that takes it over (the C relay).
+
+    Per-buffer state (tokens, slot counts) is not in it: a ring is handed over with nothing in
+    flight, so `next_id` is the free list of buffer ids alone (the next free id after each).
+    """
+
+    layout: ClassVar[Layout] = Layout.PACKED
+    indirect_area: IndirectArea | None
+    free_head: int  # first free buffer id
+    num_free: int  # free ring slots
+    num_added: int  # slots made available since the last kick decision
+    cb_enabled: bool  # used buffer notifications wanted (disable_cb / enable_cb)
+    next_avail_idx: int
+    avail_wrap_counter: int
+    last_used_idx: int
+    used_wrap_counter: int
+    next_id: tuple[int, ...]
 
 
 class PackedDriverRing:
@@ -135,6 +162,16 @@ class PackedDriverRing:
         self._a.desc[:] = bytes(len(self._a.desc))
         self._a.driver_event[:] = bytes(PACKED_EVENT_SIZE)
         self._a.device_event[:] = bytes(PACKED_EVENT_SIZE)
+
+    def export_state(self) -> PackedDriverExport:
+        """This ring's configuration and driver-side state, for a datapath that takes it over."""
+        return PackedDriverExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name,
+            indirect_area=self.indirect_area, free_head=self.free_head, num_free=self.num_free,
+            num_added=self.num_added, cb_enabled=self._cb_enabled, next_avail_idx=self.next_avail_idx,
+            avail_wrap_counter=self.avail_wrap_counter, last_used_idx=self.last_used_idx,
+            used_wrap_counter=self.used_wrap_counter, next_id=tuple(self._next_id),
+        )
 
     # -- adding ---------------------------------------------------------------------------
     def add(
@@ -297,6 +334,21 @@ class PackedDriverRing:
         self._a.release()
 
 
+@dataclass(frozen=True, kw_only=True)
+class PackedDeviceExport(RingExport):
+    """Everything the device side of a packed ring is, for a datapath that takes it over (the C relay,
+    the soft device's C loopback), and that hands it back with its state() when it is done."""
+
+    layout: ClassVar[Layout] = Layout.PACKED
+    areas: RingAreas  # descriptor ring, driver event suppression, device event suppression
+    next_avail_idx: int
+    avail_wrap_counter: int
+    next_used_idx: int
+    used_wrap_counter: int
+    used_since_signal: int  # slots marked used since the last interrupt decision
+    in_flight: bytes  # per buffer id: 1 when popped and not yet used
+
+
 class PackedDeviceRing:
     """The device side of a packed ring: take available chains, return them used, decide interrupts."""
 
@@ -330,6 +382,15 @@ class PackedDeviceRing:
         self.used_wrap_counter = used_wrap_counter & 1
         self._used_since_signal = 0  # slots marked used since the last interrupt decision
         self._in_flight = bytearray(num)  # buffer ids popped and not yet used
+
+    def export_state(self) -> PackedDeviceExport:
+        """This ring's configuration, areas and device-side state, for a datapath that takes it over."""
+        return PackedDeviceExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name, areas=self._a.areas(),
+            next_avail_idx=self.next_avail_idx, avail_wrap_counter=self.avail_wrap_counter,
+            next_used_idx=self.next_used_idx, used_wrap_counter=self.used_wrap_counter,
+            used_since_signal=self._used_since_signal, in_flight=bytes(self._in_flight),
+        )
 
     # -- taking chains ---------------------------------------------------------------------
     def _is_avail(self, slot: int, wrap: int) -> bool:

@@ -8,7 +8,8 @@ The device side reads the driver's ring and checks every value before using it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
 from vdpa_svq.memory.guest import GuestMemory
@@ -34,6 +35,8 @@ from vdpa_svq.ring.layout import (
     USED_RING,
     Layout,
     RingAddresses,
+    RingAreas,
+    RingExport,
     check_size,
     desc_area_size,
     device_area_size,
@@ -43,7 +46,6 @@ from vdpa_svq.ring.state import RingState
 
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
-
 
 
 class _SplitAreas:
@@ -63,9 +65,31 @@ class _SplitAreas:
         self.used_event = (AVAIL_RING + 2 * num) // 2  # in avail16 (the driver area)
         self.avail_event = (USED_RING + 8 * num) // 2  # in used16 (the device area)
 
+    def areas(self) -> RingAreas:
+        return RingAreas(self.desc, self.avail, self.used)
+
     def release(self) -> None:
         for v in (self.avail16, self.used16, self.desc, self.avail, self.used):
             v.release()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitDriverExport(RingExport):
+    """Everything the driver side of a split ring is, for a datapath that takes it over (the C relay).
+
+    Per-chain state (tokens, chain lengths) is not in it: a ring is handed over with nothing in
+    flight, so `next` is the free list alone (the next free descriptor after each).
+    """
+
+    layout: ClassVar[Layout] = Layout.SPLIT
+    indirect_area: IndirectArea | None
+    free_head: int
+    num_free: int
+    num_added: int  # chains made available since the last kick decision
+    cb_enabled: bool  # used buffer notifications wanted (disable_cb / enable_cb)
+    avail_idx_shadow: int
+    last_used_idx: int
+    next: tuple[int, ...]
 
 
 class SplitDriverRing:
@@ -106,6 +130,15 @@ class SplitDriverRing:
         self._a.desc[:] = bytes(len(self._a.desc))
         self._a.avail[:] = bytes(len(self._a.avail))
         self._a.used[:] = bytes(len(self._a.used))
+
+    def export_state(self) -> SplitDriverExport:
+        """This ring's configuration and driver-side state, for a datapath that takes it over."""
+        return SplitDriverExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name,
+            indirect_area=self.indirect_area, free_head=self.free_head, num_free=self.num_free,
+            num_added=self.num_added, cb_enabled=self._cb_enabled, avail_idx_shadow=self.avail_idx_shadow,
+            last_used_idx=self.last_used_idx, next=tuple(self._next),
+        )
 
     # -- adding ---------------------------------------------------------------------------
     def add(
@@ -276,6 +309,19 @@ class SplitDriverRing:
         self._a.release()
 
 
+@dataclass(frozen=True, kw_only=True)
+class SplitDeviceExport(RingExport):
+    """Everything the device side of a split ring is, for a datapath that takes it over (the C relay,
+    the soft device's C loopback), and that hands it back with its state() when it is done."""
+
+    layout: ClassVar[Layout] = Layout.SPLIT
+    areas: RingAreas  # descriptor table, avail ring, used ring
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int  # used_idx at the last interrupt decision
+    in_flight: bytes  # per head: 1 when popped and not yet used
+
+
 class SplitDeviceRing:
     """The device side of a split ring: take available chains, return them used, decide interrupts."""
 
@@ -303,6 +349,14 @@ class SplitDeviceRing:
         self.used_idx = used_idx & 0xFFFF
         self.signalled_used = self.used_idx
         self._in_flight = bytearray(num)  # heads popped and not yet used
+
+    def export_state(self) -> SplitDeviceExport:
+        """This ring's configuration, areas and device-side state, for a datapath that takes it over."""
+        return SplitDeviceExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name, areas=self._a.areas(),
+            last_avail_idx=self.last_avail_idx, used_idx=self.used_idx, signalled_used=self.signalled_used,
+            in_flight=bytes(self._in_flight),
+        )
 
     # -- taking chains ---------------------------------------------------------------------
     def _avail_idx(self) -> int:
