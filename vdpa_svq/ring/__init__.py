@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring.chain import Chain, IndirectArea
-from vdpa_svq.ring.layout import Layout, RingAddresses, RingAreas, RingExport, place_ring
+from vdpa_svq.ring.layout import Layout, RingAddresses, RingAreas, place_ring
 from vdpa_svq.ring.packed import PackedDeviceExport, PackedDeviceRing, PackedDriverExport, PackedDriverRing
 from vdpa_svq.ring.split import SplitDeviceExport, SplitDeviceRing, SplitDriverExport, SplitDriverRing
-from vdpa_svq.ring.state import RingState
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingExport, RingState
 
 DriverRing = SplitDriverRing | PackedDriverRing
 DeviceRing = SplitDeviceRing | PackedDeviceRing
-# What export_state() returns: a ring's configuration and state, for a datapath taking it over.
-DriverExport = SplitDriverExport | PackedDriverExport
-DeviceExport = SplitDeviceExport | PackedDeviceExport
 
 
 def driver_ring(
@@ -65,10 +62,10 @@ def device_ring(
 
 __all__ = [
     "Chain",
-    "DeviceExport",
     "DeviceRing",
-    "DriverExport",
+    "DeviceSideExport",
     "DriverRing",
+    "DriverSideExport",
     "IndirectArea",
     "Layout",
     "PackedDeviceExport",

@@ -82,17 +82,6 @@ class RingAreas(NamedTuple):
     device: memoryview
 
 
-@dataclass(frozen=True, kw_only=True)
-class RingExport:
-    """What each ring's export_state() record starts with: the ring's configuration. The records
-    (Split/Packed, Driver/Device Export) add the side's state, named as the ring's fields are."""
-
-    num: int
-    addrs: RingAddresses
-    event_idx: bool
-    name: str
-
-
 def place_ring(layout: Layout, num: int, base: int, *, device_area_align: int = 1) -> tuple[RingAddresses, int]:
     """Lay the three areas out from `base`; return their addresses and the first free byte after.
 

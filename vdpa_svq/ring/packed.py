@@ -12,20 +12,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
-from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
+from vdpa_svq.errors import DeviceRingError, GuestRingError, RingBroken
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring.barrier import mb, rmb, wmb
 from vdpa_svq.ring.chain import (
-    MAX_CHAIN_BYTES,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_PACKED_DESC_F_AVAIL,
     VRING_PACKED_DESC_F_USED,
     Chain,
+    ChainReader,
     IndirectArea,
+    plan_chain,
 )
 from vdpa_svq.ring.event import (
     VRING_PACKED_EVENT_FLAG_DESC,
@@ -43,11 +44,10 @@ from vdpa_svq.ring.layout import (
     Layout,
     RingAddresses,
     RingAreas,
-    RingExport,
     check_size,
     desc_area_size,
 )
-from vdpa_svq.ring.state import RingState
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState
 
 _ADDR_LEN_ID = struct.Struct("<QIH")  # a descriptor without its flags (written before them)
 _LEN_ID = struct.Struct("<IH")  # the part of a used descriptor the device writes before flags
@@ -102,24 +102,15 @@ def _write_event(event16: memoryview, off_wrap: int | None, flags: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PackedDriverExport(RingExport):
-    """Everything the driver side of a packed ring is, for a datapath that takes it over (the C relay).
-
-    Per-buffer state (tokens, slot counts) is not in it: a ring is handed over with nothing in
-    flight, so `next_id` is the free list of buffer ids alone (the next free id after each).
-    """
+class PackedDriverExport(DriverSideExport):
+    """Everything the driver side of a packed ring is, for a datapath that takes it over (the C relay)."""
 
     layout: ClassVar[Layout] = Layout.PACKED
-    indirect_area: IndirectArea | None
-    free_head: int  # first free buffer id
-    num_free: int  # free ring slots
-    num_added: int  # slots made available since the last kick decision
-    cb_enabled: bool  # used buffer notifications wanted (disable_cb / enable_cb)
     next_avail_idx: int
     avail_wrap_counter: int
     last_used_idx: int
     used_wrap_counter: int
-    next_id: tuple[int, ...]
+    next_id: tuple[int, ...]  # the free list: the next free buffer id after each
 
 
 class PackedDriverRing:
@@ -188,21 +179,11 @@ class PackedDriverRing:
         """
         if self.broken:
             raise RingBroken(f"{self.name}: queue is broken")
-        if token is None:
-            raise ValueError("token must not be None")
-        segs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        segs, use_indirect, slots, writable = plan_chain(
+            out, in_, token, indirect=indirect, indirect_area=self.indirect_area, num=self.num,
+            num_free=self.num_free, name=self.name,
+        )
         total = len(segs)
-        if total == 0:
-            raise ValueError("a chain needs at least one buffer")
-        if total > self.num:
-            # 2.7.5.3.1: the driver MUST NOT create a chain longer than the queue, indirect or not.
-            raise ValueError(f"{self.name}: a chain of {total} descriptors is longer than the queue ({self.num})")
-        use_indirect = indirect and total > 1
-        if use_indirect and (self.indirect_area is None or total > self.indirect_area.max_entries):
-            raise ValueError("indirect chain longer than the indirect area allows")
-        slots = 1 if use_indirect else total
-        if slots > self.num_free:
-            raise RingFull(f"{self.name}: {slots} descriptors needed, {self.num_free} free")
         buf_id = self.free_head
         if use_indirect:
             table = self.indirect_area.table(buf_id)  # type: ignore[union-attr]
@@ -232,7 +213,7 @@ class PackedDriverRing:
         self.num_added += slots
         self._token[buf_id] = token
         self._count[buf_id] = slots
-        self._writable[buf_id] = sum(n for _, n, f in segs if f)
+        self._writable[buf_id] = writable
         # "The driver MUST NOT make the first descriptor in the list available before all
         # subsequent descriptors comprising the list are made available" (2.8.21.1): the rest of
         # the chain must be visible before the head's flags flip it to available.
@@ -296,7 +277,7 @@ class PackedDriverRing:
             mb()
         return token, length
 
-    def _fail(self, reason: str, index: int) -> None:
+    def _fail(self, reason: str, index: int) -> NoReturn:
         self.broken = True
         raise DeviceRingError(self.name, reason, index)
 
@@ -335,18 +316,16 @@ class PackedDriverRing:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PackedDeviceExport(RingExport):
+class PackedDeviceExport(DeviceSideExport):
     """Everything the device side of a packed ring is, for a datapath that takes it over (the C relay,
-    the soft device's C loopback), and that hands it back with its state() when it is done."""
+    the soft device's C loopback). Its areas: descriptor ring, driver and device event suppression."""
 
     layout: ClassVar[Layout] = Layout.PACKED
-    areas: RingAreas  # descriptor ring, driver event suppression, device event suppression
     next_avail_idx: int
     avail_wrap_counter: int
     next_used_idx: int
     used_wrap_counter: int
     used_since_signal: int  # slots marked used since the last interrupt decision
-    in_flight: bytes  # per buffer id: 1 when popped and not yet used
 
 
 class PackedDeviceRing:
@@ -412,11 +391,9 @@ class PackedDeviceRing:
         # Read the rest of the chain only after the head's flags said it is available.
         rmb()
         desc = self._a.desc
-        segs: list[tuple[int, int, bool]] = []
+        reader = ChainReader(self.mem, lambda reason: self._fail(reason, head))
         slot, wrap, slots = head, self.avail_wrap_counter, 0
-        total = writable = 0
         indirect = False
-        seen_write = False
         while True:
             addr, length, buf_id, flags = DESC.unpack_from(desc, slot * DESC_SIZE)
             slots += 1
@@ -424,37 +401,17 @@ class PackedDeviceRing:
             if slot == self.num:
                 slot, wrap = 0, wrap ^ 1
             if flags & VRING_DESC_F_INDIRECT:
-                if segs or flags & VRING_DESC_F_NEXT:
+                if reader.segments or flags & VRING_DESC_F_NEXT:
                     self._fail("indirect descriptor chained with others", head)
-                if length == 0 or length % DESC_SIZE:
-                    self._fail(f"indirect table length {length} is not a multiple of 16", head)
-                if length // DESC_SIZE > self.num:
-                    # 2.7.5.3.1: no chain, indirect tables included, is longer than the queue size.
-                    self._fail(f"indirect table of {length // DESC_SIZE} descriptors is longer than the queue "
-                               f"size {self.num}", head)
-                try:
-                    table = self.mem.view(addr, length)
-                except GuestMemoryError:
-                    self._fail(f"indirect table [{addr:#x}, +{length:#x}) outside guest memory", head)
+                table = reader.indirect_table(addr, length, self.num)
                 indirect = True
-                entries = [DESC.unpack_from(table, i * DESC_SIZE) for i in range(length // DESC_SIZE)]
+                for i in range(length // DESC_SIZE):
+                    e_addr, e_len, _, e_flags = DESC.unpack_from(table, i * DESC_SIZE)
+                    if e_flags & VRING_DESC_F_INDIRECT:
+                        self._fail("indirect descriptor inside an indirect table", head)
+                    reader.take_segment(e_addr, e_len, e_flags)
             else:
-                entries = [(addr, length, buf_id, flags)]
-            for e_addr, e_len, _, e_flags in entries:
-                if indirect and e_flags & VRING_DESC_F_INDIRECT:
-                    self._fail("indirect descriptor inside an indirect table", head)
-                write = bool(e_flags & VRING_DESC_F_WRITE)
-                if write:
-                    seen_write = True
-                    writable += e_len
-                elif seen_write:
-                    self._fail("readable descriptor after a writable one", head)
-                if not self.mem.contains(e_addr, e_len):
-                    self._fail(f"buffer [{e_addr:#x}, +{e_len:#x}) outside guest memory", head)
-                total += e_len
-                if total > MAX_CHAIN_BYTES:
-                    self._fail("chain longer than 4 GiB", head)
-                segs.append((e_addr, e_len, write))
+                reader.take_segment(addr, length, flags)
             if indirect or not flags & VRING_DESC_F_NEXT:
                 break
             if slots == self.num:
@@ -466,7 +423,7 @@ class PackedDeviceRing:
             self._fail(f"buffer id {buf_id} made available while still in flight", head)
         self._in_flight[buf_id] = 1
         self.next_avail_idx, self.avail_wrap_counter = slot, wrap
-        return Chain(buf_id, segs, slots, indirect, writable)
+        return reader.chain(buf_id, slots, indirect)
 
     # -- returning chains -----------------------------------------------------------------
     def push_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
@@ -520,7 +477,7 @@ class PackedDeviceRing:
     def state(self) -> RingState:
         return RingState(self.next_avail_idx, self.next_used_idx, self.avail_wrap_counter, self.used_wrap_counter)
 
-    def _fail(self, reason: str, index: int) -> None:
+    def _fail(self, reason: str, index: int) -> NoReturn:
         self.broken = True
         raise GuestRingError(self.name, reason, index)
 
