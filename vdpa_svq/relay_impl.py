@@ -5,9 +5,9 @@ built, else the Python ShadowVirtqueue; `impl="c"` insists on C, `impl="py"` on 
 Both present the same interface: on_guest_kick(), on_device_call(), forward_avail(),
 forward_used(), stats, error, broken. `describe()` says which one runs and why.
 
-The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (it reads
-their sizes, addresses, event_idx, layouts, indirect area, memory regions, the IOVA map and the
-dirty bitmap), and from then on owns the datapath state: the Python rings' indexes go stale. So
+The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (from the
+rings' export_state() records, their memory regions, the IOVA map's table() and the dirty bitmap),
+and from then on owns the datapath state: the Python rings' indexes go stale. So
 its `guest` and `shadow` are read-only views: their configuration (num, addrs, layout, name, ...)
 comes from the Python ring, their indexes (last_used_idx, avail_idx_shadow, state(), ...) from the
 C relay, and anything else raises AttributeError rather than answer with a stale value.
@@ -51,7 +51,7 @@ def _regions(mem: GuestMemory) -> tuple[tuple[int, int, Any], ...]:
 
 def device_ring_spec(ring: DeviceRing, regions: tuple = ()) -> tuple:
     """What the C code needs of a device-side ring (the relay's guest ring, the soft net device's
-    rings): configuration, indexes and in-flight buffers; `regions` only where C maps them itself."""
+    rings): its export_state() record as the C's tuple; `regions` only where C maps them itself."""
     if ring.broken:
         raise ValueError(f"{ring.name}: ring is broken")
     st = ring.export_state()
@@ -66,6 +66,7 @@ def device_ring_spec(ring: DeviceRing, regions: tuple = ()) -> tuple:
 
 
 def _shadow_spec(ring: DriverRing) -> tuple:
+    """What the C relay needs of its shadow ring: its export_state() record and memory as the C's tuple."""
     if ring.broken or ring.in_flight:
         raise ValueError(f"{ring.name}: the C relay takes over a shadow ring with nothing in flight")
     st = ring.export_state()
