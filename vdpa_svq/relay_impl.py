@@ -5,9 +5,9 @@ built, else the Python ShadowVirtqueue; `impl="c"` insists on C, `impl="py"` on 
 Both present the same interface: on_guest_kick(), on_device_call(), forward_avail(),
 forward_used(), stats, error, broken. `describe()` says which one runs and why.
 
-The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (it reads
-their sizes, addresses, event_idx, layouts, indirect area, memory regions, the IOVA map and the
-dirty bitmap), and from then on owns the datapath state: the Python rings' indexes go stale. So
+The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (from the
+rings' export_state() records, their memory regions, the IOVA map's table() and the dirty bitmap),
+and from then on owns the datapath state: the Python rings' indexes go stale. So
 its `guest` and `shadow` are read-only views: their configuration (num, addrs, layout, name, ...)
 comes from the Python ring, their indexes (last_used_idx, avail_idx_shadow, state(), ...) from the
 C relay, and anything else raises AttributeError rather than answer with a stale value.
@@ -24,7 +24,7 @@ from vdpa_svq.loop import EventfdNotifier
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay import RelayStats, ShadowVirtqueue
-from vdpa_svq.ring import DeviceRing, DriverRing, Layout, RingState
+from vdpa_svq.ring import DeviceRing, DriverRing, Layout, PackedDeviceExport, PackedDriverExport, RingState
 
 try:
     from vdpa_svq import _relay
@@ -51,34 +51,36 @@ def _regions(mem: GuestMemory) -> tuple[tuple[int, int, Any], ...]:
 
 def device_ring_spec(ring: DeviceRing, regions: tuple = ()) -> tuple:
     """What the C code needs of a device-side ring (the relay's guest ring, the soft net device's
-    rings): configuration, indexes and in-flight buffers; `regions` only where C maps them itself."""
+    rings): its export_state() record as the C's tuple; `regions` only where C maps them itself."""
     if ring.broken:
         raise ValueError(f"{ring.name}: ring is broken")
-    a = ring.addrs
-    if ring.layout is Layout.PACKED:
-        state = (ring.next_avail_idx, ring.avail_wrap_counter, ring.next_used_idx, ring.used_wrap_counter,
-                 ring._used_since_signal)
+    st = ring.export_state()
+    if isinstance(st, PackedDeviceExport):
+        state = (st.next_avail_idx, st.avail_wrap_counter, st.next_used_idx, st.used_wrap_counter,
+                 st.used_since_signal)
     else:
-        state = (ring.last_avail_idx, ring.used_idx, ring.signalled_used, 0, 0)
-    return (ring.layout is Layout.PACKED, ring.num, a.desc, a.driver, a.device, ring.event_idx, ring.name,
-            regions, state, bytes(ring._in_flight))
+        state = (st.last_avail_idx, st.used_idx, st.signalled_used, 0, 0)
+    a = st.addrs
+    return (st.layout is Layout.PACKED, st.num, a.desc, a.driver, a.device, st.event_idx, st.name,
+            regions, state, st.in_flight)
 
 
 def _shadow_spec(ring: DriverRing) -> tuple:
-    if ring.broken or any(t is not None for t in ring._token):
+    """What the C relay needs of its shadow ring: its export_state() record and memory as the C's tuple."""
+    if ring.broken or ring.in_flight:
         raise ValueError(f"{ring.name}: the C relay takes over a shadow ring with nothing in flight")
-    a = ring.addrs
-    area = ring.indirect_area
-    if ring.layout is Layout.PACKED:
-        state = (ring.free_head, ring.num_free, ring.num_added, ring._cb_enabled, ring.next_avail_idx,
-                 ring.avail_wrap_counter, ring.last_used_idx, ring.used_wrap_counter)
-        links = ring._next_id
+    st = ring.export_state()
+    if isinstance(st, PackedDriverExport):
+        state = (st.free_head, st.num_free, st.num_added, st.cb_enabled, st.next_avail_idx,
+                 st.avail_wrap_counter, st.last_used_idx, st.used_wrap_counter)
+        links = st.next_id
     else:
-        state = (ring.free_head, ring.num_free, ring.num_added, ring._cb_enabled, ring.avail_idx_shadow, 0,
-                 ring.last_used_idx, 0)
-        links = ring._next
-    return (ring.layout is Layout.PACKED, ring.num, a.desc, a.driver, a.device, ring.event_idx, ring.name,
-            _regions(ring.mem), None if area is None else (area.gpa, area.max_entries), state, tuple(links))
+        state = (st.free_head, st.num_free, st.num_added, st.cb_enabled, st.avail_idx_shadow, 0,
+                 st.last_used_idx, 0)
+        links = st.next
+    a, area = st.addrs, st.indirect_area
+    return (st.layout is Layout.PACKED, st.num, a.desc, a.driver, a.device, st.event_idx, st.name,
+            _regions(ring.mem), None if area is None else (area.gpa, area.max_entries), state, links)
 
 
 def _notifier(fn: Callable[[], None]) -> int | Callable[[], None]:
@@ -131,7 +133,7 @@ class CShadowVirtqueue:
     def __init__(self, svq: ShadowVirtqueue) -> None:
         if _relay is None:
             raise ImportError(f"the C relay is not available: {C_IMPORT_ERROR}")
-        if svq._held is not None or svq.error is not None:
+        if svq.held or svq.error is not None:
             raise ValueError(f"{svq.name}: the C relay starts from a fresh ShadowVirtqueue")
         self.name = svq.name
         self.iova: IovaMap = svq.iova
@@ -146,7 +148,7 @@ class CShadowVirtqueue:
             guest_call=_notifier(svq.guest_call),
             guest=device_ring_spec(svq.guest, _regions(svq.guest.mem)),
             shadow=_shadow_spec(svq.shadow),
-            iova=tuple(svq.iova._maps),  # a snapshot: build a new relay if the IOVA map changes
+            iova=svq.iova.table(),  # a snapshot: build a new relay if the IOVA map changes
             dirty_bits=None if svq.dirty is None else svq.dirty.bits,
             dirty_pages=0 if svq.dirty is None else svq.dirty.pages,
         )

@@ -8,17 +8,30 @@ IOVA range. A guest buffer that spans two regions is split into one piece per re
 from __future__ import annotations
 
 import bisect
+from typing import NamedTuple
 
 from vdpa_svq.errors import GuestMemoryError
 from vdpa_svq.memory.guest import PAGE_SIZE
+
+
+class IovaMapping(NamedTuple):
+    """One range of guest memory mapped for the device: [gpa, gpa+size) at [iova, iova+size)."""
+
+    gpa: int
+    size: int
+    iova: int
 
 
 class IovaMap:
     def __init__(self, first: int = 0, last: int = (1 << 64) - 1) -> None:
         self.first, self.last = first, last
         self._starts: list[int] = []
-        self._maps: list[tuple[int, int, int]] = []  # (gpa, size, iova), sorted by gpa
+        self._maps: list[IovaMapping] = []  # sorted by gpa
         self._next_free = first
+
+    def table(self) -> tuple[IovaMapping, ...]:
+        """The mappings as they stand, sorted by gpa: a snapshot (the C relay translates with it)."""
+        return tuple(self._maps)
 
     def add(self, gpa: int, size: int, iova: int) -> None:
         if iova < self.first or iova + size - 1 > self.last:
@@ -26,7 +39,7 @@ class IovaMap:
             raise GuestMemoryError(gpa, size, where)
         i = bisect.bisect_right(self._starts, gpa)
         self._starts.insert(i, gpa)
-        self._maps.insert(i, (gpa, size, iova))
+        self._maps.insert(i, IovaMapping(gpa, size, iova))
         self._next_free = max(self._next_free, (iova + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
 
     def alloc(self, size: int) -> int:

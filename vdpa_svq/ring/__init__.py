@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring.chain import Chain, IndirectArea
-from vdpa_svq.ring.layout import Layout, RingAddresses, place_ring
-from vdpa_svq.ring.packed import PackedDeviceRing, PackedDriverRing
-from vdpa_svq.ring.split import SplitDeviceRing, SplitDriverRing
-from vdpa_svq.ring.state import RingState
+from vdpa_svq.ring.layout import Layout, RingAddresses, RingAreas, place_ring
+from vdpa_svq.ring.packed import PackedDeviceExport, PackedDeviceRing, PackedDriverExport, PackedDriverRing
+from vdpa_svq.ring.split import SplitDeviceExport, SplitDeviceRing, SplitDriverExport, SplitDriverRing
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingExport, RingState
 
 DriverRing = SplitDriverRing | PackedDriverRing
 DeviceRing = SplitDeviceRing | PackedDeviceRing
@@ -63,14 +63,22 @@ def device_ring(
 __all__ = [
     "Chain",
     "DeviceRing",
+    "DeviceSideExport",
     "DriverRing",
+    "DriverSideExport",
     "IndirectArea",
     "Layout",
+    "PackedDeviceExport",
     "PackedDeviceRing",
+    "PackedDriverExport",
     "PackedDriverRing",
     "RingAddresses",
+    "RingAreas",
+    "RingExport",
     "RingState",
+    "SplitDeviceExport",
     "SplitDeviceRing",
+    "SplitDriverExport",
     "SplitDriverRing",
     "device_ring",
     "driver_ring",

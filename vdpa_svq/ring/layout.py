@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 DESC_SIZE = 16  # addr (le64) + len (le32) + split: flags, next (le16 each) / packed: id, flags (le16 each)
 DESC = struct.Struct("<QIHH")
@@ -69,6 +70,16 @@ class RingAddresses:
     desc: int
     driver: int
     device: int
+
+
+class RingAreas(NamedTuple):
+    """Views of one ring's three areas in guest memory, in the order of RingAddresses: the views the
+    ring took when it started (a datapath that takes the ring over reaches the ring through them,
+    whatever the IOTLB says later)."""
+
+    desc: memoryview
+    driver: memoryview
+    device: memoryview
 
 
 def place_ring(layout: Layout, num: int, base: int, *, device_area_align: int = 1) -> tuple[RingAddresses, int]:

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
 
-from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
+from vdpa_svq.errors import DeviceRingError, GuestRingError, RingBroken
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring.barrier import mb, rmb, wmb
 from vdpa_svq.ring.chain import (
-    MAX_CHAIN_BYTES,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_PACKED_DESC_F_AVAIL,
     VRING_PACKED_DESC_F_USED,
     Chain,
+    ChainReader,
     IndirectArea,
+    plan_chain,
 )
 from vdpa_svq.ring.event import (
     VRING_PACKED_EVENT_FLAG_DESC,
@@ -41,10 +43,11 @@ from vdpa_svq.ring.layout import (
     PACKED_EVENT_SIZE,
     Layout,
     RingAddresses,
+    RingAreas,
     check_size,
     desc_area_size,
 )
-from vdpa_svq.ring.state import RingState
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState
 
 _ADDR_LEN_ID = struct.Struct("<QIH")  # a descriptor without its flags (written before them)
 _LEN_ID = struct.Struct("<IH")  # the part of a used descriptor the device writes before flags
@@ -81,6 +84,9 @@ class _PackedAreas:
     def set_flags(self, slot: int, flags: int) -> None:
         self.desc16[(slot * DESC_SIZE + _DESC_FLAGS_OFF) // 2] = flags
 
+    def areas(self) -> RingAreas:
+        return RingAreas(self.desc, self.driver_event, self.device_event)
+
     def release(self) -> None:
         for v in (self.desc16, self.driver_event16, self.device_event16, self.desc, self.driver_event,
                   self.device_event):
@@ -93,6 +99,18 @@ def _write_event(event16: memoryview, off_wrap: int | None, flags: int) -> None:
         # The other side reads flags, then off_wrap: off_wrap must be there first.
         wmb()
     event16[EVENT_FLAGS // 2] = flags
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackedDriverExport(DriverSideExport):
+    """Everything the driver side of a packed ring is, for a datapath that takes it over (the C relay)."""
+
+    layout: ClassVar[Layout] = Layout.PACKED
+    next_avail_idx: int
+    avail_wrap_counter: int
+    last_used_idx: int
+    used_wrap_counter: int
+    next_id: tuple[int, ...]  # the free list: the next free buffer id after each
 
 
 class PackedDriverRing:
@@ -136,6 +154,16 @@ class PackedDriverRing:
         self._a.driver_event[:] = bytes(PACKED_EVENT_SIZE)
         self._a.device_event[:] = bytes(PACKED_EVENT_SIZE)
 
+    def export_state(self) -> PackedDriverExport:
+        """This ring's configuration and driver-side state, for a datapath that takes it over."""
+        return PackedDriverExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name,
+            indirect_area=self.indirect_area, free_head=self.free_head, num_free=self.num_free,
+            num_added=self.num_added, cb_enabled=self._cb_enabled, next_avail_idx=self.next_avail_idx,
+            avail_wrap_counter=self.avail_wrap_counter, last_used_idx=self.last_used_idx,
+            used_wrap_counter=self.used_wrap_counter, next_id=tuple(self._next_id),
+        )
+
     # -- adding ---------------------------------------------------------------------------
     def add(
         self,
@@ -151,21 +179,11 @@ class PackedDriverRing:
         """
         if self.broken:
             raise RingBroken(f"{self.name}: queue is broken")
-        if token is None:
-            raise ValueError("token must not be None")
-        segs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        segs, use_indirect, slots, writable = plan_chain(
+            out, in_, token, indirect=indirect, indirect_area=self.indirect_area, num=self.num,
+            num_free=self.num_free, name=self.name,
+        )
         total = len(segs)
-        if total == 0:
-            raise ValueError("a chain needs at least one buffer")
-        if total > self.num:
-            # 2.7.5.3.1: the driver MUST NOT create a chain longer than the queue, indirect or not.
-            raise ValueError(f"{self.name}: a chain of {total} descriptors is longer than the queue ({self.num})")
-        use_indirect = indirect and total > 1
-        if use_indirect and (self.indirect_area is None or total > self.indirect_area.max_entries):
-            raise ValueError("indirect chain longer than the indirect area allows")
-        slots = 1 if use_indirect else total
-        if slots > self.num_free:
-            raise RingFull(f"{self.name}: {slots} descriptors needed, {self.num_free} free")
         buf_id = self.free_head
         if use_indirect:
             table = self.indirect_area.table(buf_id)  # type: ignore[union-attr]
@@ -195,7 +213,7 @@ class PackedDriverRing:
         self.num_added += slots
         self._token[buf_id] = token
         self._count[buf_id] = slots
-        self._writable[buf_id] = sum(n for _, n, f in segs if f)
+        self._writable[buf_id] = writable
         # "The driver MUST NOT make the first descriptor in the list available before all
         # subsequent descriptors comprising the list are made available" (2.8.21.1): the rest of
         # the chain must be visible before the head's flags flip it to available.
@@ -259,7 +277,7 @@ class PackedDriverRing:
             mb()
         return token, length
 
-    def _fail(self, reason: str, index: int) -> None:
+    def _fail(self, reason: str, index: int) -> NoReturn:
         self.broken = True
         raise DeviceRingError(self.name, reason, index)
 
@@ -297,6 +315,19 @@ class PackedDriverRing:
         self._a.release()
 
 
+@dataclass(frozen=True, kw_only=True)
+class PackedDeviceExport(DeviceSideExport):
+    """Everything the device side of a packed ring is, for a datapath that takes it over (the C relay,
+    the soft device's C loopback). Its areas: descriptor ring, driver and device event suppression."""
+
+    layout: ClassVar[Layout] = Layout.PACKED
+    next_avail_idx: int
+    avail_wrap_counter: int
+    next_used_idx: int
+    used_wrap_counter: int
+    used_since_signal: int  # slots marked used since the last interrupt decision
+
+
 class PackedDeviceRing:
     """The device side of a packed ring: take available chains, return them used, decide interrupts."""
 
@@ -331,6 +362,15 @@ class PackedDeviceRing:
         self._used_since_signal = 0  # slots marked used since the last interrupt decision
         self._in_flight = bytearray(num)  # buffer ids popped and not yet used
 
+    def export_state(self) -> PackedDeviceExport:
+        """This ring's configuration, areas and device-side state, for a datapath that takes it over."""
+        return PackedDeviceExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name, areas=self._a.areas(),
+            next_avail_idx=self.next_avail_idx, avail_wrap_counter=self.avail_wrap_counter,
+            next_used_idx=self.next_used_idx, used_wrap_counter=self.used_wrap_counter,
+            used_since_signal=self._used_since_signal, in_flight=bytes(self._in_flight),
+        )
+
     # -- taking chains ---------------------------------------------------------------------
     def _is_avail(self, slot: int, wrap: int) -> bool:
         flags = self._a.flags(slot)
@@ -351,11 +391,9 @@ class PackedDeviceRing:
         # Read the rest of the chain only after the head's flags said it is available.
         rmb()
         desc = self._a.desc
-        segs: list[tuple[int, int, bool]] = []
+        reader = ChainReader(self.mem, lambda reason: self._fail(reason, head))
         slot, wrap, slots = head, self.avail_wrap_counter, 0
-        total = writable = 0
         indirect = False
-        seen_write = False
         while True:
             addr, length, buf_id, flags = DESC.unpack_from(desc, slot * DESC_SIZE)
             slots += 1
@@ -363,37 +401,17 @@ class PackedDeviceRing:
             if slot == self.num:
                 slot, wrap = 0, wrap ^ 1
             if flags & VRING_DESC_F_INDIRECT:
-                if segs or flags & VRING_DESC_F_NEXT:
+                if reader.segments or flags & VRING_DESC_F_NEXT:
                     self._fail("indirect descriptor chained with others", head)
-                if length == 0 or length % DESC_SIZE:
-                    self._fail(f"indirect table length {length} is not a multiple of 16", head)
-                if length // DESC_SIZE > self.num:
-                    # 2.7.5.3.1: no chain, indirect tables included, is longer than the queue size.
-                    self._fail(f"indirect table of {length // DESC_SIZE} descriptors is longer than the queue "
-                               f"size {self.num}", head)
-                try:
-                    table = self.mem.view(addr, length)
-                except GuestMemoryError:
-                    self._fail(f"indirect table [{addr:#x}, +{length:#x}) outside guest memory", head)
+                table = reader.indirect_table(addr, length, self.num)
                 indirect = True
-                entries = [DESC.unpack_from(table, i * DESC_SIZE) for i in range(length // DESC_SIZE)]
+                for i in range(length // DESC_SIZE):
+                    e_addr, e_len, _, e_flags = DESC.unpack_from(table, i * DESC_SIZE)
+                    if e_flags & VRING_DESC_F_INDIRECT:
+                        self._fail("indirect descriptor inside an indirect table", head)
+                    reader.take_segment(e_addr, e_len, e_flags)
             else:
-                entries = [(addr, length, buf_id, flags)]
-            for e_addr, e_len, _, e_flags in entries:
-                if indirect and e_flags & VRING_DESC_F_INDIRECT:
-                    self._fail("indirect descriptor inside an indirect table", head)
-                write = bool(e_flags & VRING_DESC_F_WRITE)
-                if write:
-                    seen_write = True
-                    writable += e_len
-                elif seen_write:
-                    self._fail("readable descriptor after a writable one", head)
-                if not self.mem.contains(e_addr, e_len):
-                    self._fail(f"buffer [{e_addr:#x}, +{e_len:#x}) outside guest memory", head)
-                total += e_len
-                if total > MAX_CHAIN_BYTES:
-                    self._fail("chain longer than 4 GiB", head)
-                segs.append((e_addr, e_len, write))
+                reader.take_segment(addr, length, flags)
             if indirect or not flags & VRING_DESC_F_NEXT:
                 break
             if slots == self.num:
@@ -405,7 +423,7 @@ class PackedDeviceRing:
             self._fail(f"buffer id {buf_id} made available while still in flight", head)
         self._in_flight[buf_id] = 1
         self.next_avail_idx, self.avail_wrap_counter = slot, wrap
-        return Chain(buf_id, segs, slots, indirect, writable)
+        return reader.chain(buf_id, slots, indirect)
 
     # -- returning chains -----------------------------------------------------------------
     def push_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
@@ -459,7 +477,7 @@ class PackedDeviceRing:
     def state(self) -> RingState:
         return RingState(self.next_avail_idx, self.next_used_idx, self.avail_wrap_counter, self.used_wrap_counter)
 
-    def _fail(self, reason: str, index: int) -> None:
+    def _fail(self, reason: str, index: int) -> NoReturn:
         self.broken = True
         raise GuestRingError(self.name, reason, index)
 

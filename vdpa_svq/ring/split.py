@@ -8,18 +8,19 @@ The device side reads the driver's ring and checks every value before using it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, NoReturn
 
-from vdpa_svq.errors import DeviceRingError, GuestMemoryError, GuestRingError, RingBroken, RingFull
+from vdpa_svq.errors import DeviceRingError, GuestRingError, RingBroken
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring.barrier import mb, rmb, wmb
 from vdpa_svq.ring.chain import (
-    MAX_CHAIN_BYTES,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE,
     Chain,
+    ChainReader,
     IndirectArea,
+    plan_chain,
 )
 from vdpa_svq.ring.event import need_event
 from vdpa_svq.ring.layout import (
@@ -34,16 +35,16 @@ from vdpa_svq.ring.layout import (
     USED_RING,
     Layout,
     RingAddresses,
+    RingAreas,
     check_size,
     desc_area_size,
     device_area_size,
     driver_area_size,
 )
-from vdpa_svq.ring.state import RingState
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState
 
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
-
 
 
 class _SplitAreas:
@@ -63,9 +64,22 @@ class _SplitAreas:
         self.used_event = (AVAIL_RING + 2 * num) // 2  # in avail16 (the driver area)
         self.avail_event = (USED_RING + 8 * num) // 2  # in used16 (the device area)
 
+    def areas(self) -> RingAreas:
+        return RingAreas(self.desc, self.avail, self.used)
+
     def release(self) -> None:
         for v in (self.avail16, self.used16, self.desc, self.avail, self.used):
             v.release()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitDriverExport(DriverSideExport):
+    """Everything the driver side of a split ring is, for a datapath that takes it over (the C relay)."""
+
+    layout: ClassVar[Layout] = Layout.SPLIT
+    avail_idx_shadow: int
+    last_used_idx: int
+    next: tuple[int, ...]  # the free list: the next free descriptor after each
 
 
 class SplitDriverRing:
@@ -107,6 +121,15 @@ class SplitDriverRing:
         self._a.avail[:] = bytes(len(self._a.avail))
         self._a.used[:] = bytes(len(self._a.used))
 
+    def export_state(self) -> SplitDriverExport:
+        """This ring's configuration and driver-side state, for a datapath that takes it over."""
+        return SplitDriverExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name,
+            indirect_area=self.indirect_area, free_head=self.free_head, num_free=self.num_free,
+            num_added=self.num_added, cb_enabled=self._cb_enabled, avail_idx_shadow=self.avail_idx_shadow,
+            last_used_idx=self.last_used_idx, next=tuple(self._next),
+        )
+
     # -- adding ---------------------------------------------------------------------------
     def add(
         self,
@@ -123,21 +146,11 @@ class SplitDriverRing:
         """
         if self.broken:
             raise RingBroken(f"{self.name}: queue is broken")
-        if token is None:
-            raise ValueError("token must not be None")
-        segs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        segs, use_indirect, slots, writable = plan_chain(
+            out, in_, token, indirect=indirect, indirect_area=self.indirect_area, num=self.num,
+            num_free=self.num_free, name=self.name,
+        )
         total = len(segs)
-        if total == 0:
-            raise ValueError("a chain needs at least one buffer")
-        if total > self.num:
-            # 2.7.5.3.1: the driver MUST NOT create a chain longer than the queue, indirect or not.
-            raise ValueError(f"{self.name}: a chain of {total} descriptors is longer than the queue ({self.num})")
-        use_indirect = indirect and total > 1
-        if use_indirect and (self.indirect_area is None or total > self.indirect_area.max_entries):
-            raise ValueError("indirect chain longer than the indirect area allows")
-        slots = 1 if use_indirect else total
-        if slots > self.num_free:
-            raise RingFull(f"{self.name}: {slots} descriptors needed, {self.num_free} free")
         head = self.free_head
         desc = self._a.desc
         if use_indirect:
@@ -159,7 +172,7 @@ class SplitDriverRing:
         self.num_free -= slots
         self._token[head] = token
         self._count[head] = slots
-        self._writable[head] = sum(n for _, n, f in segs if f)
+        self._writable[head] = writable
         # Put the head in the avail ring, then publish the index: the device reads avail->idx and
         # then the ring entry and the descriptors, so they must be visible first (2.7.13).
         self._a.avail16[AVAIL_RING // 2 + self.avail_idx_shadow % self.num] = head
@@ -237,7 +250,7 @@ class SplitDriverRing:
         self.num_free += self._count[head]
         self._token[head] = None
 
-    def _fail(self, reason: str, index: int) -> None:
+    def _fail(self, reason: str, index: int) -> NoReturn:
         self.broken = True
         raise DeviceRingError(self.name, reason, index)
 
@@ -276,6 +289,17 @@ class SplitDriverRing:
         self._a.release()
 
 
+@dataclass(frozen=True, kw_only=True)
+class SplitDeviceExport(DeviceSideExport):
+    """Everything the device side of a split ring is, for a datapath that takes it over (the C relay,
+    the soft device's C loopback). Its areas: descriptor table, avail ring, used ring."""
+
+    layout: ClassVar[Layout] = Layout.SPLIT
+    last_avail_idx: int
+    used_idx: int
+    signalled_used: int  # used_idx at the last interrupt decision
+
+
 class SplitDeviceRing:
     """The device side of a split ring: take available chains, return them used, decide interrupts."""
 
@@ -303,6 +327,14 @@ class SplitDeviceRing:
         self.used_idx = used_idx & 0xFFFF
         self.signalled_used = self.used_idx
         self._in_flight = bytearray(num)  # heads popped and not yet used
+
+    def export_state(self) -> SplitDeviceExport:
+        """This ring's configuration, areas and device-side state, for a datapath that takes it over."""
+        return SplitDeviceExport(
+            num=self.num, addrs=self.addrs, event_idx=self.event_idx, name=self.name, areas=self._a.areas(),
+            last_avail_idx=self.last_avail_idx, used_idx=self.used_idx, signalled_used=self.signalled_used,
+            in_flight=bytes(self._in_flight),
+        )
 
     # -- taking chains ---------------------------------------------------------------------
     def _avail_idx(self) -> int:
@@ -334,12 +366,10 @@ class SplitDeviceRing:
         return chain
 
     def _read_chain(self, head: int) -> Chain:
-        segs: list[tuple[int, int, bool]] = []
+        reader = ChainReader(self.mem, lambda reason: self._fail(reason, head))
         table, count, index = self._a.desc, self.num, head
         indirect = False
         here = ring_descs = 0  # descriptors read in the current table; in the ring's own table
-        total = writable = 0
-        seen_write = False
         while True:  # ends: every pass reads a descriptor, and at most `count` per table fit
             addr, length, flags, nxt = DESC.unpack_from(table, index * DESC_SIZE)
             if flags & VRING_DESC_F_INDIRECT:
@@ -348,34 +378,14 @@ class SplitDeviceRing:
                 # 2.7.5.3.2: zero or more normal descriptors, then one indirect one, ending the chain.
                 if flags & VRING_DESC_F_NEXT:
                     self._fail("indirect descriptor chained with others", head)
-                if length == 0 or length % DESC_SIZE:
-                    self._fail(f"indirect table length {length} is not a multiple of 16", head)
-                if length // DESC_SIZE > self.num:
-                    # 2.7.5.3.1: no chain, indirect tables included, is longer than the queue size.
-                    self._fail(f"indirect table of {length // DESC_SIZE} descriptors is longer than the queue "
-                               f"size {self.num}", head)
-                try:
-                    table = self.mem.view(addr, length)
-                except GuestMemoryError:
-                    self._fail(f"indirect table [{addr:#x}, +{length:#x}) outside guest memory", head)
+                table = reader.indirect_table(addr, length, self.num)
                 ring_descs = here + 1
                 indirect, count, index, here = True, length // DESC_SIZE, 0, 0
                 continue
-            write = bool(flags & VRING_DESC_F_WRITE)
-            if write:
-                seen_write = True
-                writable += length
-            elif seen_write:
-                self._fail("readable descriptor after a writable one", head)
-            if not self.mem.contains(addr, length):
-                self._fail(f"buffer [{addr:#x}, +{length:#x}) outside guest memory", head)
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                self._fail("chain longer than 4 GiB", head)
-            segs.append((addr, length, write))
+            reader.take_segment(addr, length, flags)
             here += 1
             if not flags & VRING_DESC_F_NEXT:
-                return Chain(head, segs, ring_descs if indirect else len(segs), indirect, writable)
+                return reader.chain(head, ring_descs if indirect else len(reader.segments), indirect)
             if nxt >= count:
                 self._fail(f"next {nxt} out of range", head)
             if here >= count:
@@ -434,7 +444,7 @@ class SplitDeviceRing:
     def state(self) -> RingState:
         return RingState(self.last_avail_idx, self.used_idx)
 
-    def _fail(self, reason: str, index: int) -> None:
+    def _fail(self, reason: str, index: int) -> NoReturn:
         self.broken = True
         raise GuestRingError(self.name, reason, index)
 

@@ -1,10 +1,13 @@
-"""Where the device side of a ring stands, in the form vhost's VRING_BASE carries it."""
+"""Where a ring stands: the device side in the form vhost's VRING_BASE carries it (RingState), and
+either side whole, for a datapath that takes the ring over (the bases of the export_state() records).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vdpa_svq.ring.layout import Layout
+from vdpa_svq.ring.chain import IndirectArea
+from vdpa_svq.ring.layout import Layout, RingAddresses, RingAreas
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,37 @@ class RingState:
         if layout is Layout.SPLIT:
             return cls(num & 0xFFFF, num & 0xFFFF)
         return cls(num & 0x7FFF, num >> 16 & 0x7FFF, num >> 15 & 1, num >> 31 & 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RingExport:
+    """What every ring's export_state() record starts with: the ring's configuration.
+
+    The records (SplitDriverExport, PackedDriverExport, SplitDeviceExport, PackedDeviceExport, next
+    to the fields they copy) add the side's state, under the names of the ring's own fields.
+    """
+
+    num: int
+    addrs: RingAddresses
+    event_idx: bool
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriverSideExport(RingExport):
+    """What a driver side of either layout exports. Per-chain state (tokens, chain lengths) is not in
+    it: a ring is handed over with nothing in flight, so its free list is all its links."""
+
+    indirect_area: IndirectArea | None
+    free_head: int  # first free descriptor (split) / buffer id (packed)
+    num_free: int  # free ring descriptors
+    num_added: int  # made available since the last kick decision (split: chains; packed: slots)
+    cb_enabled: bool  # used buffer notifications wanted (disable_cb / enable_cb)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSideExport(RingExport):
+    """What a device side of either layout exports: also the views of its areas, and what is in flight."""
+
+    areas: RingAreas
+    in_flight: bytes  # per head (split) / buffer id (packed): 1 when popped and not yet used

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from kernel_iface import uapi
 from vdpa_svq.relay_impl import device_ring_spec
-from vdpa_svq.ring import DeviceRing, Layout
+from vdpa_svq.ring import DeviceRing
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
@@ -50,12 +50,11 @@ DEFAULT_MAC = bytes.fromhex("525400000001")
 def _ring_areas(ring: DeviceRing) -> tuple[tuple[int, int, memoryview, int], ...]:
     """The ring's three areas as (iova, size, view, perm), sorted: the views the ring took when it
     started, so the C datapath reaches them as the Python one does, whatever the IOTLB says now."""
-    a = ring._a  # type: ignore[union-attr]
-    views = (a.desc, a.driver_event, a.device_event) if ring.layout is Layout.PACKED else (a.desc, a.avail, a.used)
-    addrs = (ring.addrs.desc, ring.addrs.driver, ring.addrs.device)
+    st = ring.export_state()
+    addrs = (st.addrs.desc, st.addrs.driver, st.addrs.device)
     return tuple(
         sorted((addr, v.nbytes, v, uapi.VHOST_ACCESS_RO if v.readonly else uapi.VHOST_ACCESS_RW)
-               for addr, v in zip(addrs, views, strict=True))
+               for addr, v in zip(addrs, st.areas, strict=True))
     )
 
 
