@@ -18,17 +18,13 @@ from vdpa_svq.guest.blk import SECTOR, BlkDriver
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
 from vdpa_svq.loop import Polling
-from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
+from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
 from vdpa_svq.ring import DriverRing, IndirectArea, Layout, RingAddresses, RingState, driver_ring, place_ring
 from vdpa_svq.session import DeviceSession, SessionError, ShadowSession
 
 GUEST_BASE = 0x100000  # leave low memory unused: a zero address in a descriptor is then always a bug
 GUEST_INDIRECT_MAX = 8
 PASSTHROUGH, SHADOW = "passthrough", "shadow"
-
-
-def _page_align(x: int) -> int:
-    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 @dataclass
@@ -47,12 +43,12 @@ def plan_layout(layout: Layout, num: int, nqueues: int, block_size: int, blocks_
     for _ in range(nqueues):
         addrs, end = place_ring(layout, num, cursor, device_area_align=PAGE_SIZE)
         rings.append(addrs)
-        cursor = _page_align(end)
+        cursor = page_align(end)
         indirect.append(IndirectArea(cursor, GUEST_INDIRECT_MAX))
-        cursor = _page_align(cursor + IndirectArea.size(num, GUEST_INDIRECT_MAX))
+        cursor = page_align(cursor + IndirectArea.size(num, GUEST_INDIRECT_MAX))
     for _ in range(nqueues):
         pools.append(BlockPool(cursor, block_size, blocks_per_queue))
-        cursor = _page_align(cursor + block_size * blocks_per_queue)
+        cursor = page_align(cursor + block_size * blocks_per_queue)
     return GuestLayout(rings, indirect, pools, cursor)
 
 
@@ -274,6 +270,6 @@ def blk_guest(device: Any, *, num: int = 64, max_io: int = 64 * 1024, **opts: An
     """A virtio-blk device with the in-process guest on it: the guest and its driver."""
     if device.device_id() != uapi.VIRTIO_ID_BLOCK:
         raise SessionError(f"{device.path}: not a block device (virtio id {device.device_id()})")
-    block = _page_align(16 + max_io + SECTOR)
+    block = page_align(16 + max_io + SECTOR)
     g = bring_up(device, 1, num, block, 8, **opts)
     return g, BlkDriver(g.mem, g.rings[0], g.layout.pools[0], g.kick, g.call_fds[0])

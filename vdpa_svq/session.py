@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
+from kernel_iface.uapi import bit
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop, polls_by_hand
-from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
+from vdpa_svq.memory.guest import GuestMemory, page_align
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay_impl import DEFAULT_IMPL, Relay, make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
@@ -50,16 +51,8 @@ BACKEND_FEATURES = (
 SHADOW_INDIRECT_MAX = 64  # longest chain the shadow ring carries as one indirect table
 
 
-def _page_align(x: int) -> int:
-    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-
-
 class SessionError(VdpaSvqError):
     """A device that cannot be driven the way it was asked (not a kernel errno: a policy reason)."""
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 @dataclass
@@ -342,7 +335,7 @@ class ShadowSession:
         sizes = [desc_size, driver_area_size(layout, num), device_area_size(layout, num)]
         if indirect:
             sizes.append(IndirectArea.size(num, SHADOW_INDIRECT_MAX))
-        spans = [_page_align(n) for n in sizes]
+        spans = [page_align(n) for n in sizes]
         base = self.iova.alloc(sum(spans))
         self.shadow_mem.add_memfd_region(base, sum(spans), name=f"vdpa-svq-shadow{index}")
         starts = [base + sum(spans[:i]) for i in range(len(spans))]

@@ -39,10 +39,6 @@ QUEUE_FAULTS = (RingError, GuestMemoryError)
 T = TypeVar("T")
 
 
-def _bit(n: int) -> int:
-    return 1 << n
-
-
 class DeviceLock:
     """The device lock, re-entrant. Whoever takes it gets the rings in Python's hands: a datapath
     that runs in C (SoftNetDevice's) hands them back first (`on_acquire`). The datapath thread
@@ -84,18 +80,18 @@ class SoftDevice:
         path: str | None = None,
     ) -> None:
         self.path = path or f"soft:{self.KIND}"
-        features = _bit(uapi.VIRTIO_F_VERSION_1) | _bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.DEVICE_FEATURES
+        features = uapi.bit(uapi.VIRTIO_F_VERSION_1) | uapi.bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.DEVICE_FEATURES
         for on, bit in (
             (packed, uapi.VIRTIO_F_RING_PACKED),
             (event_idx, uapi.VIRTIO_RING_F_EVENT_IDX),
             (indirect, uapi.VIRTIO_RING_F_INDIRECT_DESC),
         ):
             if on:
-                features |= _bit(bit)
+                features |= uapi.bit(bit)
         self._offered = features
-        backend = _bit(uapi.VHOST_BACKEND_F_IOTLB_MSG_V2) | _bit(uapi.VHOST_BACKEND_F_IOTLB_BATCH)
+        backend = uapi.bit(uapi.VHOST_BACKEND_F_IOTLB_MSG_V2) | uapi.bit(uapi.VHOST_BACKEND_F_IOTLB_BATCH)
         if suspend:
-            backend |= _bit(uapi.VHOST_BACKEND_F_SUSPEND) | _bit(uapi.VHOST_BACKEND_F_RESUME)
+            backend |= uapi.bit(uapi.VHOST_BACKEND_F_SUSPEND) | uapi.bit(uapi.VHOST_BACKEND_F_RESUME)
         self._offered_backend = backend
         self._vring_num = vring_num
         self._iova_range = iova_range
@@ -310,7 +306,7 @@ class SoftDevice:
 
     def suspend(self) -> None:
         self._check_open()
-        if not self._offered_backend & _bit(uapi.VHOST_BACKEND_F_SUSPEND):
+        if not self._offered_backend & uapi.bit(uapi.VHOST_BACKEND_F_SUSPEND):
             raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_SUSPEND")
         with self.lock:
             if not self._status & uapi.VIRTIO_CONFIG_S_DRIVER_OK:
@@ -322,7 +318,7 @@ class SoftDevice:
 
     def resume(self) -> None:
         self._check_open()
-        if not self._offered_backend & _bit(uapi.VHOST_BACKEND_F_RESUME):
+        if not self._offered_backend & uapi.bit(uapi.VHOST_BACKEND_F_RESUME):
             raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_RESUME")
         with self.lock:
             if not self._status & uapi.VIRTIO_CONFIG_S_DRIVER_OK or not self._suspended:

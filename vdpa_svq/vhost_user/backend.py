@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import uapi
+from kernel_iface.uapi import bit
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, polls_by_hand, signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
@@ -62,10 +63,6 @@ from vdpa_svq.vhost_user.messages import (
 from vdpa_svq.vhost_user.peer_fds import check_memory_fd, take_eventfd
 
 log = logging.getLogger("vdpa_svq.vhost_user")
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 # Virtio features offered to the frontend, each for a reason. The relay implements both layouts,

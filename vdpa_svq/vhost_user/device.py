@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kernel_iface import IovaRange, NotSupported, VdpaError, uapi
+from kernel_iface.uapi import bit
 from vdpa_svq.memory.guest import backing
 from vdpa_svq.vhost_user import messages as m
 from vdpa_svq.vhost_user.messages import (
@@ -43,10 +44,6 @@ MAX_QUEUE_SIZE = 32768  # vhost-user cannot ask: the virtio maximum, as QEMU's v
 REPLY_TIMEOUT_S = 10.0
 # Protocol features we use when the backend offers them.
 WANTED_PROTOCOL = (ProtocolFeature.REPLY_ACK, ProtocolFeature.MQ)
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 @dataclass
