@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import uapi
+from vdpa_svq.device import Device
 from vdpa_svq.guest.blk import SECTOR, BlkDriver
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
@@ -72,7 +73,7 @@ class InProcessGuest:
     _closed: bool = field(default=False, repr=False)
 
     @property
-    def device(self) -> Any:
+    def device(self) -> Device:
         return self.session.device
 
     def kick(self, index: int) -> None:
@@ -202,7 +203,7 @@ class InProcessGuest:
 
 
 def bring_up(
-    device: Any,
+    device: Device,
     nqueues: int,
     num: int,
     block_size: int,
@@ -255,7 +256,7 @@ def bring_up(
     return guest
 
 
-def net_guest(device: Any, *, num: int = 256, **opts: Any) -> tuple[InProcessGuest, NetDriver]:
+def net_guest(device: Device, *, num: int = 256, **opts: Any) -> tuple[InProcessGuest, NetDriver]:
     """A virtio-net device with the in-process guest on it: the guest and its driver (RX posted)."""
     if device.device_id() != uapi.VIRTIO_ID_NET:
         raise SessionError(f"{device.path}: not a network device (virtio id {device.device_id()})")
@@ -266,7 +267,9 @@ def net_guest(device: Any, *, num: int = 256, **opts: Any) -> tuple[InProcessGue
     return g, drv
 
 
-def blk_guest(device: Any, *, num: int = 64, max_io: int = 64 * 1024, **opts: Any) -> tuple[InProcessGuest, BlkDriver]:
+def blk_guest(
+    device: Device, *, num: int = 64, max_io: int = 64 * 1024, **opts: Any
+) -> tuple[InProcessGuest, BlkDriver]:
     """A virtio-blk device with the in-process guest on it: the guest and its driver."""
     if device.device_id() != uapi.VIRTIO_ID_BLOCK:
         raise SessionError(f"{device.path}: not a block device (virtio id {device.device_id()})")

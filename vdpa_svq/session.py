@@ -2,8 +2,8 @@
 
 reset -> ACKNOWLEDGE|DRIVER -> features -> FEATURES_OK -> memory maps -> vrings -> DRIVER_OK, and
 back to reset on close (which also removes every map and closes every eventfd it made), whatever
-state the device was left in. The device is a kernel_iface.VhostVdpa or anything with the same
-methods (vdpa_svq.softdev's software devices).
+state the device was left in. The device is any vdpa_svq.device.Device: a kernel_iface.VhostVdpa,
+a software device (vdpa_svq.softdev), a vhost-user backend (vdpa_svq.vhost_user.device).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
 from kernel_iface.uapi import bit
+from vdpa_svq.device import Device
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop, polls_by_hand
@@ -86,7 +87,7 @@ class DeviceSession:
     `event_idx`: ask for EVENT_IDX when offered. `extra_features`: device-specific bits wanted.
     """
 
-    device: Any
+    device: Device
     packed: bool | None = None
     event_idx: bool = True
     indirect: bool = True
@@ -375,8 +376,7 @@ class ShadowSession:
             self._fds.append(guest_call)
         # A device in this process (the soft net device) may serve our kick in the relay's own
         # thread: no eventfd write, no wake-up of its thread.
-        inline_kick = getattr(dev.device, "inline_kick", None)
-        device_kick = (inline_kick(index) if inline_kick else None) or EventfdNotifier(dq.kick_fd)
+        device_kick = dev.device.inline_kick(index) or EventfdNotifier(dq.kick_fd)
         svq = make_shadow_virtqueue(
             guest_ring,
             shadow_ring,

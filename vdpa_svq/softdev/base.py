@@ -1,6 +1,6 @@
 """SoftDevice: a software vDPA device that stands where an open /dev/vhost-vdpa-N stands.
 
-It has the method names and semantics of kernel_iface.VhostVdpa for what a session uses, and
+It implements vdpa_svq.device.Device with kernel_iface.VhostVdpa's semantics, and
 fails the way the kernel does, through kernel_iface.errors.error_from_errno. Where the kernel
 answers misuse with a bare EFAULT or lets it through, this device is stricter on purpose, so that
 session bugs show up in unit tests: DRIVER_OK without FEATURES_OK is EINVAL, and changing a
@@ -342,6 +342,19 @@ class SoftDevice:
         self._queue("VHOST_VDPA_GET_VRING_SIZE", index)
         return self._vring_num
 
+    # -- groups and address spaces: not modelled (one address space, as without the ioctls) ---------
+    def as_num(self) -> int:
+        self._check_open()
+        raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_GET_AS_NUM", "a software device has one address space")
+
+    def group_num(self) -> int:
+        self._check_open()
+        raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_GET_GROUP_NUM", "a software device has no queue groups")
+
+    def vring_group(self, index: int) -> int:
+        self._queue("VHOST_VDPA_GET_VRING_GROUP", index)
+        raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_GET_VRING_GROUP", "a software device has no queue groups")
+
     def _check_stopped(self, op: str, q: SoftQueue) -> None:
         if q.ring is not None:
             raise self._fail(errno.EBUSY, op, f"vq {q.index} is running (suspend the device first)")
@@ -516,6 +529,13 @@ class SoftDevice:
         """A kick of queue `index` that a driver in this process may call instead of writing the
         kick eventfd (served in the caller's thread), or None: use the eventfd."""
         return None
+
+    def hangup_fd(self) -> int | None:
+        """None: a device in this process cannot go away under its user."""
+        return None
+
+    def check_alive(self) -> None:
+        """Nothing to check (hangup_fd() is None)."""
 
     def guard(self, q: SoftQueue, fn: Callable[[], T]) -> T | None:
         """fn() on queue q's behalf; a fault breaks q (recorded) and returns None."""

@@ -43,6 +43,7 @@ from typing import Any
 
 from kernel_iface import uapi
 from kernel_iface.uapi import bit
+from vdpa_svq.device import Device
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, polls_by_hand, signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
@@ -227,7 +228,7 @@ class Connection:
         """Handle messages until the frontend hangs up, breaks the protocol, or `stop` is set."""
         # A device that can vanish (a vhost-user backend) says so on this fd: the frontend is then told
         # by the connection closing, rather than left with queues that silently stopped.
-        hangup = hangup_fd(self.device)
+        hangup = self.device.hangup_fd()
         watched = [self.sock] if hangup is None else [self.sock, hangup]
         try:
             while stop is None or not stop.is_set():
@@ -738,12 +739,6 @@ def or_into(log_view: memoryview, bits: bytes) -> None:
         log_view[start:end] = merged.to_bytes(len(chunk), "little")
 
 
-def hangup_fd(device: Any) -> int | None:
-    """An fd readable once `device` is gone (a vhost-user backend's socket), or None: a vhost-vdpa
-    node or a software device cannot go away under us."""
-    return device.hangup_fd() if hasattr(device, "hangup_fd") else None
-
-
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -752,7 +747,7 @@ def _close_quietly(fd: int) -> None:
 class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
-    def __init__(self, device: Any, path: str, *, impl: str = "auto", poll_us: Polling = 0) -> None:
+    def __init__(self, device: Device, path: str, *, impl: str = "auto", poll_us: Polling = 0) -> None:
         try:
             check_polling(poll_us)
         except ValueError:
@@ -785,7 +780,7 @@ class Server:
     def serve_forever(self, on_connection: Any = None) -> deque[ConnectionSummary]:
         n = 0
         device = self.session.device
-        hangup = hangup_fd(device)
+        hangup = device.hangup_fd()
         watched = [self.listener] if hangup is None else [self.listener, hangup]
         try:
             while not self._stop.is_set():
