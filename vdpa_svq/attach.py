@@ -123,22 +123,7 @@ class InProcessGuest:
         """Passthrough -> shadowed, mid-traffic: suspend, take the ring state, relay from there."""
         if self.mode != PASSTHROUGH:
             raise SessionError(f"{self.device.path}: not in passthrough (mode {self.mode or 'down'})")
-        s = self.session
-        s.suspend()
-        states = []
-        for i, ring in enumerate(self.rings):
-            st = RingState.from_vring_base(s.layout, s.vring_base(i))
-            if s.layout is Layout.SPLIT:
-                # The split base carries only the avail index; the used index is what the device
-                # wrote in the guest's used ring. A difference is buffers the device still holds.
-                used = ring.used_idx_in_memory()
-                in_flight = (st.avail_idx - used) & 0xFFFF
-                if in_flight:
-                    raise SessionError(f"{self.device.path}: queue {i} has {in_flight} buffers in flight in the device")
-                st = RingState(st.avail_idx, used)
-            states.append(st)
-        s.close()
-        s.negotiate()
+        states = self.session.take_over(self.mem)
         self.connect_shadow(states, impl=impl, poll_us=poll_us)
         for i in range(len(self.rings)):
             self.kick(i)  # buffers the guest made available during the switch
@@ -153,29 +138,12 @@ class InProcessGuest:
             raise SessionError(
                 f"{self.device.path}: switching back to passthrough is implemented for split rings on both sides"
             )
-        s, shadow = self.session, self.shadow
-        s.suspend()
-        shadow.loop.stop()
-        states = []
-        for i, q in shadow.queues.items():
-            svq = q.svq
-            svq.forward_used()  # everything the device finished goes back to the guest first
-            dev_avail = RingState.from_vring_base(s.layout, s.vring_base(i)).avail_idx
-            shadow_ring = svq.shadow
-            if (dev_avail - shadow_ring.last_used_idx) & 0xFFFF:
-                raise SessionError(f"{self.device.path}: queue {i}: the device still holds buffers")
-            # Chains forwarded but never taken by the device are given back: the device will read
-            # them again from the guest's avail ring, starting at the rewound index.
-            not_taken = (shadow_ring.avail_idx_shadow - dev_avail) & 0xFFFF
-            not_taken += 1 if svq.held else 0
-            guest_state = svq.guest.state()
-            avail = (guest_state.avail_idx - not_taken) & 0xFFFF
-            if avail != guest_state.used_idx:
-                raise SessionError(f"{self.device.path}: queue {i}: buffers completed out of order, cannot hand back")
-            states.append(RingState(avail, guest_state.used_idx))
-        shadow.close()
+        # The device will run the guest's rings itself: the restart point must be exact.
+        handed = self.shadow.hand_back(assume_in_order=False)
+        states = [handed.states[i] for i in range(len(self.rings))]
+        self.shadow.close()
         self.shadow = None
-        s.negotiate()
+        self.session.negotiate()
         self.connect_passthrough(states)
         for i in range(len(self.rings)):
             self.kick(i)

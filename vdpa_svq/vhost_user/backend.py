@@ -606,19 +606,23 @@ class Connection:
             signal_eventfd(q.kick_fd)  # buffers made available before the relay ran
 
     def _stop_relay(self) -> None:
-        """Stop relaying: return what the device finished, keep each ring's state, reset the device."""
+        """Stop relaying (ShadowSession.hand_back): keep where each ring restarts, count, sync the log."""
         shadow = self.shadow
         if shadow is None:
             return
         self.shadow = None
         try:
-            shadow.loop.stop()
-            self._quiesce_device()
+            # The device is stopped before the last used buffers are taken and the last marks
+            # harvested: a device still running could write an RX buffer after the final sync, and
+            # the destination of a migration would never get that page. A net device uses buffers
+            # in order: what it held is read again from the guest ring on the next start.
+            handed = shadow.hand_back(assume_in_order=True)
+            if handed.quiesce_error is not None:
+                log.warning("%s: the device did not stop before the final sync: %s", self.summary.peer,
+                            handed.quiesce_error)
+            for i, state in handed.states.items():
+                self.queues[i].state = state
             for i, sq in shadow.queues.items():
-                if not sq.svq.broken:
-                    sq.svq.forward_used()
-                if sq.svq.error is None:
-                    self.queues[i].state = rewound(sq.svq.guest.state(), self._packed())
                 stats = self.stats.setdefault(i, dict.fromkeys(QUEUE_COUNTERS, 0))
                 s = sq.svq.stats
                 for name in QUEUE_COUNTERS:
@@ -634,19 +638,6 @@ class Connection:
             for fd in self._retired:
                 os.close(fd)
             self._retired.clear()
-
-    def _quiesce_device(self) -> None:
-        """Stop the device's datapath before the last used buffers are taken and the last marks
-        harvested: a device still running could write an RX buffer after the final sync, and the
-        destination of a migration would never get that page. Suspend keeps its state; a reset
-        (the device's rings are ours and stay mapped) does as well for what it already used."""
-        try:
-            if self.session.backend_features & bit(uapi.VHOST_BACKEND_F_SUSPEND):
-                self.session.suspend()
-            else:
-                self.session.device.set_status(0)
-        except (VdpaSvqError, OSError) as e:
-            log.warning("%s: the device did not stop before the final sync: %s", self.summary.peer, e)
 
     # -- dirty log ------------------------------------------------------------------------------
     def _logging(self) -> bool:
@@ -701,19 +692,6 @@ class Connection:
             self.log_mem.close()
             self.log_mem = self.log_mm = None
         self.sock.close()
-
-
-def rewound(state: RingState, packed: bool) -> RingState:
-    """Where the guest ring restarts after the device was reset: at the first buffer not used yet.
-
-    Chains the relay took but the device never used (RX buffers waiting for frames, chains in the
-    shadow ring) die with the device reset; the guest still owns them as available, untouched in
-    its ring, so the next run reads them again from there. This assumes the device used buffers in
-    the order they were made available (as QEMU's vhost-vdpa rewind does); a net device does.
-    """
-    if packed:
-        return RingState(state.used_idx, state.used_idx, state.used_wrap, state.used_wrap)
-    return RingState(state.used_idx, state.used_idx)
 
 
 # Fault injection, for tests only (tests/migration/: a migration with it set must fail): the device's
