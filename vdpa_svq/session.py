@@ -76,7 +76,7 @@ class Queue:
         os.eventfd_write(self.kick_fd, 1)
 
     def wait_call(self, timeout: float) -> bool:
-        """Wait for an interrupt from the device; True if one came (and consume it)."""
+        """Wait for the device's used-buffer notification (its call); True if one came (consumed)."""
         ready, _, _ = select.select([self.call_fd], [], [], timeout)
         if not ready:
             return False

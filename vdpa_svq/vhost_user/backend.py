@@ -291,8 +291,7 @@ class Connection:
         return m.U64.pack(self.offered_features)
 
     def on_set_features(self, msg: Message) -> None:
-        features = msg.payload
-        assert isinstance(features, int)
+        features = msg.payload_as(int)
         if features & ~self.offered_features:
             raise BackendError(f"SET_FEATURES: bits {features & ~self.offered_features:#x} were not offered")
         running = self.shadow is not None
@@ -314,20 +313,19 @@ class Connection:
         return m.U64.pack(self.offered_protocol_features)
 
     def on_set_protocol_features(self, msg: Message) -> None:
-        assert isinstance(msg.payload, int)
-        if msg.payload & ~self.offered_protocol_features:
+        features = msg.payload_as(int)
+        if features & ~self.offered_protocol_features:
             raise BackendError(
-                f"SET_PROTOCOL_FEATURES: bits {msg.payload & ~self.offered_protocol_features:#x} not offered"
+                f"SET_PROTOCOL_FEATURES: bits {features & ~self.offered_protocol_features:#x} not offered"
             )
-        self.protocol_features = msg.payload
-        self.summary.protocol_features = msg.payload
+        self.protocol_features = features
+        self.summary.protocol_features = features
 
     def on_get_queue_num(self, msg: Message) -> bytes:
         return m.U64.pack(self.nqueues)
 
     def on_set_mem_table(self, msg: Message) -> None:
-        table = msg.payload
-        assert isinstance(table, m.MemTable)
+        table = msg.payload_as(m.MemTable)
         restart = self.shadow is not None
         self._stop_relay()
         new = GuestMemory()
@@ -355,8 +353,7 @@ class Connection:
             self._maybe_start()
 
     def on_set_log_base(self, msg: Message) -> bytes:
-        area = msg.payload
-        assert isinstance(area, m.LogArea)
+        area = msg.payload_as(m.LogArea)
         fd = msg.fds[0]
         log_mem = GuestMemory()  # the log as one region at 0: mapped SIGBUS-safe like guest memory
         try:
@@ -386,21 +383,18 @@ class Connection:
         return self.queues[index]
 
     def on_set_vring_num(self, msg: Message) -> None:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         if not 1 <= st.num <= 32768:
             raise BackendError(f"SET_VRING_NUM: queue {st.index} size {st.num} (1..32768)")
         q.num = st.num
 
     def on_set_vring_addr(self, msg: Message) -> None:
-        addr = msg.payload
-        assert isinstance(addr, m.VringAddr)
+        addr = msg.payload_as(m.VringAddr)
         self._queue(msg.request, addr.index).addr = addr
 
     def on_set_vring_base(self, msg: Message) -> None:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         if self._packed():
             # Bits 0-14 avail index, bit 15 avail wrap counter. QEMU adds the used half in bits
@@ -414,8 +408,7 @@ class Connection:
             q.state = RingState(st.num & 0xFFFF, st.num & 0xFFFF)
 
     def on_get_vring_base(self, msg: Message) -> bytes:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         self._stop_relay()  # the ring stops; the others restart once they are ready again
         q.kicked = False
@@ -424,8 +417,7 @@ class Connection:
         return m.VringState(q.index, q.state.to_vring_base(layout)).encode()
 
     def _set_vring_fd(self, msg: Message, attr: str) -> VuQueue:
-        assert isinstance(msg.payload, int)
-        q = self._queue(msg.request, msg.payload & m.VRING_IDX_MASK)
+        q = self._queue(msg.request, msg.payload_as(int) & m.VRING_IDX_MASK)
         if msg.fds:
             take_eventfd(msg.fds[-1], f"{msg.request.name}: queue {q.index}")
         new = msg.fds.pop() if msg.fds else None
@@ -470,8 +462,7 @@ class Connection:
         self._set_vring_fd(msg, "err_fd")
 
     def on_set_vring_enable(self, msg: Message) -> None:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         if st.num not in (0, 1):
             raise BackendError(f"SET_VRING_ENABLE: queue {st.index} enable={st.num}")
@@ -488,8 +479,7 @@ class Connection:
         pass  # protocol feature NET_MTU not offered (VIRTIO_NET_F_MTU may be: the device's config has the MTU)
 
     def _config(self, msg: Message) -> m.Config:
-        cfg = msg.payload
-        assert isinstance(cfg, m.Config)
+        cfg = msg.payload_as(m.Config)
         if not self.protocol_features & bit(ProtocolFeature.CONFIG):
             why = "negotiated" if self.offered_protocol_features & bit(ProtocolFeature.CONFIG) else "offered"
             raise BackendError(f"{msg.request.name}: protocol feature CONFIG was not {why}")
@@ -532,10 +522,10 @@ class Connection:
             raise BackendError(f"SET_CONFIG: the device refused {cfg.size} bytes at offset {cfg.offset}: {e}") from None
 
     def on_set_status(self, msg: Message) -> None:
-        assert isinstance(msg.payload, int)
-        if msg.payload > 0xFF:
-            raise BackendError(f"SET_STATUS: {msg.payload:#x} is not a status byte")
-        self.status = msg.payload
+        status = msg.payload_as(int)
+        if status > 0xFF:
+            raise BackendError(f"SET_STATUS: {status:#x} is not a status byte")
+        self.status = status
         if self.status == 0:
             self._stop_relay()
         elif self.status & uapi.VIRTIO_CONFIG_S_DRIVER_OK:
