@@ -17,6 +17,7 @@ from pathlib import Path
 from fuzz import target_relay
 from fuzz import target_vhost_user as vu
 from kernel_iface import uapi
+from kernel_iface.uapi import bit
 from vdpa_svq.attach import plan_layout
 from vdpa_svq.dump import DumpHeader, write_dump
 from vdpa_svq.guest.frames import build_frame
@@ -29,10 +30,6 @@ from vdpa_svq.vhost_user.messages import FLAG_NEED_REPLY, ProtocolFeature, Reque
 SEEDS = Path(__file__).parent / "seeds"
 UADDR = 0x7F0000000000  # the frontend's address of guest-physical 0
 NUM = 8
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 # -- vhost-user ------------------------------------------------------------------------------------

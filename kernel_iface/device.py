@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -337,6 +337,19 @@ class VhostVdpa:
             # Always close the batch: the kernel otherwise keeps deferring map updates on this fd.
             if not self.closed:
                 self.write_iotlb_msg(_iotlb_msg(uapi.VHOST_IOTLB_BATCH_END, asid), errors.IOTLB_BATCH_END)
+
+    # -- what a device node does not have (vdpa_svq.device.Device asks every device) -----------------
+
+    def inline_kick(self, index: int) -> Callable[[], None] | None:
+        """None: the kernel learns of a kick through the queue's kick eventfd only."""
+        return None
+
+    def hangup_fd(self) -> int | None:
+        """None: an open device node does not go away under its user (hot-unplug waits for close)."""
+        return None
+
+    def check_alive(self) -> None:
+        """Nothing to check (hangup_fd() is None)."""
 
     def _check_asid(self, asid: int) -> None:
         # Without IOTLB_ASID acked the kernel skips the asid field and silently uses address space 0.

@@ -15,6 +15,11 @@ import ctypes
 
 from kernel_iface._ioc import _IO, _IOR, _IOW, _IOWR
 
+
+def bit(n: int) -> int:
+    """The mask of bit number `n` (the feature macros, VIRTIO_F_* and VHOST_BACKEND_F_*, are bit numbers)."""
+    return 1 << n
+
 # --------------------------------------------------------------------------------------------------
 # Structures (vhost_types.h). Host byte order: the vhost uapi is native-endian, unlike the rings.
 # --------------------------------------------------------------------------------------------------

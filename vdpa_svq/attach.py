@@ -14,21 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import uapi
+from vdpa_svq.device import Device
 from vdpa_svq.guest.blk import SECTOR, BlkDriver
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
 from vdpa_svq.loop import Polling
-from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
+from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
 from vdpa_svq.ring import DriverRing, IndirectArea, Layout, RingAddresses, RingState, driver_ring, place_ring
 from vdpa_svq.session import DeviceSession, SessionError, ShadowSession
 
 GUEST_BASE = 0x100000  # leave low memory unused: a zero address in a descriptor is then always a bug
 GUEST_INDIRECT_MAX = 8
 PASSTHROUGH, SHADOW = "passthrough", "shadow"
-
-
-def _page_align(x: int) -> int:
-    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 @dataclass
@@ -47,12 +44,12 @@ def plan_layout(layout: Layout, num: int, nqueues: int, block_size: int, blocks_
     for _ in range(nqueues):
         addrs, end = place_ring(layout, num, cursor, device_area_align=PAGE_SIZE)
         rings.append(addrs)
-        cursor = _page_align(end)
+        cursor = page_align(end)
         indirect.append(IndirectArea(cursor, GUEST_INDIRECT_MAX))
-        cursor = _page_align(cursor + IndirectArea.size(num, GUEST_INDIRECT_MAX))
+        cursor = page_align(cursor + IndirectArea.size(num, GUEST_INDIRECT_MAX))
     for _ in range(nqueues):
         pools.append(BlockPool(cursor, block_size, blocks_per_queue))
-        cursor = _page_align(cursor + block_size * blocks_per_queue)
+        cursor = page_align(cursor + block_size * blocks_per_queue)
     return GuestLayout(rings, indirect, pools, cursor)
 
 
@@ -76,7 +73,7 @@ class InProcessGuest:
     _closed: bool = field(default=False, repr=False)
 
     @property
-    def device(self) -> Any:
+    def device(self) -> Device:
         return self.session.device
 
     def kick(self, index: int) -> None:
@@ -126,22 +123,7 @@ class InProcessGuest:
         """Passthrough -> shadowed, mid-traffic: suspend, take the ring state, relay from there."""
         if self.mode != PASSTHROUGH:
             raise SessionError(f"{self.device.path}: not in passthrough (mode {self.mode or 'down'})")
-        s = self.session
-        s.suspend()
-        states = []
-        for i, ring in enumerate(self.rings):
-            st = RingState.from_vring_base(s.layout, s.vring_base(i))
-            if s.layout is Layout.SPLIT:
-                # The split base carries only the avail index; the used index is what the device
-                # wrote in the guest's used ring. A difference is buffers the device still holds.
-                used = ring.used_idx_in_memory()
-                in_flight = (st.avail_idx - used) & 0xFFFF
-                if in_flight:
-                    raise SessionError(f"{self.device.path}: queue {i} has {in_flight} buffers in flight in the device")
-                st = RingState(st.avail_idx, used)
-            states.append(st)
-        s.close()
-        s.negotiate()
+        states = self.session.take_over(self.mem)
         self.connect_shadow(states, impl=impl, poll_us=poll_us)
         for i in range(len(self.rings)):
             self.kick(i)  # buffers the guest made available during the switch
@@ -156,29 +138,12 @@ class InProcessGuest:
             raise SessionError(
                 f"{self.device.path}: switching back to passthrough is implemented for split rings on both sides"
             )
-        s, shadow = self.session, self.shadow
-        s.suspend()
-        shadow.loop.stop()
-        states = []
-        for i, q in shadow.queues.items():
-            svq = q.svq
-            svq.forward_used()  # everything the device finished goes back to the guest first
-            dev_avail = RingState.from_vring_base(s.layout, s.vring_base(i)).avail_idx
-            shadow_ring = svq.shadow
-            if (dev_avail - shadow_ring.last_used_idx) & 0xFFFF:
-                raise SessionError(f"{self.device.path}: queue {i}: the device still holds buffers")
-            # Chains forwarded but never taken by the device are given back: the device will read
-            # them again from the guest's avail ring, starting at the rewound index.
-            not_taken = (shadow_ring.avail_idx_shadow - dev_avail) & 0xFFFF
-            not_taken += 1 if svq.held else 0
-            guest_state = svq.guest.state()
-            avail = (guest_state.avail_idx - not_taken) & 0xFFFF
-            if avail != guest_state.used_idx:
-                raise SessionError(f"{self.device.path}: queue {i}: buffers completed out of order, cannot hand back")
-            states.append(RingState(avail, guest_state.used_idx))
-        shadow.close()
+        # The device will run the guest's rings itself: the restart point must be exact.
+        handed = self.shadow.hand_back(assume_in_order=False)
+        states = [handed.states[i] for i in range(len(self.rings))]
+        self.shadow.close()
         self.shadow = None
-        s.negotiate()
+        self.session.negotiate()
         self.connect_passthrough(states)
         for i in range(len(self.rings)):
             self.kick(i)
@@ -206,7 +171,7 @@ class InProcessGuest:
 
 
 def bring_up(
-    device: Any,
+    device: Device,
     nqueues: int,
     num: int,
     block_size: int,
@@ -259,7 +224,7 @@ def bring_up(
     return guest
 
 
-def net_guest(device: Any, *, num: int = 256, **opts: Any) -> tuple[InProcessGuest, NetDriver]:
+def net_guest(device: Device, *, num: int = 256, **opts: Any) -> tuple[InProcessGuest, NetDriver]:
     """A virtio-net device with the in-process guest on it: the guest and its driver (RX posted)."""
     if device.device_id() != uapi.VIRTIO_ID_NET:
         raise SessionError(f"{device.path}: not a network device (virtio id {device.device_id()})")
@@ -270,10 +235,12 @@ def net_guest(device: Any, *, num: int = 256, **opts: Any) -> tuple[InProcessGue
     return g, drv
 
 
-def blk_guest(device: Any, *, num: int = 64, max_io: int = 64 * 1024, **opts: Any) -> tuple[InProcessGuest, BlkDriver]:
+def blk_guest(
+    device: Device, *, num: int = 64, max_io: int = 64 * 1024, **opts: Any
+) -> tuple[InProcessGuest, BlkDriver]:
     """A virtio-blk device with the in-process guest on it: the guest and its driver."""
     if device.device_id() != uapi.VIRTIO_ID_BLOCK:
         raise SessionError(f"{device.path}: not a block device (virtio id {device.device_id()})")
-    block = _page_align(16 + max_io + SECTOR)
+    block = page_align(16 + max_io + SECTOR)
     g = bring_up(device, 1, num, block, 8, **opts)
     return g, BlkDriver(g.mem, g.rings[0], g.layout.pools[0], g.kick, g.call_fds[0])

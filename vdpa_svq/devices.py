@@ -16,11 +16,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any
 
 from kernel_iface import NotSupported, VhostVdpa
 from kernel_iface.discovery import VHOST_VDPA_NODE
 from kernel_iface.errors import ENOIOCTLCMD, errno_name
+from vdpa_svq.device import Device
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.vhost_user.device import is_vhost_user, open_vhost_user
 
@@ -67,7 +67,7 @@ def check_node(path: str) -> None:
         raise _not_vhost_vdpa(path, f"character device {major}:{minor} is {name}")
 
 
-def _soft_device(spec: str) -> Any:
+def _soft_device(spec: str) -> Device:
     from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
 
     if spec == "soft:net":
@@ -79,8 +79,8 @@ def _soft_device(spec: str) -> Any:
     raise VdpaSvqError(f"{spec}: unknown software device; choose one of {', '.join(SOFT_DEVICES)}")
 
 
-def open_device(spec: str) -> Any:
-    """An open device with the VhostVdpa methods (not yet owned); the caller closes it."""
+def open_device(spec: str) -> Device:
+    """The device `spec` names, open (not yet owned); the caller closes it."""
     if is_soft(spec):
         return _soft_device(spec)
     if is_vhost_user(spec):

@@ -2,8 +2,12 @@
 
 reset -> ACKNOWLEDGE|DRIVER -> features -> FEATURES_OK -> memory maps -> vrings -> DRIVER_OK, and
 back to reset on close (which also removes every map and closes every eventfd it made), whatever
-state the device was left in. The device is a kernel_iface.VhostVdpa or anything with the same
-methods (vdpa_svq.softdev's software devices).
+state the device was left in. Mid-life, the two moves of ring state between the guest's rings and
+the shadow relay: DeviceSession.take_over (a device running on the guest's rings -> state to shadow
+from) and ShadowSession.hand_back (a relay that stops -> where each guest ring restarts), with the
+one rewind rule, rewound(). The in-process guest's live switch (attach.py) and each vhost-user
+connection (vhost_user/backend.py) call them. The device is any vdpa_svq.device.Device: a kernel_iface.VhostVdpa,
+a software device (vdpa_svq.softdev), a vhost-user backend (vdpa_svq.vhost_user.device).
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
+from kernel_iface.uapi import bit
+from vdpa_svq.device import Device
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop, polls_by_hand
-from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory
+from vdpa_svq.memory.guest import GuestMemory, page_align
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay_impl import DEFAULT_IMPL, Relay, make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
 from vdpa_svq.ring.layout import (
+    USED_IDX,
     Layout,
     RingAddresses,
     check_size,
@@ -50,16 +57,8 @@ BACKEND_FEATURES = (
 SHADOW_INDIRECT_MAX = 64  # longest chain the shadow ring carries as one indirect table
 
 
-def _page_align(x: int) -> int:
-    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-
-
 class SessionError(VdpaSvqError):
     """A device that cannot be driven the way it was asked (not a kernel errno: a policy reason)."""
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 @dataclass
@@ -77,7 +76,7 @@ class Queue:
         os.eventfd_write(self.kick_fd, 1)
 
     def wait_call(self, timeout: float) -> bool:
-        """Wait for an interrupt from the device; True if one came (and consume it)."""
+        """Wait for the device's used-buffer notification (its call); True if one came (consumed)."""
         ready, _, _ = select.select([self.call_fd], [], [], timeout)
         if not ready:
             return False
@@ -93,7 +92,7 @@ class DeviceSession:
     `event_idx`: ask for EVENT_IDX when offered. `extra_features`: device-specific bits wanted.
     """
 
-    device: Any
+    device: Device
     packed: bool | None = None
     event_idx: bool = True
     indirect: bool = True
@@ -223,6 +222,41 @@ class DeviceSession:
         """The device's ring position (VHOST_GET_VRING_BASE): split avail index, or packed state."""
         return self.device.get_vring_base(index)
 
+    def quiesce(self) -> None:
+        """Stop the device's datapath: suspend it when it can (its ring state kept), else reset it."""
+        if self.backend_features & bit(uapi.VHOST_BACKEND_F_SUSPEND):
+            self.suspend()
+        else:
+            self.device.set_status(0)
+
+    def take_over(self, guest_mem: GuestMemory) -> list[RingState]:
+        """Passthrough -> shadowed: stop the device on the guest's rings, return where each ring stands.
+
+        Suspend (SessionError when the device cannot: then nothing changed), read each ring's
+        position (VHOST_GET_VRING_BASE), reset the device and negotiate again: the states are where
+        a ShadowSession starts relaying the guest's rings (add_queue's `guest_state`), index by queue.
+
+        A packed base carries both halves, avail and used, with their wrap counters. A split base
+        carries only the avail index (vhost_vring_state.num is last_avail_idx); the used index is
+        what the device last wrote in the guest's used ring (idx of struct virtq_used, VIRTIO 1.2
+        2.7.8), in `guest_mem`. The two differ by the buffers the device took and has not used:
+        those would be lost, so the take-over is refused.
+        """
+        self.suspend()
+        states = []
+        for i, q in sorted(self.queues.items()):
+            st = RingState.from_vring_base(self.layout, self.vring_base(i))
+            if self.layout is Layout.SPLIT:
+                used = int.from_bytes(guest_mem.read(q.addrs.device + USED_IDX, 2), "little")
+                in_flight = (st.avail_idx - used) & 0xFFFF
+                if in_flight:
+                    raise SessionError(f"{self.device.path}: queue {i} has {in_flight} buffers in flight in the device")
+                st = RingState(st.avail_idx, used)
+            states.append(st)
+        self.close()
+        self.negotiate()
+        return states
+
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
         """Reset the device, remove our maps, close our eventfds. Safe to call twice.
@@ -260,6 +294,34 @@ class DeviceSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rewound(guest: RingState) -> RingState:
+    """Where a guest ring restarts once the relay stopped: at the first buffer not used yet.
+
+    The guest's ring holds, in order, buffers the device used (behind the used index) and buffers
+    still available to it (VIRTIO 1.2 2.7.13-2.7.14 split, 2.8.21 packed: a buffer is the driver's
+    again only once used). Those the relay took but the device never used (chains in the shadow ring,
+    RX buffers waiting for frames, a chain held for room) die with the shadow ring; the guest
+    still owns them as available, untouched in its ring, so whoever runs the ring next (the device
+    in passthrough, the next relay) reads them again from there. Hence avail = used, at the used
+    wrap counter for packed rings (2.8.1; split rings have no wrap counters), which is the
+    vhost_vring_state VHOST_SET_VRING_BASE takes and VHOST_GET_VRING_BASE returns for a stopped
+    ring. It assumes the device used buffers in the order they were made available (as QEMU's
+    vhost-vdpa rewind of its shadow virtqueues does); ShadowSession.hand_back says when it need not.
+    """
+    return RingState(guest.used_idx, guest.used_idx, guest.used_wrap, guest.used_wrap)
+
+
+@dataclass
+class HandBack:
+    """What ShadowSession.hand_back leaves behind."""
+
+    # Queue index -> where its guest ring restarts (rewound). A queue that stopped with an error
+    # is left out: its ring state is not known.
+    states: dict[int, RingState]
+    # Why the device could not be stopped before the last used buffers were taken, if it could not.
+    quiesce_error: BaseException | None = None
 
 
 @dataclass
@@ -342,7 +404,7 @@ class ShadowSession:
         sizes = [desc_size, driver_area_size(layout, num), device_area_size(layout, num)]
         if indirect:
             sizes.append(IndirectArea.size(num, SHADOW_INDIRECT_MAX))
-        spans = [_page_align(n) for n in sizes]
+        spans = [page_align(n) for n in sizes]
         base = self.iova.alloc(sum(spans))
         self.shadow_mem.add_memfd_region(base, sum(spans), name=f"vdpa-svq-shadow{index}")
         starts = [base + sum(spans[:i]) for i in range(len(spans))]
@@ -382,8 +444,7 @@ class ShadowSession:
             self._fds.append(guest_call)
         # A device in this process (the soft net device) may serve our kick in the relay's own
         # thread: no eventfd write, no wake-up of its thread.
-        inline_kick = getattr(dev.device, "inline_kick", None)
-        device_kick = (inline_kick(index) if inline_kick else None) or EventfdNotifier(dq.kick_fd)
+        device_kick = dev.device.inline_kick(index) or EventfdNotifier(dq.kick_fd)
         svq = make_shadow_virtqueue(
             guest_ring,
             shadow_ring,
@@ -415,6 +476,60 @@ class ShadowSession:
         if self.loop.error is not None:
             out[-1] = f"relay loop died: {self.loop.error!r}"
         return out
+
+    def hand_back(self, *, assume_in_order: bool) -> HandBack:
+        """Shadowed -> stopped: stop relaying, stop the device, return to the guest what the device
+        finished, and say where each guest ring restarts (rewound()). close() comes after.
+
+        `assume_in_order` says what the restart point may rest on:
+        - True (a vhost-user connection that stops, serve): the device is stopped by suspend, or by
+          reset when it cannot suspend (a failure is reported in quiesce_error, and the hand-back
+          goes on). Buffers it took and had not used die with its reset and are read again from the
+          guest ring: exact for a device that uses buffers in order, as a net device does.
+        - False (the live switch back to passthrough, attach): exact whatever the order. The device
+          must suspend (SessionError before anything stops, when it cannot), and after the last used
+          buffers are returned it must hold none (its avail index, VHOST_GET_VRING_BASE, equals the
+          shadow ring's used index), and what the relay took from the guest must be exactly what
+          it gave back plus what the device never took; else SessionError. Split shadow rings only.
+        """
+        dev = self.dev
+        if not assume_in_order:
+            if dev.layout is not Layout.SPLIT:
+                raise SessionError(f"{dev.device.path}: an exact hand-back is implemented for split shadow rings")
+            dev.suspend()
+        self.loop.stop()
+        quiesce_error = None
+        if assume_in_order:
+            try:
+                dev.quiesce()
+            except (VdpaSvqError, OSError) as e:
+                quiesce_error = e
+        states = {}
+        for i, q in self.queues.items():
+            svq = q.svq
+            if svq.error is not None:
+                if not assume_in_order:
+                    raise SessionError(f"{dev.device.path}: queue {i} stopped ({svq.error}): cannot hand it back")
+                continue
+            svq.forward_used()  # everything the device finished goes back to the guest first
+            guest = svq.guest.state()
+            if not assume_in_order:
+                self._check_nothing_held(i, svq, guest)
+            states[i] = rewound(guest)
+        return HandBack(states, quiesce_error)
+
+    def _check_nothing_held(self, index: int, svq: Relay, guest: RingState) -> None:
+        """hand_back's exact case (split): the device holds nothing, every chain is accounted for."""
+        path = self.dev.device.path
+        dev_avail = RingState.from_vring_base(Layout.SPLIT, self.dev.vring_base(index)).avail_idx
+        shadow_ring = svq.shadow
+        if (dev_avail - shadow_ring.last_used_idx) & 0xFFFF:
+            raise SessionError(f"{path}: queue {index}: the device still holds buffers")
+        # Chains forwarded but never taken by the device, and one held for room, are given back.
+        not_taken = (shadow_ring.avail_idx_shadow - dev_avail) & 0xFFFF
+        not_taken += 1 if svq.held else 0
+        if (guest.avail_idx - not_taken) & 0xFFFF != guest.used_idx:
+            raise SessionError(f"{path}: queue {index}: buffers completed out of order, cannot hand back")
 
     def close(self) -> None:
         """Stop relaying, reset the device and unmap everything, free the shadow rings."""

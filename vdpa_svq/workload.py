@@ -15,6 +15,7 @@ from typing import Any
 
 from kernel_iface import uapi
 from vdpa_svq.attach import PASSTHROUGH, SHADOW, InProcessGuest, blk_guest, net_guest
+from vdpa_svq.device import Device
 from vdpa_svq.dump import DumpHeader, DumpWriter
 from vdpa_svq.guest.blk import SECTOR
 from vdpa_svq.guest.frames import FrameError, build_frame, parse_frame
@@ -96,7 +97,7 @@ class Summary:
 class AttachRun:
     """One attach: bring the guest up on `device`, run traffic for the duration, tear down."""
 
-    def __init__(self, device: Any, opts: AttachOptions, on_tick: Callable[[AttachRun], None] | None = None) -> None:
+    def __init__(self, device: Device, opts: AttachOptions, on_tick: Callable[[AttachRun], None] | None = None) -> None:
         self.device = device
         self.opts = opts
         self.on_tick = on_tick

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernel_iface import uapi
+from kernel_iface.uapi import bit
 from vdpa_svq.attach import plan_layout
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
 from vdpa_svq.memory.guest import GuestMemory
@@ -20,10 +21,6 @@ from vdpa_svq.vhost_user.messages import FLAG_NEED_REPLY, HEADER, ProtocolFeatur
 
 UADDR_OFFSET = 0x7F0000000000  # the frontend's "virtual" address of guest-physical 0
 NUM = 64
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 def new_eventfd(queue: int) -> int:

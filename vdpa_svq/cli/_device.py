@@ -5,17 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
+from vdpa_svq.device import Device
 from vdpa_svq.devices import open_device
 
 
 @contextmanager
-def opened(spec: str, *, owner: bool = True) -> Iterator[Any]:
+def opened(spec: str, *, owner: bool = True) -> Iterator[Device]:
     """The device `spec` names, open (and owned when `owner`), closed on exit. Closing a vhost-vdpa
     fd resets the device."""
     dev = open_device(spec)
-    with dev:
+    try:
         if owner:
             dev.set_owner()
         yield dev
+    finally:
+        dev.close()

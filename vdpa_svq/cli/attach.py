@@ -12,6 +12,7 @@ import click
 
 from vdpa_svq.cli._cpus import CpuList, pin
 from vdpa_svq.cli._polling import POLL_HELP, PollSetting
+from vdpa_svq.cli.errors import RunFailed
 from vdpa_svq.devices import open_device
 from vdpa_svq.loop import Polling
 from vdpa_svq.ring import Layout
@@ -35,6 +36,13 @@ def _stats_table(run: AttachRun) -> Any:
     if s.rounds:
         t.caption += f"; dirty pages per round {[r.dirty_pages for r in s.rounds]}"
     return t
+
+
+def failures(s: Summary) -> str:
+    """What made the verdict FAILED, in one line."""
+    counts = [(s.frames_failed, "frames damaged"), (s.frames_duplicated, "frames duplicated"),
+              (s.blk_failed, "block reads failed"), (len(s.errors), "queues stopped")]
+    return "the run failed: " + ", ".join(f"{n} {what}" for n, what in counts if n)
 
 
 def print_summary(s: Summary) -> None:
@@ -142,4 +150,4 @@ def attach(device: str, guest_layout: str, shadow_layout: str, duration: float, 
     else:
         print_summary(summary)
     if not summary.ok:
-        sys.exit(3)
+        raise RunFailed(f"{summary.device}: {failures(summary)}")

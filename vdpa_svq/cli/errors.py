@@ -39,6 +39,11 @@ class UserError(VdpaSvqError):
     """A mistake found by the CLI itself; the message says what to do about it."""
 
 
+class RunFailed(VdpaSvqError):
+    """A run that went to its end with a failed verdict (data damaged, a queue stopped): the device
+    did not do what it should have; the summary printed before says what."""
+
+
 PICK = "pick a node from `vdpa-svq list`, or soft:net / soft:blk"
 
 
@@ -87,6 +92,7 @@ RULES: tuple[tuple[type[BaseException], ExitCode, Callable[[Any], str]], ...] = 
     (kerr.VdpaError, ExitCode.DEVICE, str),  # "<path>: <op>: <cause> (<ERRNO>)"
     (DumpError, ExitCode.USER, str),  # "<file>: offset <n>: <what is wrong>"
     (RingError, ExitCode.DEVICE, str),
+    (RunFailed, ExitCode.DEVICE, str),
     (VdpaSvqError, ExitCode.USER, str),
     (OSError, ExitCode.USER, _os_error),  # files named on the command line: missing, unreadable, a directory
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -10,6 +11,8 @@ import click
 from kernel_iface import NotSupported, VhostVdpa, uapi
 from vdpa_svq.cli._device import opened
 from vdpa_svq.cli._output import echo_json, human_bytes, json_option, print_fields
+from vdpa_svq.device import Device
+from vdpa_svq.softdev import SoftNetDevice
 
 DEVICE_TYPES = {uapi.VIRTIO_ID_NET: "net", uapi.VIRTIO_ID_BLOCK: "blk"}
 SECTOR_SIZE = 512  # virtio-blk capacity is in 512-byte sectors whatever blk_size says (5.2.4)
@@ -26,13 +29,10 @@ def relay_impls() -> tuple[str, list[str]]:
     return DEFAULT_IMPL, list(AVAILABLE_IMPLS)
 
 
-def _optional(dev: Any, method: str, *args: int) -> int | None:
+def _optional(query: Callable[..., int], *args: int) -> int | None:
     """An ioctl this kernel or device may lack (a newer one, or one a software device does not model)."""
-    call = getattr(dev, method, None)
-    if call is None:
-        return None
     try:
-        return call(*args)
+        return query(*args)
     except NotSupported:
         return None
 
@@ -88,7 +88,7 @@ def decode_blk_config(cfg: bytes, features: int) -> dict[str, Any]:
 CONFIG_DECODERS = {uapi.VIRTIO_ID_NET: decode_net_config, uapi.VIRTIO_ID_BLOCK: decode_blk_config}
 
 
-def gather(dev: Any) -> dict[str, Any]:
+def gather(dev: Device) -> dict[str, Any]:
     """Everything `info` reports, as JSON-ready data. `dev` is open and owned."""
     device_id = dev.device_id()
     features = dev.get_features()
@@ -98,8 +98,8 @@ def gather(dev: Any) -> dict[str, Any]:
     iova = dev.iova_range()
     config = dev.get_config() if dev.config_size() else b""
     decoder = CONFIG_DECODERS.get(device_id)
-    as_num, group_num = _optional(dev, "as_num"), _optional(dev, "group_num")
-    groups = [_optional(dev, "vring_group", i) for i in range(nvqs)] if group_num else []
+    as_num, group_num = _optional(dev.as_num), _optional(dev.group_num)
+    groups = [_optional(dev.vring_group, i) for i in range(nvqs)] if group_num else []
     impl, impls = relay_impls()
     return {
         "device": dev.path,
@@ -112,14 +112,14 @@ def gather(dev: Any) -> dict[str, Any]:
         "vqs": {
             "count": nvqs,
             "max_size": dev.vring_num(),
-            "sizes": [_optional(dev, "vring_size", i) for i in range(nvqs)],
+            "sizes": [_optional(dev.vring_size, i) for i in range(nvqs)],
         },
         "iova_range": {"first": f"{iova.first:#x}", "last": f"{iova.last:#x}"},
         "address_spaces": {"as_num": as_num, "group_num": group_num, "vq_groups": groups},
         "config": {"size": len(config), "raw": config.hex(), **(decoder(config, features) if decoder else {})},
         "relay": {"impl": impl, "available": impls},
         # A software device's own datapath (soft:net's loopback runs in C when the extension is built).
-        **({"datapath": dev.datapath} if hasattr(dev, "datapath") else {}),
+        **({"datapath": dev.datapath} if isinstance(dev, SoftNetDevice) else {}),
     }
 
 

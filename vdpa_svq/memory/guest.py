@@ -25,6 +25,11 @@ except ImportError:  # no C extension: memory that can shrink is refused (add_re
 PAGE_SIZE = 4096
 
 
+def page_align(x: int) -> int:
+    """`x` rounded up to a whole number of pages: mappings and ring areas are per page."""
+    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
 @dataclass
 class MemoryRegion:
     """[gpa, gpa+size) of guest-physical space, backed by `fd` from file offset `offset`."""
@@ -85,7 +90,7 @@ class GuestMemory:
         return mem
 
     def add_memfd_region(self, gpa: int, size: int, *, name: str = "vdpa-svq-guest") -> MemoryRegion:
-        size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        size = page_align(size)
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)

@@ -11,7 +11,7 @@ import bisect
 from typing import NamedTuple
 
 from vdpa_svq.errors import GuestMemoryError
-from vdpa_svq.memory.guest import PAGE_SIZE
+from vdpa_svq.memory.guest import page_align
 
 
 class IovaMapping(NamedTuple):
@@ -40,14 +40,14 @@ class IovaMap:
         i = bisect.bisect_right(self._starts, gpa)
         self._starts.insert(i, gpa)
         self._maps.insert(i, IovaMapping(gpa, size, iova))
-        self._next_free = max(self._next_free, (iova + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        self._next_free = max(self._next_free, page_align(iova + size))
 
     def alloc(self, size: int) -> int:
         """Fresh page-aligned IOVA space (for memory vdpa-svq owns), above everything mapped."""
         iova = self._next_free
         if iova + size - 1 > self.last:
             raise GuestMemoryError(iova, size, "no IOVA space left in the device's range")
-        self._next_free = (iova + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        self._next_free = page_align(iova + size)
         return iova
 
     def translate(self, gpa: int, length: int) -> list[tuple[int, int]]:

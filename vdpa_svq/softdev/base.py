@@ -1,6 +1,6 @@
 """SoftDevice: a software vDPA device that stands where an open /dev/vhost-vdpa-N stands.
 
-It has the method names and semantics of kernel_iface.VhostVdpa for what a session uses, and
+It implements vdpa_svq.device.Device with kernel_iface.VhostVdpa's semantics, and
 fails the way the kernel does, through kernel_iface.errors.error_from_errno. Where the kernel
 answers misuse with a bare EFAULT or lets it through, this device is stricter on purpose, so that
 session bugs show up in unit tests: DRIVER_OK without FEATURES_OK is EINVAL, and changing a
@@ -37,10 +37,6 @@ FULL_IOVA_RANGE = IovaRange(0, (1 << 64) - 1)
 QUEUE_FAULTS = (RingError, GuestMemoryError)
 
 T = TypeVar("T")
-
-
-def _bit(n: int) -> int:
-    return 1 << n
 
 
 class DeviceLock:
@@ -84,18 +80,18 @@ class SoftDevice:
         path: str | None = None,
     ) -> None:
         self.path = path or f"soft:{self.KIND}"
-        features = _bit(uapi.VIRTIO_F_VERSION_1) | _bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.DEVICE_FEATURES
+        features = uapi.bit(uapi.VIRTIO_F_VERSION_1) | uapi.bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.DEVICE_FEATURES
         for on, bit in (
             (packed, uapi.VIRTIO_F_RING_PACKED),
             (event_idx, uapi.VIRTIO_RING_F_EVENT_IDX),
             (indirect, uapi.VIRTIO_RING_F_INDIRECT_DESC),
         ):
             if on:
-                features |= _bit(bit)
+                features |= uapi.bit(bit)
         self._offered = features
-        backend = _bit(uapi.VHOST_BACKEND_F_IOTLB_MSG_V2) | _bit(uapi.VHOST_BACKEND_F_IOTLB_BATCH)
+        backend = uapi.bit(uapi.VHOST_BACKEND_F_IOTLB_MSG_V2) | uapi.bit(uapi.VHOST_BACKEND_F_IOTLB_BATCH)
         if suspend:
-            backend |= _bit(uapi.VHOST_BACKEND_F_SUSPEND) | _bit(uapi.VHOST_BACKEND_F_RESUME)
+            backend |= uapi.bit(uapi.VHOST_BACKEND_F_SUSPEND) | uapi.bit(uapi.VHOST_BACKEND_F_RESUME)
         self._offered_backend = backend
         self._vring_num = vring_num
         self._iova_range = iova_range
@@ -310,7 +306,7 @@ class SoftDevice:
 
     def suspend(self) -> None:
         self._check_open()
-        if not self._offered_backend & _bit(uapi.VHOST_BACKEND_F_SUSPEND):
+        if not self._offered_backend & uapi.bit(uapi.VHOST_BACKEND_F_SUSPEND):
             raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_SUSPEND")
         with self.lock:
             if not self._status & uapi.VIRTIO_CONFIG_S_DRIVER_OK:
@@ -322,7 +318,7 @@ class SoftDevice:
 
     def resume(self) -> None:
         self._check_open()
-        if not self._offered_backend & _bit(uapi.VHOST_BACKEND_F_RESUME):
+        if not self._offered_backend & uapi.bit(uapi.VHOST_BACKEND_F_RESUME):
             raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_RESUME")
         with self.lock:
             if not self._status & uapi.VIRTIO_CONFIG_S_DRIVER_OK or not self._suspended:
@@ -345,6 +341,19 @@ class SoftDevice:
     def vring_size(self, index: int) -> int:
         self._queue("VHOST_VDPA_GET_VRING_SIZE", index)
         return self._vring_num
+
+    # -- groups and address spaces: not modelled (one address space, as without the ioctls) ---------
+    def as_num(self) -> int:
+        self._check_open()
+        raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_GET_AS_NUM", "a software device has one address space")
+
+    def group_num(self) -> int:
+        self._check_open()
+        raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_GET_GROUP_NUM", "a software device has no queue groups")
+
+    def vring_group(self, index: int) -> int:
+        self._queue("VHOST_VDPA_GET_VRING_GROUP", index)
+        raise self._fail(errno.EOPNOTSUPP, "VHOST_VDPA_GET_VRING_GROUP", "a software device has no queue groups")
 
     def _check_stopped(self, op: str, q: SoftQueue) -> None:
         if q.ring is not None:
@@ -520,6 +529,13 @@ class SoftDevice:
         """A kick of queue `index` that a driver in this process may call instead of writing the
         kick eventfd (served in the caller's thread), or None: use the eventfd."""
         return None
+
+    def hangup_fd(self) -> int | None:
+        """None: a device in this process cannot go away under its user."""
+        return None
+
+    def check_alive(self) -> None:
+        """Nothing to check (hangup_fd() is None)."""
 
     def guard(self, q: SoftQueue, fn: Callable[[], T]) -> T | None:
         """fn() on queue q's behalf; a fault breaks q (recorded) and returns None."""

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_iface import uapi
+from kernel_iface.uapi import bit
+from vdpa_svq.device import Device
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, polls_by_hand, signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
@@ -62,10 +64,6 @@ from vdpa_svq.vhost_user.messages import (
 from vdpa_svq.vhost_user.peer_fds import check_memory_fd, take_eventfd
 
 log = logging.getLogger("vdpa_svq.vhost_user")
-
-
-def bit(n: int) -> int:
-    return 1 << n
 
 
 # Virtio features offered to the frontend, each for a reason. The relay implements both layouts,
@@ -230,7 +228,7 @@ class Connection:
         """Handle messages until the frontend hangs up, breaks the protocol, or `stop` is set."""
         # A device that can vanish (a vhost-user backend) says so on this fd: the frontend is then told
         # by the connection closing, rather than left with queues that silently stopped.
-        hangup = hangup_fd(self.device)
+        hangup = self.device.hangup_fd()
         watched = [self.sock] if hangup is None else [self.sock, hangup]
         try:
             while stop is None or not stop.is_set():
@@ -293,8 +291,7 @@ class Connection:
         return m.U64.pack(self.offered_features)
 
     def on_set_features(self, msg: Message) -> None:
-        features = msg.payload
-        assert isinstance(features, int)
+        features = msg.payload_as(int)
         if features & ~self.offered_features:
             raise BackendError(f"SET_FEATURES: bits {features & ~self.offered_features:#x} were not offered")
         running = self.shadow is not None
@@ -316,20 +313,19 @@ class Connection:
         return m.U64.pack(self.offered_protocol_features)
 
     def on_set_protocol_features(self, msg: Message) -> None:
-        assert isinstance(msg.payload, int)
-        if msg.payload & ~self.offered_protocol_features:
+        features = msg.payload_as(int)
+        if features & ~self.offered_protocol_features:
             raise BackendError(
-                f"SET_PROTOCOL_FEATURES: bits {msg.payload & ~self.offered_protocol_features:#x} not offered"
+                f"SET_PROTOCOL_FEATURES: bits {features & ~self.offered_protocol_features:#x} not offered"
             )
-        self.protocol_features = msg.payload
-        self.summary.protocol_features = msg.payload
+        self.protocol_features = features
+        self.summary.protocol_features = features
 
     def on_get_queue_num(self, msg: Message) -> bytes:
         return m.U64.pack(self.nqueues)
 
     def on_set_mem_table(self, msg: Message) -> None:
-        table = msg.payload
-        assert isinstance(table, m.MemTable)
+        table = msg.payload_as(m.MemTable)
         restart = self.shadow is not None
         self._stop_relay()
         new = GuestMemory()
@@ -357,8 +353,7 @@ class Connection:
             self._maybe_start()
 
     def on_set_log_base(self, msg: Message) -> bytes:
-        area = msg.payload
-        assert isinstance(area, m.LogArea)
+        area = msg.payload_as(m.LogArea)
         fd = msg.fds[0]
         log_mem = GuestMemory()  # the log as one region at 0: mapped SIGBUS-safe like guest memory
         try:
@@ -388,21 +383,18 @@ class Connection:
         return self.queues[index]
 
     def on_set_vring_num(self, msg: Message) -> None:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         if not 1 <= st.num <= 32768:
             raise BackendError(f"SET_VRING_NUM: queue {st.index} size {st.num} (1..32768)")
         q.num = st.num
 
     def on_set_vring_addr(self, msg: Message) -> None:
-        addr = msg.payload
-        assert isinstance(addr, m.VringAddr)
+        addr = msg.payload_as(m.VringAddr)
         self._queue(msg.request, addr.index).addr = addr
 
     def on_set_vring_base(self, msg: Message) -> None:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         if self._packed():
             # Bits 0-14 avail index, bit 15 avail wrap counter. QEMU adds the used half in bits
@@ -416,8 +408,7 @@ class Connection:
             q.state = RingState(st.num & 0xFFFF, st.num & 0xFFFF)
 
     def on_get_vring_base(self, msg: Message) -> bytes:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         self._stop_relay()  # the ring stops; the others restart once they are ready again
         q.kicked = False
@@ -426,8 +417,7 @@ class Connection:
         return m.VringState(q.index, q.state.to_vring_base(layout)).encode()
 
     def _set_vring_fd(self, msg: Message, attr: str) -> VuQueue:
-        assert isinstance(msg.payload, int)
-        q = self._queue(msg.request, msg.payload & m.VRING_IDX_MASK)
+        q = self._queue(msg.request, msg.payload_as(int) & m.VRING_IDX_MASK)
         if msg.fds:
             take_eventfd(msg.fds[-1], f"{msg.request.name}: queue {q.index}")
         new = msg.fds.pop() if msg.fds else None
@@ -472,8 +462,7 @@ class Connection:
         self._set_vring_fd(msg, "err_fd")
 
     def on_set_vring_enable(self, msg: Message) -> None:
-        st = msg.payload
-        assert isinstance(st, m.VringState)
+        st = msg.payload_as(m.VringState)
         q = self._queue(msg.request, st.index)
         if st.num not in (0, 1):
             raise BackendError(f"SET_VRING_ENABLE: queue {st.index} enable={st.num}")
@@ -490,8 +479,7 @@ class Connection:
         pass  # protocol feature NET_MTU not offered (VIRTIO_NET_F_MTU may be: the device's config has the MTU)
 
     def _config(self, msg: Message) -> m.Config:
-        cfg = msg.payload
-        assert isinstance(cfg, m.Config)
+        cfg = msg.payload_as(m.Config)
         if not self.protocol_features & bit(ProtocolFeature.CONFIG):
             why = "negotiated" if self.offered_protocol_features & bit(ProtocolFeature.CONFIG) else "offered"
             raise BackendError(f"{msg.request.name}: protocol feature CONFIG was not {why}")
@@ -534,10 +522,10 @@ class Connection:
             raise BackendError(f"SET_CONFIG: the device refused {cfg.size} bytes at offset {cfg.offset}: {e}") from None
 
     def on_set_status(self, msg: Message) -> None:
-        assert isinstance(msg.payload, int)
-        if msg.payload > 0xFF:
-            raise BackendError(f"SET_STATUS: {msg.payload:#x} is not a status byte")
-        self.status = msg.payload
+        status = msg.payload_as(int)
+        if status > 0xFF:
+            raise BackendError(f"SET_STATUS: {status:#x} is not a status byte")
+        self.status = status
         if self.status == 0:
             self._stop_relay()
         elif self.status & uapi.VIRTIO_CONFIG_S_DRIVER_OK:
@@ -608,19 +596,23 @@ class Connection:
             signal_eventfd(q.kick_fd)  # buffers made available before the relay ran
 
     def _stop_relay(self) -> None:
-        """Stop relaying: return what the device finished, keep each ring's state, reset the device."""
+        """Stop relaying (ShadowSession.hand_back): keep where each ring restarts, count, sync the log."""
         shadow = self.shadow
         if shadow is None:
             return
         self.shadow = None
         try:
-            shadow.loop.stop()
-            self._quiesce_device()
+            # The device is stopped before the last used buffers are taken and the last marks
+            # harvested: a device still running could write an RX buffer after the final sync, and
+            # the destination of a migration would never get that page. A net device uses buffers
+            # in order: what it held is read again from the guest ring on the next start.
+            handed = shadow.hand_back(assume_in_order=True)
+            if handed.quiesce_error is not None:
+                log.warning("%s: the device did not stop before the final sync: %s", self.summary.peer,
+                            handed.quiesce_error)
+            for i, state in handed.states.items():
+                self.queues[i].state = state
             for i, sq in shadow.queues.items():
-                if not sq.svq.broken:
-                    sq.svq.forward_used()
-                if sq.svq.error is None:
-                    self.queues[i].state = rewound(sq.svq.guest.state(), self._packed())
                 stats = self.stats.setdefault(i, dict.fromkeys(QUEUE_COUNTERS, 0))
                 s = sq.svq.stats
                 for name in QUEUE_COUNTERS:
@@ -636,19 +628,6 @@ class Connection:
             for fd in self._retired:
                 os.close(fd)
             self._retired.clear()
-
-    def _quiesce_device(self) -> None:
-        """Stop the device's datapath before the last used buffers are taken and the last marks
-        harvested: a device still running could write an RX buffer after the final sync, and the
-        destination of a migration would never get that page. Suspend keeps its state; a reset
-        (the device's rings are ours and stay mapped) does as well for what it already used."""
-        try:
-            if self.session.backend_features & bit(uapi.VHOST_BACKEND_F_SUSPEND):
-                self.session.suspend()
-            else:
-                self.session.device.set_status(0)
-        except (VdpaSvqError, OSError) as e:
-            log.warning("%s: the device did not stop before the final sync: %s", self.summary.peer, e)
 
     # -- dirty log ------------------------------------------------------------------------------
     def _logging(self) -> bool:
@@ -705,19 +684,6 @@ class Connection:
         self.sock.close()
 
 
-def rewound(state: RingState, packed: bool) -> RingState:
-    """Where the guest ring restarts after the device was reset: at the first buffer not used yet.
-
-    Chains the relay took but the device never used (RX buffers waiting for frames, chains in the
-    shadow ring) die with the device reset; the guest still owns them as available, untouched in
-    its ring, so the next run reads them again from there. This assumes the device used buffers in
-    the order they were made available (as QEMU's vhost-vdpa rewind does); a net device does.
-    """
-    if packed:
-        return RingState(state.used_idx, state.used_idx, state.used_wrap, state.used_wrap)
-    return RingState(state.used_idx, state.used_idx)
-
-
 # Fault injection, for tests only (tests/migration/: a migration with it set must fail): the device's
 # marks are harvested and thrown away, the frontend's log stays empty. With paced traffic the
 # destination then misses pages the device wrote (at full rate the guest rewrites them itself first).
@@ -741,12 +707,6 @@ def or_into(log_view: memoryview, bits: bytes) -> None:
         log_view[start:end] = merged.to_bytes(len(chunk), "little")
 
 
-def hangup_fd(device: Any) -> int | None:
-    """An fd readable once `device` is gone (a vhost-user backend's socket), or None: a vhost-vdpa
-    node or a software device cannot go away under us."""
-    return device.hangup_fd() if hasattr(device, "hangup_fd") else None
-
-
 def _close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -755,7 +715,7 @@ def _close_quietly(fd: int) -> None:
 class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
-    def __init__(self, device: Any, path: str, *, impl: str = "auto", poll_us: Polling = 0) -> None:
+    def __init__(self, device: Device, path: str, *, impl: str = "auto", poll_us: Polling = 0) -> None:
         try:
             check_polling(poll_us)
         except ValueError:
@@ -788,7 +748,7 @@ class Server:
     def serve_forever(self, on_connection: Any = None) -> deque[ConnectionSummary]:
         n = 0
         device = self.session.device
-        hangup = hangup_fd(device)
+        hangup = device.hangup_fd()
         watched = [self.listener] if hangup is None else [self.listener, hangup]
         try:
             while not self._stop.is_set():

@@ -4,7 +4,7 @@
 a vhost-user backend instead of a vhost-vdpa node: the backend only ever sees rings vdpa-svq owns,
 and vdpa-svq logs every page it writes, also for backends that keep no dirty log of their own.
 
-VhostUserDevice has the VhostVdpa methods the sessions call and speaks the frontend side of the
+VhostUserDevice implements vdpa_svq.device.Device and speaks the frontend side of the
 protocol over the socket. What vhost-vdpa has and vhost-user lacks is emulated here:
 - IOTLB: every update names memory of this process (GuestMemory regions, found by address with
   memory.guest.backing); the maps become the memory table, sent whole (SET_MEM_TABLE) after each
@@ -15,7 +15,8 @@ protocol over the socket. What vhost-vdpa has and vhost-user lacks is emulated h
 - Status: kept here; DRIVER_OK is when the backend has everything; reset stops each ring with
   GET_VRING_BASE (as QEMU does), after which the backend may be configured again.
 - No SUSPEND (GET_VRING_BASE stops a ring for good), no config space, no device id: `kind` says
-  what the backend is (net by default).
+  what the backend is (net by default). No queue groups, address spaces or per-queue sizes.
+- The backend can go away: hangup_fd() is its socket.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import array
 import contextlib
 import errno
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kernel_iface import IovaRange, NotSupported, VdpaError, uapi
+from kernel_iface.uapi import bit
 from vdpa_svq.memory.guest import backing
 from vdpa_svq.vhost_user import messages as m
 from vdpa_svq.vhost_user.messages import (
@@ -45,10 +47,6 @@ REPLY_TIMEOUT_S = 10.0
 WANTED_PROTOCOL = (ProtocolFeature.REPLY_ACK, ProtocolFeature.MQ)
 
 
-def bit(n: int) -> int:
-    return 1 << n
-
-
 @dataclass
 class _Map:
     iova: int
@@ -58,7 +56,7 @@ class _Map:
 
 
 class VhostUserDevice:
-    """A connected vhost-user backend with VhostVdpa's methods. `VhostUserDevice.connect(path)`."""
+    """A connected vhost-user backend as a vdpa_svq.device.Device. `VhostUserDevice.connect(path)`."""
 
     def __init__(self, sock: socket.socket, path: str, kind: str = "net") -> None:
         if kind not in KINDS:
@@ -151,7 +149,7 @@ class VhostUserDevice:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def hangup_fd(self) -> int:
+    def hangup_fd(self) -> int | None:
         """Readable once the backend is gone: it never speaks first on this socket, so anything
         readable is its end of file (or a protocol breach, which ends it as well)."""
         return self.sock.fileno()
@@ -241,16 +239,37 @@ class VhostUserDevice:
     def resume(self) -> None:
         raise NotSupported(errno.ENOTSUP, self.path, "RESUME", "a vhost-user backend cannot resume")
 
+    def inline_kick(self, index: int) -> Callable[[], None] | None:
+        """None: the backend learns of a kick through the queue's kick eventfd only."""
+        return None
+
+    # -- what vhost-user cannot ask ----------------------------------------------------------------
+    def _not_asked(self, op: str) -> NotSupported:
+        return NotSupported(errno.ENOTSUP, self.path, op, "vhost-user has no such request")
+
+    def vring_size(self, index: int) -> int:
+        raise self._not_asked("GET_VRING_SIZE")
+
+    def as_num(self) -> int:
+        raise self._not_asked("GET_AS_NUM")
+
+    def group_num(self) -> int:
+        raise self._not_asked("GET_GROUP_NUM")
+
+    def vring_group(self, index: int) -> int:
+        raise self._not_asked("GET_VRING_GROUP")
+
     # -- memory: the IOTLB as a memory table -------------------------------------------------------
     def iova_range(self) -> IovaRange:
         return IovaRange(0, (1 << 64) - 1)
 
-    def iotlb_update(self, iova: int, size: int, hva: int, perm: int, asid: int = 0) -> None:
+    def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int = uapi.VHOST_ACCESS_RW, asid: int = 0) -> None:
+        """Map [iova, iova + size) to `uaddr`, an address of this process inside a GuestMemory region."""
         if asid:
             raise NotSupported(errno.EINVAL, self.path, "IOTLB_UPDATE", "vhost-user has one address space")
         if any(mp.iova < iova + size and iova < mp.iova + mp.size for mp in self._maps):
             raise self._fail("IOTLB_UPDATE", f"[{iova:#x}, +{size:#x}) overlaps a mapping", errno.EEXIST)
-        fd, offset = backing(hva, size)
+        fd, offset = backing(uaddr, size)
         self._maps.append(_Map(iova, size, fd, offset))
         if not self._batching:
             self._send_table()
@@ -300,8 +319,9 @@ class VhostUserDevice:
         self._nums[index] = num
         self._send(Request.SET_VRING_NUM, m.VringState(index, num).encode())
 
-    def set_vring_addr(self, index: int, desc: int, driver: int, device: int, *, flags: int = 0) -> None:
-        addr = m.VringAddr(index, flags, desc, device, driver, 0)
+    def set_vring_addr(self, index: int, desc: int, avail: int, used: int, *, flags: int = 0) -> None:
+        """IOVAs of the three areas (for packed rings avail/used are the driver/device event areas)."""
+        addr = m.VringAddr(index, flags, desc, used, avail, 0)
         self._send(Request.SET_VRING_ADDR, addr.encode(), ack=True)
 
     def set_vring_base(self, index: int, num: int) -> None:

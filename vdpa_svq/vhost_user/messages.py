@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 from vdpa_svq.errors import VdpaSvqError
 
@@ -164,6 +165,15 @@ class Config:
 
 
 Payload = int | VringState | VringAddr | MemTable | LogArea | Config | None
+P = TypeVar("P", int, VringState, VringAddr, MemTable, LogArea, Config)
+
+
+def payload_as(request: Request, payload: Payload, kind: type[P]) -> P:
+    """`payload` as the `kind` its table row decodes, else ProtocolError: a real check (not an
+    assert, which python -O strips) that a handler gets the shape it reads."""
+    if not isinstance(payload, kind):
+        raise ProtocolError(f"{request.name}: payload is {type(payload).__name__}, not {kind.__name__}")
+    return payload
 
 
 def _need(request: Request, body: bytes, size: int) -> None:
@@ -302,6 +312,10 @@ class Message:
     def need_reply(self) -> bool:
         return bool(self.flags & FLAG_NEED_REPLY)
 
+    def payload_as(self, kind: type[P]) -> P:
+        """The payload as `kind` (ProtocolError if it is not: see the module function)."""
+        return payload_as(self.request, self.payload, kind)
+
 
 def decode_header(data: bytes) -> tuple[int, int, int]:
     """(request, flags, size) of a header, checked: version 1, known flags, size within MAX_PAYLOAD."""
@@ -325,13 +339,12 @@ def _check_fds(request: Request, spec: Spec, payload: Payload, fds: list[int]) -
     elif spec.fds == "one":
         want = 1
     elif spec.fds == "vring":
-        assert isinstance(payload, int)
+        payload = payload_as(request, payload, int)
         if payload & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
             raise ProtocolError(f"{request.name}: unknown bits in {payload:#x}")
         want = 0 if payload & VRING_NOFD_MASK else 1
     else:
-        assert isinstance(payload, MemTable)
-        want = len(payload.regions)
+        want = len(payload_as(request, payload, MemTable).regions)
     if len(fds) != want:
         raise ProtocolError(f"{request.name}: {len(fds)} file descriptors, needs {want}")
 
