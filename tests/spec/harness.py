@@ -8,6 +8,7 @@ computed from those, so the ring's 16-bit/wrap encoding is checked against plain
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdpa_svq.guest.chains import SentChain
@@ -256,27 +257,22 @@ class RingPair:
         self.mem.close()
 
 
+# What each op of random_ops() (and of the Hypothesis strategies) does: ("kind", *arguments).
+OPS: dict[str, Callable[..., object]] = {
+    "add": RingPair.add,
+    "kick": RingPair.kick_check,
+    "pop": RingPair.dev_pop,
+    "complete": RingPair.dev_complete,
+    "signal": RingPair.dev_signal,
+    "reap": RingPair.reap,
+    "cb": RingPair.cb,
+    "notify": RingPair.dev_notify,
+}
+
+
 def run_ops(pair: RingPair, ops: list[tuple]) -> None:
-    for op in ops:
-        kind = op[0]
-        if kind == "add":
-            pair.add(*op[1:])
-        elif kind == "kick":
-            pair.kick_check()
-        elif kind == "pop":
-            pair.dev_pop(op[1])
-        elif kind == "complete":
-            pair.dev_complete(op[1], op[2])
-        elif kind == "signal":
-            pair.dev_signal()
-        elif kind == "reap":
-            pair.reap(op[1])
-        elif kind == "cb":
-            pair.cb(op[1])
-        elif kind == "notify":
-            pair.dev_notify(op[1])
-        else:  # pragma: no cover
-            raise ValueError(kind)
+    for kind, *args in ops:
+        OPS[kind](pair, *args)
 
 
 def random_ops(rng: random.Random, count: int, *, max_segs: int = MAX_SEGS) -> list[tuple]:
