@@ -479,7 +479,8 @@ DEVICE_CASES = [
 
 @pytest.mark.parametrize(("guest_layout", "shadow_layout", "how"), DEVICE_CASES)
 def test_device_returning_a_bad_used_element_gives_the_same_error(guest_layout, shadow_layout, how):
-    """Never trust the device (VIRTIO 1.2 2.7.8, 2.8.7): same DeviceRingError, reason and index."""
+    """Never trust the device (VIRTIO 1.2 2.7.8 used ring, 2.8.4 / 2.8.6 used descriptor length and buffer id):
+    same DeviceRingError, reason and index."""
     py, c = make_pair(guest_layout, shadow_layout, 4, 8, False, False, 7)  # 7: a writable chain among the first
     try:
         for rig in (py, c):
