@@ -8,7 +8,6 @@ used buffers on the call eventfd with a timeout, never by sleeping.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,8 +18,9 @@ from vdpa_svq.guest.blk import REQ_HEADER
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import VIRTIO_NET_HDR_LEN
 from vdpa_svq.guest.notify import wait_notified
+from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.memory import GuestMemory
-from vdpa_svq.ring import DriverRing, IndirectArea, Layout, driver_ring, place_ring
+from vdpa_svq.ring import IndirectArea, Layout, driver_ring, place_ring
 from vdpa_svq.softdev import SoftDevice
 
 PAGE = 4096
@@ -39,13 +39,10 @@ def _page_up(x: int) -> int:
 
 
 @dataclass
-class DriverQueue:
-    index: int
-    ring: DriverRing
-    kick_fd: int
-    call_fd: int
-    err_fd: int
-    calls_seen: int = 0
+class DriverQueue(GuestQueue):
+    """A guest queue plus the vhost-vdpa error eventfd the soft device reports a broken ring on."""
+
+    err_fd: int = -1
 
 
 class GuestDriver:
@@ -122,7 +119,7 @@ class GuestDriver:
             dev.set_vring_call(i, call)
             dev.set_vring_err(i, err)
             dev.set_vring_enable(i, True)
-            self.queues.append(DriverQueue(i, ring, kick, call, err))
+            self.queues.append(DriverQueue(i, ring, kick, call, err_fd=err))
         dev.set_status(STATUS_RUNNING)
 
     def teardown_rings(self) -> None:
@@ -141,31 +138,16 @@ class GuestDriver:
 
     # -- the driver's part -----------------------------------------------------------------------
     def kick(self, qi: int) -> bool:
-        q = self.queues[qi]
-        if q.ring.kick_needed():
-            os.eventfd_write(q.kick_fd, 1)
-            return True
-        return False
+        return self.queues[qi].kick()
 
     def wait(self, qi: int, done: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         """Block on queue qi's call eventfd until done() holds; AssertionError after `timeout`."""
-        q = self.queues[qi]
-        deadline = time.monotonic() + timeout
-        while not done():
-            if not q.ring.enable_cb():
-                continue  # used buffers already there: no interrupt will come for them
-            if done():
-                return
-            left = deadline - time.monotonic()
-            assert left > 0, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
-            q.calls_seen += len(wait_notified([q.call_fd], left))
+        ok = self.queues[qi].wait_until(done, timeout)
+        assert ok, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
 
     def call_within(self, qi: int, timeout: float) -> bool:
         """Whether queue qi's call eventfd fires within `timeout` seconds (consumes it)."""
-        q = self.queues[qi]
-        fired = bool(wait_notified([q.call_fd], timeout))
-        q.calls_seen += fired
-        return fired
+        return self.queues[qi].wait_interrupt(timeout)
 
     def wait_error(self, qi: int, timeout: float = TIMEOUT) -> str:
         """Block on queue qi's err eventfd until the device reports it broken; return the reason."""
@@ -175,26 +157,12 @@ class GuestDriver:
 
     def reap(self, qi: int, want: int, timeout: float = TIMEOUT) -> list[tuple[object, int]]:
         """Exactly `want` used buffers of queue qi, in used order, waiting as needed."""
-        ring = self.queues[qi].ring
-        got: list[tuple[object, int]] = []
-
-        def more() -> bool:
-            while len(got) < want:
-                r = ring.get_used()
-                if r is None:
-                    return False
-                got.append(r)
-            return True
-
-        self.wait(qi, more, timeout)
+        got = self.queues[qi].reap(want, timeout)
+        assert got is not None, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
         return got
 
     def reap_all(self, qi: int) -> list[tuple[object, int]]:
-        ring = self.queues[qi].ring
-        got = []
-        while (r := ring.get_used()) is not None:
-            got.append(r)
-        return got
+        return self.queues[qi].reap_ready()
 
 
 RX, TX = 0, 1
