@@ -37,18 +37,18 @@ demo: deps venv
 
 bench: deps venv  ## relay, vhost-user on the host, vhost-user on vhost-vdpa in the kernel bench; all into BENCHMARKS.md
 	$(PY) setup.py -q build_ext --inplace  # the C relay as it is now, not as the venv stamp last saw it
-	$(PY) -m vdpa_svq.bench
-	$(PY) -m vdpa_svq.vhost_user.bench --write BENCHMARKS.md
+	$(PY) -m bench.relay
+	$(PY) -m bench.vhost_user --write BENCHMARKS.md
 	$(PY) tools/kbench setup
-	$(PY) -m vdpa_svq.vhost_user.bench --kernel --write BENCHMARKS.md
+	$(PY) -m bench.vhost_user --kernel --write BENCHMARKS.md
 
 .PHONY: bench-vhost-user bench-vhost-user-kernel
 bench-vhost-user: deps venv  ## vhost-user: testpmd virtio-user through `vdpa-svq serve soft:net` vs DPDK's vhost PMD
-	$(PY) -m vdpa_svq.vhost_user.bench
+	$(PY) -m bench.vhost_user
 
 bench-vhost-user-kernel: deps venv  ## testpmd on /dev/vhost-vdpa-N directly vs through `vdpa-svq serve` (kbench guest)
 	$(PY) tools/kbench setup
-	$(PY) -m vdpa_svq.vhost_user.bench --kernel
+	$(PY) -m bench.vhost_user --kernel
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

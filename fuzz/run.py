@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, started, load)
     print(text)
     if args.write:
-        from vdpa_svq.vhost_user.bench import write_section
+        from bench.vhost_user import write_section
 
         write_section(args.write, "fuzz", text)
     return 1 if any(r.crashed for r in results) else 0

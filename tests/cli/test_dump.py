@@ -57,7 +57,7 @@ def dumps(draw) -> tuple[DumpHeader, list[tuple[bytes, float]]]:
     return header, rounds
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dumps())
 def test_a_dump_reads_back_as_written(tmp_path, case):
     """Header, every round's bitmap, time and page list, and the union survive the round trip."""

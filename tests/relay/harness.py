@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 from vdpa_svq.dirty import DirtyBitmap
+from vdpa_svq.guest.chains import SentChain
 from vdpa_svq.memory import PAGE_SIZE, GuestMemory
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay_impl import make_shadow_virtqueue
@@ -18,15 +19,6 @@ from vdpa_svq.ring import IndirectArea, Layout, device_ring, driver_ring, place_
 
 BLOCK = 256
 MAX_SEGS = 4
-
-
-@dataclass
-class Rec:
-    token: int
-    out: list[tuple[int, int]]
-    in_: list[tuple[int, int]]
-    out_bytes: list[bytes]
-    written: bytes | None = None
 
 
 @dataclass
@@ -86,7 +78,7 @@ class RelayRig:
         self.relay_rings: list = []
         self.svq = self.make_svq(self.iova)
         self.guest_ring_spans = [(g_addrs.desc, 16 * self.guest_num), (g_addrs.device, 0x1000)]
-        self.by_token: dict[int, Rec] = {}
+        self.by_token: dict[int, SentChain] = {}
         self.at_device: list = []
         self.next_token = 0
         self.reaped = 0
@@ -138,13 +130,11 @@ class RelayRig:
             off = self.rng.randint(0, BLOCK - 1)
             segs.append((self.data + b * BLOCK + off, self.rng.randint(1, BLOCK - off)))
         out, in_ = segs[:n_out], segs[n_out:]
-        out_bytes = [self.rng.randbytes(ln) for _, ln in out]
-        for (a, _), d in zip(out, out_bytes, strict=True):
-            self.guest_mem.write(a, d)
-        tok = self.next_token
+        rec = SentChain(self.next_token, out, in_, [self.rng.randbytes(ln) for _, ln in out])
+        rec.write_out(self.guest_mem)
         self.next_token += 1
-        self.drv.add(out, in_, tok, indirect=indirect)
-        self.by_token[tok] = Rec(tok, out, in_, out_bytes)
+        self.drv.add(out, in_, rec.token, indirect=indirect)
+        self.by_token[rec.token] = rec
         return True
 
     def guest_kick(self) -> None:
@@ -168,8 +158,7 @@ class RelayRig:
             rec = self.by_token.pop(tok)
             assert rec.written is not None, "guest got a buffer back that the device never used"
             assert length == len(rec.written)
-            got = b"".join(self.guest_mem.read(a, n) for a, n in rec.in_)[:length]
-            assert got == rec.written
+            assert rec.written_back(self.guest_mem, length) == rec.written
             for a, _ in rec.out + rec.in_:
                 self.free.append((a - self.data) // BLOCK)
             self.reaped += 1
@@ -209,7 +198,7 @@ class RelayRig:
         if self.dev.need_notify():
             self.svq.on_device_call()
 
-    def _rec_for(self, chain) -> Rec:
+    def _rec_for(self, chain) -> SentChain:
         # The device sees shadow ids; find the guest chain by the bytes' addresses (as IOVAs).
         addrs = [a for a, _ in chain.writable] or [a for a, _ in chain.readable]
         for rec in self.by_token.values():

@@ -52,6 +52,14 @@ def check_dirty_log(rig: RelayRig) -> None:
 )
 def test_every_buffer_crosses_the_relay_once_and_the_dirty_log_is_exact(impl, pair, guest_num, shadow_num, event_idx,
                                                                          indirect, seed):
+    """Every chain the guest makes available comes back used once, with what the device wrote, and the
+    dirty log holds exactly the guest pages the device wrote plus the guest's ring pages.
+
+    VIRTIO 1.2 2.7.13 / 2.8.21 (supplying buffers) and 2.7.14 / 2.8.22 (receiving used buffers), with the
+    relay as the device on the guest's ring and as the driver on the shadow ring; each end looks at its
+    ring only when notified, so a notification the relay wrongly suppressed (2.7.7.2 / 2.7.10.1 device and
+    driver MUST send a notification when used_event / avail_event was passed, 2.8.10) stalls and fails.
+    """
     guest_layout, shadow_layout = pair
     if shadow_layout is Layout.SPLIT and shadow_num & (shadow_num - 1):
         shadow_num = 8
@@ -72,6 +80,12 @@ def test_every_buffer_crosses_the_relay_once_and_the_dirty_log_is_exact(impl, pa
 @pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_long_run_wraps_both_rings_many_times(impl, guest_layout, shadow_layout, event_idx):
+    """A hundred laps and more of small rings on both sides of the relay.
+
+    VIRTIO 1.2 2.8.1: the Driver and Device Ring Wrap Counters flip on every lap (packed); 2.7.13.3: idx
+    always increments and the ring position is idx modulo the Queue Size (split). Notification suppression
+    (2.7.7, 2.7.10, 2.8.10) must suppress some kicks and calls and still let every buffer through.
+    """
     rig = RelayRig(guest_layout, shadow_layout, 4, 8, event_idx, seed=7, indirect=True, impl=impl)
     try:
         for _ in range(40):

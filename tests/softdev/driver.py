@@ -8,16 +8,19 @@ used buffers on the call eventfd with a timeout, never by sleeping.
 from __future__ import annotations
 
 import os
-import select
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kernel_iface import uapi
 from kernel_iface.device import PACKED_VRING_BASE_INITIAL
 from vdpa_svq.errors import RingFull
+from vdpa_svq.guest.blk import REQ_HEADER
+from vdpa_svq.guest.buffers import BlockPool
+from vdpa_svq.guest.net import VIRTIO_NET_HDR_LEN
+from vdpa_svq.guest.notify import wait_notified
+from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.memory import GuestMemory
-from vdpa_svq.ring import DriverRing, IndirectArea, Layout, driver_ring, place_ring
+from vdpa_svq.ring import IndirectArea, Layout, driver_ring, place_ring
 from vdpa_svq.softdev import SoftDevice
 
 PAGE = 4096
@@ -36,31 +39,10 @@ def _page_up(x: int) -> int:
 
 
 @dataclass
-class DriverQueue:
-    index: int
-    ring: DriverRing
-    kick_fd: int
-    call_fd: int
-    err_fd: int
-    calls_seen: int = 0
+class DriverQueue(GuestQueue):
+    """A guest queue plus the vhost-vdpa error eventfd the soft device reports a broken ring on."""
 
-
-@dataclass
-class SlotPool:
-    """Fixed-size data buffers in guest memory, handed out and taken back."""
-
-    base: int
-    count: int
-    free: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.free = [self.base + i * SLOT for i in reversed(range(self.count))]
-
-    def get(self) -> int:
-        return self.free.pop()
-
-    def put(self, gpa: int) -> None:
-        self.free.append(gpa)
+    err_fd: int = -1
 
 
 class GuestDriver:
@@ -90,7 +72,7 @@ class GuestDriver:
             _, end = place_ring(self.layout, num, addr, device_area_align=PAGE)
             addr = _page_up(end) + _page_up(IndirectArea.size(num, MAX_INDIRECT))
         self.data_base = addr
-        self.pool = SlotPool(self.data_base, slots)
+        self.pool = BlockPool(self.data_base, SLOT, slots)
         self.mem = mem or GuestMemory.create(self.data_base + slots * SLOT)
         self._owns_mem = mem is None
         self.queues: list[DriverQueue] = []
@@ -137,7 +119,7 @@ class GuestDriver:
             dev.set_vring_call(i, call)
             dev.set_vring_err(i, err)
             dev.set_vring_enable(i, True)
-            self.queues.append(DriverQueue(i, ring, kick, call, err))
+            self.queues.append(DriverQueue(i, ring, kick, call, err_fd=err))
         dev.set_status(STATUS_RUNNING)
 
     def teardown_rings(self) -> None:
@@ -156,72 +138,35 @@ class GuestDriver:
 
     # -- the driver's part -----------------------------------------------------------------------
     def kick(self, qi: int) -> bool:
-        q = self.queues[qi]
-        if q.ring.kick_needed():
-            os.eventfd_write(q.kick_fd, 1)
-            return True
-        return False
+        return self.queues[qi].kick()
 
     def wait(self, qi: int, done: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         """Block on queue qi's call eventfd until done() holds; AssertionError after `timeout`."""
-        q = self.queues[qi]
-        deadline = time.monotonic() + timeout
-        while not done():
-            if not q.ring.enable_cb():
-                continue  # used buffers already there: no interrupt will come for them
-            if done():
-                return
-            left = deadline - time.monotonic()
-            assert left > 0, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
-            if select.select([q.call_fd], [], [], left)[0]:
-                try:
-                    os.eventfd_read(q.call_fd)
-                    q.calls_seen += 1
-                except BlockingIOError:
-                    pass
+        ok = self.queues[qi].wait_until(done, timeout)
+        assert ok, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
 
     def call_within(self, qi: int, timeout: float) -> bool:
         """Whether queue qi's call eventfd fires within `timeout` seconds (consumes it)."""
-        q = self.queues[qi]
-        if not select.select([q.call_fd], [], [], timeout)[0]:
-            return False
-        os.eventfd_read(q.call_fd)
-        q.calls_seen += 1
-        return True
+        return self.queues[qi].wait_interrupt(timeout)
 
     def wait_error(self, qi: int, timeout: float = TIMEOUT) -> str:
         """Block on queue qi's err eventfd until the device reports it broken; return the reason."""
         fd = self.queues[qi].err_fd
-        assert select.select([fd], [], [], timeout)[0], f"queue {qi}: no error reported"
-        os.eventfd_read(fd)
+        assert wait_notified([fd], timeout), f"queue {qi}: no error reported"
         return self.dev.queue_errors()[qi]
 
     def reap(self, qi: int, want: int, timeout: float = TIMEOUT) -> list[tuple[object, int]]:
         """Exactly `want` used buffers of queue qi, in used order, waiting as needed."""
-        ring = self.queues[qi].ring
-        got: list[tuple[object, int]] = []
-
-        def more() -> bool:
-            while len(got) < want:
-                r = ring.get_used()
-                if r is None:
-                    return False
-                got.append(r)
-            return True
-
-        self.wait(qi, more, timeout)
+        got = self.queues[qi].reap(want, timeout)
+        assert got is not None, f"queue {qi}: timed out; device errors {self.dev.queue_errors()}"
         return got
 
     def reap_all(self, qi: int) -> list[tuple[object, int]]:
-        ring = self.queues[qi].ring
-        got = []
-        while (r := ring.get_used()) is not None:
-            got.append(r)
-        return got
+        return self.queues[qi].reap_ready()
 
 
 RX, TX = 0, 1
-NET_HDR = 12
+NET_HDR = VIRTIO_NET_HDR_LEN
 
 
 def net_hdr(seq: int) -> bytes:
@@ -245,7 +190,7 @@ class NetDriver(GuestDriver):
         ring = self.queues[RX].ring
         posted = 0
         for _ in range(count):
-            if not self.pool.free:
+            if not self.pool.available:
                 break
             gpa = self.pool.get()
             in_ = [(gpa, split_at), (gpa + split_at, SLOT - split_at)] if split_at else [(gpa, SLOT)]
@@ -305,9 +250,6 @@ class NetDriver(GuestDriver):
         return self._free_tx(self.reap_all(TX))
 
 
-BLK_T_IN, BLK_T_OUT, BLK_T_FLUSH, BLK_T_GET_ID = 0, 1, 4, 8
-
-
 @dataclass
 class BlkRequest:
     slots: list[int]
@@ -323,9 +265,9 @@ class BlkDriver(GuestDriver):
 
     def submit(self, req_type: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> BlkRequest:
         hdr = self.pool.get()
-        self.mem.write(hdr, req_type.to_bytes(4, "little") + bytes(4) + sector.to_bytes(8, "little"))
+        self.mem.write(hdr, REQ_HEADER.pack(req_type, 0, sector))
         slots = [hdr]
-        out_segs = [(hdr, 16)]
+        out_segs = [(hdr, REQ_HEADER.size)]
         for pos in range(0, len(out), SLOT):
             gpa = self.pool.get()
             slots.append(gpa)

@@ -8,7 +8,8 @@ import struct
 import pytest
 
 from kernel_iface import uapi
-from tests.softdev.driver import BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT, BlkDriver
+from tests.softdev.driver import BlkDriver
+from vdpa_svq.guest.blk import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from vdpa_svq.softdev import SoftBlkDevice
 from vdpa_svq.softdev.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP
 
@@ -37,20 +38,20 @@ def test_written_sectors_read_back_identical(blk):
     """OUT then IN of the same sectors returns the same bytes; status OK; used length counts
     the data written plus the status byte (5.2.6)."""
     data = random.Random(2).randbytes(8 * 512)  # four SLOT pieces
-    w = blk.do(BLK_T_OUT, 10, out=data)
+    w = blk.do(VIRTIO_BLK_T_OUT, 10, out=data)
     assert (w.status, w.written) == (VIRTIO_BLK_S_OK, 1)
-    r = blk.do(BLK_T_IN, 10, in_len=len(data))
+    r = blk.do(VIRTIO_BLK_T_IN, 10, in_len=len(data))
     assert (r.status, r.written) == (VIRTIO_BLK_S_OK, len(data) + 1)
     assert r.data == data
     assert bytes(blk.dev.disk[10 * 512 : 18 * 512]) == data
-    r = blk.do(BLK_T_IN, 9, in_len=512)
+    r = blk.do(VIRTIO_BLK_T_IN, 9, in_len=512)
     assert r.data == bytes(512)  # untouched sector
 
 
 def test_flush_and_get_id(blk):
-    f = blk.do(BLK_T_FLUSH, 0)
+    f = blk.do(VIRTIO_BLK_T_FLUSH, 0)
     assert f.status == VIRTIO_BLK_S_OK and blk.dev.flushes == 1
-    g = blk.do(BLK_T_GET_ID, 0, in_len=20)
+    g = blk.do(VIRTIO_BLK_T_GET_ID, 0, in_len=20)
     assert g.status == VIRTIO_BLK_S_OK
     assert g.data == b"vdpa-svq-softblk".ljust(20, b"\0")
 
@@ -58,11 +59,11 @@ def test_flush_and_get_id(blk):
 @pytest.mark.parametrize(
     "req_type, sector, out_len, in_len",
     [
-        (BLK_T_IN, SECTORS, 0, 512),  # starts past the end
-        (BLK_T_IN, SECTORS - 1, 0, 1024),  # runs past the end
-        (BLK_T_OUT, SECTORS, 512, 0),
-        (BLK_T_OUT, 0, 100, 0),  # not a whole sector
-        (BLK_T_GET_ID, 0, 0, 10),  # no room for the 20-byte id
+        (VIRTIO_BLK_T_IN, SECTORS, 0, 512),  # starts past the end
+        (VIRTIO_BLK_T_IN, SECTORS - 1, 0, 1024),  # runs past the end
+        (VIRTIO_BLK_T_OUT, SECTORS, 512, 0),
+        (VIRTIO_BLK_T_OUT, 0, 100, 0),  # not a whole sector
+        (VIRTIO_BLK_T_GET_ID, 0, 0, 10),  # no room for the 20-byte id
     ],
 )
 def test_out_of_range_requests_fail_with_ioerr_and_touch_nothing(blk, req_type, sector, out_len, in_len):
@@ -85,12 +86,12 @@ def test_many_requests_in_flight_wrap_the_ring(blk):
     for _ in range(60):
         sector = rng.randrange(SECTORS)
         contents[sector] = rng.randbytes(512)
-        blk.submit(BLK_T_OUT, sector, out=contents[sector])
+        blk.submit(VIRTIO_BLK_T_OUT, sector, out=contents[sector])
         pending += 1
         if pending == 4:
             blk.kick(0)
             assert all(r.status == VIRTIO_BLK_S_OK for r in blk.complete(pending))
             pending = 0
     for sector, data in contents.items():
-        assert blk.do(BLK_T_IN, sector, in_len=512).data == data
+        assert blk.do(VIRTIO_BLK_T_IN, sector, in_len=512).data == data
     assert blk.dev.stats()["requestq"].chains == 60 + len(contents)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kernel_iface import uapi
-from tests.softdev.driver import BLK_T_IN, PAGE, RX, TX, BlkDriver, NetDriver, net_hdr
+from tests.softdev.driver import PAGE, RX, TX, BlkDriver, NetDriver, net_hdr
+from vdpa_svq.guest.blk import VIRTIO_BLK_T_IN
 from vdpa_svq.ring import place_ring
 from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
 
@@ -45,7 +46,7 @@ def test_rx_buffer_in_read_only_mapping_breaks_rx_and_tx_goes_on(packed):
 def test_blk_read_into_read_only_buffer_breaks_the_queue():
     drv = _data_ro(BlkDriver, SoftBlkDevice(sectors=8), num=8)
     try:
-        drv.submit(BLK_T_IN, 0, in_len=512)
+        drv.submit(VIRTIO_BLK_T_IN, 0, in_len=512)
         drv.kick(0)
         assert "read-only" in drv.wait_error(0)
         assert drv.dev.get_status() & uapi.VIRTIO_CONFIG_S_DRIVER_OK  # the device itself is fine

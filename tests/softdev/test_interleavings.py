@@ -53,7 +53,7 @@ def test_every_frame_comes_back_once_in_order(packed, event_idx, indirect, num, 
             if kind == "send":
                 size, kick = o[1], o[2]
                 tx_ring = drv.queues[TX].ring
-                if len(drv.pool.free) < 2 or tx_ring.num_free < (1 if indirect else 2):
+                if drv.pool.available < 2 or tx_ring.num_free < (1 if indirect else 2):
                     continue
                 seq = len(sent)
                 frame = ((seed + seq).to_bytes(4, "little") + bytes([seq & 0xFF])) * (size // 5 + 1)

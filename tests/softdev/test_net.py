@@ -146,7 +146,7 @@ def test_reset_forgets_everything_and_setup_works_again(make_net, packed):
     drv.teardown_rings()
     drv.layout = Layout.SPLIT if packed else Layout.PACKED
     drv.features ^= 1 << uapi.VIRTIO_F_RING_PACKED
-    drv.pool = type(drv.pool)(drv.data_base, drv.pool.count)
+    drv.pool = type(drv.pool)(drv.data_base, SLOT, drv.pool.count)
     drv.setup()
     drv.post_rx(2)
     drv.send(b"two", net_hdr(2))

@@ -8,8 +8,10 @@ computed from those, so the ring's 16-bit/wrap encoding is checked against plain
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vdpa_svq.guest.chains import SentChain
 from vdpa_svq.memory import GuestMemory
 from vdpa_svq.ring import Chain, IndirectArea, Layout, device_ring, driver_ring, place_ring
 
@@ -18,14 +20,11 @@ MAX_SEGS = 4
 
 
 @dataclass
-class InFlight:
-    token: int
-    out: list[tuple[int, int]]
-    in_: list[tuple[int, int]]
-    out_bytes: list[bytes]
-    blocks: list[int]
-    slots: int
-    written: bytes | None = None  # what the device wrote into in_ (when completed)
+class InFlight(SentChain):
+    """A chain in flight, with the data blocks it took and the ring slots it fills (1 if indirect)."""
+
+    blocks: list[int] = field(default_factory=list)
+    slots: int = 1
 
 
 @dataclass
@@ -111,16 +110,15 @@ class RingPair:
         blocks = [self.free_blocks.pop() for _ in range(n)]
         segs = [(self.data_gpa + b * BLOCK, lens[i % len(lens)]) for i, b in enumerate(blocks)]
         out, in_ = segs[:n_out], segs[n_out:]
-        out_bytes = [self.rng.randbytes(length) for _, length in out]
-        for (a, _), data in zip(out, out_bytes, strict=True):
-            self.mem.write(a, data)
+        rec = InFlight(self.next_token, out, in_, [self.rng.randbytes(length) for _, length in out], blocks=blocks,
+                       slots=slots)
+        rec.write_out(self.mem)
         for a, length in in_:
             self.mem.write(a, b"\xee" * length)
-        token = self.next_token
         self.next_token += 1
-        buf_id = self.drv.add(out, in_, token, indirect=indirect)
+        buf_id = self.drv.add(out, in_, rec.token, indirect=indirect)
         assert buf_id not in self.by_id, f"id {buf_id} reused while in flight"
-        self.by_id[buf_id] = InFlight(token, out, in_, out_bytes, blocks, slots)
+        self.by_id[buf_id] = rec
         self.avail_abs += self._units(slots)
         return True
 
@@ -149,8 +147,7 @@ class RingPair:
             assert token == expect.token, "used buffers came back out of the device's order"
             assert expect.written is not None
             assert length == len(expect.written)
-            got = b"".join(self.mem.read(a, n) for a, n in expect.in_)
-            assert got[:length] == expect.written, "written bytes differ"
+            assert expect.written_back(self.mem, length) == expect.written, "written bytes differ"
             self.free_blocks.extend(expect.blocks)
             self.reaped_abs += self._units(expect.slots)
             self.counters.reaped += 1
@@ -260,27 +257,22 @@ class RingPair:
         self.mem.close()
 
 
+# What each op of random_ops() (and of the Hypothesis strategies) does: ("kind", *arguments).
+OPS: dict[str, Callable[..., object]] = {
+    "add": RingPair.add,
+    "kick": RingPair.kick_check,
+    "pop": RingPair.dev_pop,
+    "complete": RingPair.dev_complete,
+    "signal": RingPair.dev_signal,
+    "reap": RingPair.reap,
+    "cb": RingPair.cb,
+    "notify": RingPair.dev_notify,
+}
+
+
 def run_ops(pair: RingPair, ops: list[tuple]) -> None:
-    for op in ops:
-        kind = op[0]
-        if kind == "add":
-            pair.add(*op[1:])
-        elif kind == "kick":
-            pair.kick_check()
-        elif kind == "pop":
-            pair.dev_pop(op[1])
-        elif kind == "complete":
-            pair.dev_complete(op[1], op[2])
-        elif kind == "signal":
-            pair.dev_signal()
-        elif kind == "reap":
-            pair.reap(op[1])
-        elif kind == "cb":
-            pair.cb(op[1])
-        elif kind == "notify":
-            pair.dev_notify(op[1])
-        else:  # pragma: no cover
-            raise ValueError(kind)
+    for kind, *args in ops:
+        OPS[kind](pair, *args)
 
 
 def random_ops(rng: random.Random, count: int, *, max_segs: int = MAX_SEGS) -> list[tuple]:

@@ -58,7 +58,8 @@ def test_packed_every_buffer_delivered_once_and_notifications_follow_the_rules(n
 @settings(max_examples=25, deadline=None)
 @given(layout=st.sampled_from(Layout), event_idx=st.booleans(), data=st.data())
 def test_any_legal_ring_size_works(layout, event_idx, data):
-    """Split sizes are powers of two up to 32768, packed sizes anything in 1..32768 (2.7, 2.8)."""
+    """VIRTIO 1.2 2.7: a split Queue Size "is always a power of 2", at most 32768; 2.8: a packed one "does
+    not have to be a power of 2" (1..32768 here)."""
     num = data.draw(split_sizes if layout is Layout.SPLIT else packed_sizes)
     ops = random_ops(random.Random(num), 60)
     _run(layout, num, event_idx, ops)
@@ -68,7 +69,8 @@ def test_any_legal_ring_size_works(layout, event_idx, data):
 @pytest.mark.parametrize("event_idx", [False, True])
 @pytest.mark.parametrize("num", [1, 2, 4])
 def test_thousands_of_wrap_arounds(layout, event_idx, num):
-    """Small rings through >65536 buffers: wrap counters flip thousands of times and le16 indexes wrap."""
+    """Small rings through >65536 buffers: the packed wrap counters flip thousands of times (VIRTIO 1.2 2.8.1)
+    and the split le16 idx "wraps naturally at 65536" (2.7.13.3), event indexes with it (2.7.7, 2.7.10)."""
     rng = random.Random(num * 2 + event_idx)
     pair = RingPair(layout, num, event_idx, seed=1)
     try:

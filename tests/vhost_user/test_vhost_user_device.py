@@ -14,13 +14,13 @@ import socket
 import pytest
 from click.testing import CliRunner
 
+from bench.vhost_user import backend, stop
 from vdpa_svq import devices
 from vdpa_svq.cli import main
 from vdpa_svq.dump import read_dump
 from vdpa_svq.errors import GuestMemoryError, VdpaSvqError
 from vdpa_svq.memory.guest import GuestMemory, backing
 from vdpa_svq.ring import Layout
-from vdpa_svq.vhost_user.bench import backend, stop
 from vdpa_svq.vhost_user.device import VhostUserDevice
 
 from .client import VhostUserFrontend

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdpa_svq.guest.buffers import BlockPool
+from vdpa_svq.guest.notify import wait_notified
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import DriverRing
 
@@ -83,10 +81,7 @@ class BlkDriver:
             if waited >= self.timeout:
                 raise TimeoutError(f"blk request not completed in {self.timeout} s")
             if self.call_fd >= 0:
-                ready, _, _ = select.select([self.call_fd], [], [], 0.05)
-                if ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self.call_fd)
+                wait_notified([self.call_fd], 0.05)
             waited += 0.05
 
     def write(self, sector: int, data: bytes) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import select
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdpa_svq.errors import RingFull
 from vdpa_svq.guest.buffers import BlockPool
+from vdpa_svq.guest.notify import wait_notified
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import DriverRing
 
@@ -97,14 +96,7 @@ class NetDriver:
 
     def wait(self, timeout: float) -> None:
         """Sleep until the device interrupts (or timeout); consume the interrupts."""
-        fds = [fd for fd in self.call_fds if fd >= 0]
-        ready, _, _ = select.select(fds, [], [], timeout)
-        for fd in ready:
-            try:
-                os.eventfd_read(fd)
-                self.stats.interrupts += 1
-            except BlockingIOError:
-                pass
+        self.stats.interrupts += len(wait_notified([fd for fd in self.call_fds if fd >= 0], timeout))
 
     def _kick(self, index: int) -> None:
         self.stats.kicks += 1

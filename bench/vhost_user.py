@@ -6,7 +6,7 @@ forwards in io mode), the frontend forwards in io mode after a first burst. Slic
 (backend, layout, backend, layout, ...) and medians reported, because rates on a shared machine
 swing widely within one run.
 
-    python -m vdpa_svq.vhost_user.bench [--device soft:net] [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
+    python -m bench.vhost_user [--device soft:net] [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
 
 --kernel: the same frontend inside the kernel bench guest (tools/kbench), against a real vhost-vdpa device
 (vdpa_sim net, loopback, split rings only): testpmd's virtio-user straight on /dev/vhost-vdpa-N (the
@@ -14,7 +14,7 @@ kernel's vhost-vdpa backend, no shadow virtqueue: the passthrough baseline) agai
 through `vdpa-svq serve /dev/vhost-vdpa-N` with each relay (--impl c, --impl py), slices interleaved.
 The host side boots the guest with `tools/kbench run --out DIR -- ... --kernel-guest --json DIR/x.json`.
 
-    python -m vdpa_svq.vhost_user.bench --kernel [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
+    python -m bench.vhost_user --kernel [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
 HOST_SECTION = """## vhost-user, host: testpmd virtio-user through `vdpa-svq serve` vs DPDK's vhost PMD
 
-Produced by `make bench` (`python -m vdpa_svq.vhost_user.bench --write BENCHMARKS.md`). {machine}.
+Produced by `make bench` (`python -m bench.vhost_user --write BENCHMARKS.md`). {machine}.
 io forwarding after a first burst; {slices} interleaved slices of {seconds:g} s each; median RX pps.
 
 - "dpdk-vhost": the frontend straight to DPDK's vhost PMD (a second testpmd forwarding back): the ceiling.
@@ -197,7 +197,7 @@ io forwarding after a first burst; {slices} interleaved slices of {seconds:g} s 
 
 KERNEL_SECTION = """## vhost-user, kernel bench: testpmd virtio-user on vhost-vdpa directly vs through `vdpa-svq serve`
 
-Produced by `make bench` (`python -m vdpa_svq.vhost_user.bench --kernel --write BENCHMARKS.md`). Host: {machine}.
+Produced by `make bench` (`python -m bench.vhost_user --kernel --write BENCHMARKS.md`). Host: {machine}.
 Guest: tools/kbench, Linux {kernel}, **{accel}** ({smp} vCPUs): absolute rates under TCG mean little, the ratio
 is the point. Device: vdpa_sim net (loopback, split rings only), {device}.
 
@@ -460,11 +460,11 @@ def kernel_table(r: dict) -> tuple[str, str]:
 
 def kernel_host(args: argparse.Namespace) -> int:
     """Boot the kbench guest once, run --kernel-guest there, print (and --write) the table."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="vdpa-svq-kbench-out-", dir=repo.parent) as out:
         res = Path(out) / "kernel-bench.json"
         cmd = [sys.executable, str(repo / "tools" / "kbench"), "run", "--timeout", f"{args.timeout:g}",
-               "--out", out, "--", sys.executable, "-m", "vdpa_svq.vhost_user.bench", "--kernel-guest",
+               "--out", out, "--", sys.executable, "-m", "bench.vhost_user", "--kernel-guest",
                "--slices", str(args.slices), "--seconds", f"{args.seconds:g}", "--impls", args.impls,
                "--json", str(res), *(["--burst", str(args.burst)] if args.burst else [])]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)

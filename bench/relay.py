@@ -1,6 +1,6 @@
 """Relay throughput, in-process: chains per second with no relay, the Python relay, and the C relay.
 
-    python -m vdpa_svq.bench [--seconds S] [--out BENCHMARKS.md | --no-write]
+    python -m bench.relay [--seconds S] [--out BENCHMARKS.md | --no-write]
 
 One run measures, for each layout pair (guest ring -> shadow ring) and chain lengths 1 and 4:
 
@@ -210,7 +210,7 @@ def run(seconds: float, log=print) -> str:
 
 REPORT = """# Relay benchmark
 
-Produced by `make bench` (`python -m vdpa_svq.bench`), all numbers from one run.
+Produced by `make bench` (`python -m bench.relay`), all numbers from one run.
 
 Machine: {machine}
 
@@ -256,7 +256,7 @@ def verdict(table: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vdpa_svq.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.2, help="time per cell (default 1.2)")
     ap.add_argument("--out", default="BENCHMARKS.md", help="where to write the report (default BENCHMARKS.md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
