@@ -2017,11 +2017,12 @@ static PyTypeObject RelayType = {
 };
 
 /* ==== The pump: the relay loop in C (loop.py's RelayLoop runs it when the C relay is built) ======
+ * mirrors pump.py:Pump, the readable reference (which runs the Python relays): same names, same rules.
  *
  * One thread, epoll over the guests' kick and the device's call eventfds. A wake-up reads (clears)
  * the eventfd and runs the relay's on_guest_kick / on_device_call, with no Python in between; the
  * GIL is held only while a relay works, never while the pump waits. Sources that are Python
- * callables (anything that is not a C relay) are called as RelayLoop's own loop would.
+ * callables (anything that is not a C relay) are called as pump.py's Pump calls them.
  *
  * Polling (poll_us > 0): after a wake-up of a relay (a kick or a call), the pump keeps every ring's
  * notifications off and polls the rings itself until nothing arrived for poll_us, then turns
@@ -2059,6 +2060,7 @@ typedef struct {
 } Pump;
 
 /* The adaptive window's first step, and the rule (module function adapt_window, for its test). */
+/* mirrors pump.py:ADAPT_START_NS and pump.py:adapt_window */
 #define ADAPT_START_NS 10000ull
 
 static uint64_t adapt_window(uint64_t window, uint64_t gap, uint64_t cap)
@@ -2086,6 +2088,7 @@ static int run_guarded(Relay *q, int (*work)(Relay *))
     return 0;
 }
 
+/* mirrors pump.py:Pump.dispatch */
 static int pump_dispatch(PumpSource *src)
 {
     switch (src->kind) {
@@ -2116,6 +2119,7 @@ static int shadow_has_used(const DriverSide *s)
 }
 
 /* Work for the poller on this relay (read-only: safe without the GIL). */
+/* mirrors relay.py:ShadowVirtqueue.has_work */
 static int relay_has_work(const Relay *q)
 {
     if (!relay_live(q))
@@ -2125,6 +2129,7 @@ static int relay_has_work(const Relay *q)
 
 /* One polling round on one relay, notifications off: used buffers back first (that frees room
  * for a held chain), then what the guest made available. */
+/* mirrors relay.py:ShadowVirtqueue.poll_once */
 static int svq_poll_once(Relay *q)
 {
     if (svq_disable_guest_notify(q) < 0)
@@ -2136,6 +2141,7 @@ static int svq_poll_once(Relay *q)
 }
 
 /* Back to notifications: the drains turn them on and relay whatever raced in meanwhile. */
+/* mirrors relay.py:ShadowVirtqueue.rearm */
 static int svq_rearm(Relay *q)
 {
     if (svq_drain_device(q) < 0)
@@ -2143,6 +2149,7 @@ static int svq_rearm(Relay *q)
     return q->held ? 0 : svq_drain_guest(q);
 }
 
+/* mirrors pump.py:Pump.any_work */
 static int pump_any_work(Pump *p)
 {
     Py_ssize_t n = PyList_GET_SIZE(p->relays);
@@ -2152,6 +2159,7 @@ static int pump_any_work(Pump *p)
     return 0;
 }
 
+/* mirrors pump.py:Pump.for_each */
 static int pump_for_each(Pump *p, int (*work)(Relay *))
 {
     /* A relay's list entry cannot go away while we hold the GIL; run_guarded keeps a RingError
@@ -2164,6 +2172,7 @@ static int pump_for_each(Pump *p, int (*work)(Relay *))
     return 0;
 }
 
+/* mirrors pump.py:Pump.poll: a polling phase, then the re-arm */
 static int pump_poll(Pump *p, uint64_t poll_ns)
 {
     p->poll_phases++;
@@ -2197,8 +2206,9 @@ static int pump_poll(Pump *p, uint64_t poll_ns)
 
 /* A source that is not a working eventfd any more (hung up, in error, read() gave no counter):
  * a peer's fd that would otherwise wake us forever. Out of the epoll set; its relay stops with
- * the reason (loop.py's Python loop says the same). A callable's source ends the pump instead:
+ * the reason (pump.py's Pump.drop says the same). A callable's source ends the pump instead:
  * there is no queue to stop. */
+/* mirrors pump.py:Pump.drop */
 static int pump_drop(Pump *p, PumpSource *src)
 {
     epoll_ctl(p->epfd, EPOLL_CTL_DEL, src->fd, NULL);
@@ -2219,6 +2229,7 @@ static int pump_drop(Pump *p, PumpSource *src)
     return 0;
 }
 
+/* mirrors pump.py:Pump.run */
 static PyObject *pump_run(Pump *p, PyObject *args)
 {
     long poll_us = 0, adaptive_max_us = 0;
@@ -2318,6 +2329,7 @@ static PyObject *pump_add(Pump *p, int kind, int fd, Relay *relay, PyObject *fn)
     Py_RETURN_NONE;
 }
 
+/* mirrors pump.py:Pump.add_relay */
 static PyObject *pump_add_relay(Pump *p, PyObject *args)
 {
     int fd;
@@ -2333,6 +2345,7 @@ static PyObject *pump_add_relay(Pump *p, PyObject *args)
     return pump_add(p, kind, fd, (Relay *)relay, NULL);
 }
 
+/* mirrors pump.py:Pump.add_callable */
 static PyObject *pump_add_callable(Pump *p, PyObject *args)
 {
     int fd;
@@ -2346,6 +2359,7 @@ static PyObject *pump_add_callable(Pump *p, PyObject *args)
     return pump_add(p, SOURCE_CALLABLE, fd, NULL, fn);
 }
 
+/* mirrors pump.py:Pump.stop */
 static PyObject *pump_stop(Pump *p, PyObject *Py_UNUSED(ignored))
 {
     __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
@@ -2416,6 +2430,7 @@ static void pump_dealloc(Pump *p)
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
+/* mirrors pump.py:Pump.stats */
 static PyObject *pump_get_stats(Pump *p, void *Py_UNUSED(closure))
 {
     return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases,

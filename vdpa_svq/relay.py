@@ -182,6 +182,31 @@ class ShadowVirtqueue:
             if self.shadow.enable_cb():
                 return
 
+    # -- polling (what the pump calls in a polling phase: pump.py) ---------------------------
+    def has_work(self) -> bool:
+        """A used shadow buffer to return, or (no chain held) a guest chain to relay."""
+        return self.error is None and (self.shadow.has_used() or (self._held is None and self.guest.has_avail()))
+
+    def poll_once(self) -> None:
+        """One polling round, notifications off: used buffers back first (that frees room for a
+        held chain), then what the guest made available."""
+        self._guarded(self._poll_once)
+
+    def _poll_once(self) -> None:
+        self._disable_guest_notify()
+        self.shadow.disable_cb()
+        self.forward_used()
+        self.forward_avail()
+
+    def rearm(self) -> None:
+        """Back to notifications: the drains turn them on and relay whatever raced in meanwhile."""
+        self._guarded(self._rearm)
+
+    def _rearm(self) -> None:
+        self._drain_device()
+        if self._held is None:
+            self._drain_guest()
+
     def _disable_guest_notify(self) -> None:
         self.guest.disable_notify()
         self._mark(*self.guest.notify_area())

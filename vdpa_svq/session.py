@@ -22,10 +22,10 @@ from kernel_iface.uapi import bit
 from vdpa_svq.device import Device
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop, polls_by_hand
+from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop
 from vdpa_svq.memory.guest import GuestMemory, page_align
 from vdpa_svq.memory.iova import IovaMap
-from vdpa_svq.relay_impl import DEFAULT_IMPL, Relay, make_shadow_virtqueue
+from vdpa_svq.relay_impl import Relay, make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
 from vdpa_svq.ring.layout import (
     USED_IDX,
@@ -356,10 +356,8 @@ class ShadowSession:
         """`dirty`: True logs into a fresh bitmap over guest memory; a DirtyBitmap logs into that one
         (a vhost-user frontend's shared log); None logs nothing (sparse guest-physical spaces whose
         bitmap would be huge, when nobody asked for a log). `poll_us`: busy-poll the rings for this
-        long after each burst before sleeping again (0: notifications only; needs the C relay), or
-        "auto" for a window the C relay's loop learns (none with the Python relay)."""
-        if polls_by_hand(poll_us) and (DEFAULT_IMPL if impl == "auto" else impl) != "c":
-            raise SessionError("busy polling runs in the C relay's loop: it needs the C relay (--impl c)")
+        long after each burst before sleeping again (0: notifications only), or "auto" for a window
+        the relay loop learns (loop.check_polling says what is valid)."""
         self.dev = dev
         self.guest_mem = guest_mem
         self.impl = impl

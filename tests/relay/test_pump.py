@@ -1,4 +1,6 @@
-"""The relay loop in C (vdpa_svq._relay.Pump, through RelayLoop): dispatch, polling, failure.
+"""The relay loop's pumps (through RelayLoop): dispatch, polling, the re-arm, the adaptive window,
+failure. Every case runs over both pumps: the Python one (vdpa_svq/pump.py, with Python relays)
+and the C one that mirrors it (vdpa_svq._relay.Pump, with C relays).
 
 Whole runs through the pump, with traffic checked frame by frame, are in tests/cli/test_attach.py
 (soft:net, every layout pair, with and without polling) and tests/vhost_user (serve).
@@ -7,59 +9,123 @@ Whole runs through the pump, with traffic checked frame by frame, are in tests/c
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import threading
 import time
 
 import pytest
 
 from tests.relay.harness import RelayRig
-from vdpa_svq import _relay
+from vdpa_svq import _relay, pump
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import GuestRingError
 from vdpa_svq.loop import EventfdNotifier, RelayLoop
 from vdpa_svq.ring import Layout
+
+IMPLS = ["py", "c"]  # as tests/relay/test_relay.py: the Python reference and the C that mirrors it
+PUMPS = {"py": pump.Pump, "c": _relay.Pump}
+STATS = {"wakeups", "poll_phases", "poll_rounds", "poll_window_ns", "window_grows", "window_shrinks"}
 
 
 def eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
+def wait_for(cond, timeout: float = 5.0, step: float = 0.005, what: str = "timed out") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+        assert time.monotonic() < deadline, what
+        time.sleep(step)
+
+
+def hung_up_socket() -> int:
+    a, b = socket.socketpair()
+    b.close()
+    return a.detach()
+
+
+def new_pump(impl: str):
+    return PUMPS[impl]()
+
+
+def close_pump(p) -> None:
+    if isinstance(p, pump.Pump):
+        p.close()  # the C Pump closes its fds when it goes away
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request) -> str:
+    return request.param
 
 
 @pytest.fixture
-def rig():
-    r = RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl="c")
+def rig(impl):
+    r = RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl=impl)
     yield r
     r.close()
 
 
-def test_a_stopped_loop_returns_even_if_stopped_before_it_ran():
-    loop = RelayLoop()
-    loop._pump.stop()
-    t = threading.Thread(target=loop._pump.run)
+def test_a_stopped_pump_returns_even_if_stopped_before_it_ran(impl):
+    p = new_pump(impl)
+    p.stop()
+    t = threading.Thread(target=p.run)
     t.start()
     t.join(5)
     assert not t.is_alive()
-    loop.close()
+    close_pump(p)
 
 
-def test_callable_sources_run_in_the_pump():
-    loop, fd, seen = RelayLoop(), eventfd(), []
+def test_both_pumps_count_the_same_things(impl):
+    p = new_pump(impl)
+    assert set(p.stats) == STATS and not any(p.stats.values())
+    close_pump(p)
+    assert set(RelayLoop().stats) == STATS
+
+
+def test_the_loop_runs_each_relay_in_its_own_pump(impl, rig):
+    loop, kick = RelayLoop(), eventfd()
+    try:
+        loop.add_relay(kick, rig.svq, "kick")
+        assert isinstance(loop._pump, PUMPS[impl])
+        other = RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl="c" if impl == "py" else "py")
+        with pytest.raises(ValueError, match="one implementation"):
+            loop.add_relay(kick, other.svq, "call")
+        other.close()
+    finally:
+        loop.close()
+        os.close(kick)
+
+
+def test_callables_added_first_move_to_the_relays_pump(impl, rig):
+    loop, fd, kick, seen = RelayLoop(), eventfd(), eventfd(), []
     loop.add(fd, lambda: seen.append(1))
+    loop.add_relay(kick, rig.svq, "kick")
     loop.start()
+    try:
+        os.eventfd_write(fd, 1)
+        wait_for(lambda: seen)
+    finally:
+        loop.close()
+        os.close(fd)
+        os.close(kick)
+
+
+def test_callable_sources_run_in_the_pump(impl):
+    p, fd, seen = new_pump(impl), eventfd(), []
+    p.add_callable(fd, lambda: seen.append(1))
+    t = threading.Thread(target=p.run)
+    t.start()
     try:
         for n in range(1, 4):
             os.eventfd_write(fd, 1)
             wait_for(lambda n=n: len(seen) == n)
     finally:
-        loop.close()
+        p.stop()
+        t.join()
         os.close(fd)
-    assert loop.error is None and loop.wakeups == 3
+    assert p.stats["wakeups"] == 3
+    close_pump(p)
 
 
 def test_a_broken_guest_ring_stops_its_queue_and_not_the_loop(rig):
@@ -83,10 +149,10 @@ def test_a_broken_guest_ring_stops_its_queue_and_not_the_loop(rig):
         os.close(other)
 
 
-def test_a_failing_notifier_ends_the_loop_with_its_reason():
-    r = RelayRig(Layout.PACKED, Layout.PACKED, 8, 8, event_idx=False, impl="c")
+def test_a_failing_notifier_ends_the_loop_with_its_reason(impl):
+    r = RelayRig(Layout.PACKED, Layout.PACKED, 8, 8, event_idx=False, impl=impl)
     read_end, write_end = os.pipe()
-    r._device_kick = EventfdNotifier(read_end)  # the C relay writes this fd itself: EBADF
+    r._device_kick = EventfdNotifier(read_end)  # a pipe's read end is no eventfd: EBADF
     r.svq.close()
     r.svq = r.make_svq(r.iova)
     kick = eventfd()
@@ -105,9 +171,9 @@ def test_a_failing_notifier_ends_the_loop_with_its_reason():
         r.close()
 
 
-def test_polling_relays_without_notifications():
+def test_polling_relays_without_notifications(impl):
     """With poll_us, chains the guest adds while the pump polls reach the shadow ring with no kick."""
-    rig = RelayRig(Layout.PACKED, Layout.SPLIT, 64, 64, event_idx=True, impl="c")  # room for every chain
+    rig = RelayRig(Layout.PACKED, Layout.SPLIT, 64, 64, event_idx=True, impl=impl)  # room for every chain
     kick = eventfd()
     loop = RelayLoop(poll_us=2_000_000)  # polls for 2 s after the first kick
     loop.add_relay(kick, rig.svq, "kick")
@@ -127,9 +193,164 @@ def test_polling_relays_without_notifications():
         rig.close()
 
 
-def test_polling_needs_the_c_relay_and_a_sane_time():
+def test_a_negative_poll_time_is_refused():
     with pytest.raises(ValueError, match="poll_us must be >= 0"):
         RelayLoop(poll_us=-1)
+
+
+@pytest.mark.parametrize("poll_us", [20_000, "auto"])
+def test_an_idle_polling_loop_polls_nothing(impl, poll_us):
+    """No wake-up, no polling phase; and once a phase gives up, the loop sleeps in epoll again."""
+    rig = RelayRig(Layout.SPLIT, Layout.PACKED, 64, 64, event_idx=True, impl=impl)  # room for every chain
+    kick = eventfd()
+    loop = RelayLoop(poll_us=poll_us)
+    loop.add_relay(kick, rig.svq, "kick")
+    loop.start()
+    try:
+        cpu = time.process_time()
+        time.sleep(0.3)
+        assert time.process_time() - cpu < 0.05, "a loop nobody woke must sleep"
+        assert loop.stats["poll_phases"] == loop.stats["poll_rounds"] == 0, loop.stats
+        added = 0
+        for _ in range(3):  # bursts 1 ms apart: "auto" learns a window too
+            added += rig.guest_add()
+            os.eventfd_write(kick, 1)
+            time.sleep(0.001)
+        wait_for(lambda: rig.svq.stats.forwarded == added and loop.stats["poll_phases"] > 0)
+        time.sleep(0.1)  # longer than any window: the phase is over
+        phases, cpu = loop.stats["poll_phases"], time.process_time()
+        time.sleep(0.3)
+        assert time.process_time() - cpu < 0.05, "an idle loop must sleep, not spin"
+        assert loop.stats["poll_phases"] == phases, loop.stats
+    finally:
+        loop.close()
+        os.close(kick)
+        rig.close()
+
+
+def test_a_hung_up_fd_stops_its_relay_and_the_poller_skips_it(impl):
+    """A relay stopped by a dead kick fd is polled no more: the other relays go on polling."""
+    dead_rig = RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl=impl)
+    live_rig = RelayRig(Layout.PACKED, Layout.SPLIT, 64, 64, event_idx=True, impl=impl, seed=1)
+    dead, kick = hung_up_socket(), eventfd()
+    loop = RelayLoop(poll_us=200_000)
+    loop.add_relay(dead, dead_rig.svq, "kick")
+    loop.add_relay(kick, live_rig.svq, "kick")
+    loop.start()
+    try:
+        wait_for(lambda: dead_rig.svq.error is not None)
+        assert isinstance(dead_rig.svq.error, GuestRingError) and "hung up" in str(dead_rig.svq.error)
+        dead_rig.guest_add()  # made available to a stopped relay: nobody relays it
+        live_rig.guest_add()
+        os.eventfd_write(kick, 1)
+        wait_for(lambda: loop.stats["poll_phases"] == 1)
+        added = 1 + sum(live_rig.guest_add() for _ in range(5))  # no kick: the pump polls
+        wait_for(lambda: live_rig.svq.stats.forwarded == added)
+        assert loop.stats["poll_rounds"] > 0 and loop.stats["wakeups"] == 1, loop.stats
+        assert dead_rig.svq.stats.forwarded == 0 and loop.running and loop.error is None
+    finally:
+        loop.close()
+        for fd in (dead, kick):
+            os.close(fd)
+        dead_rig.close()
+        live_rig.close()
+
+
+# -- the re-arm: work that raced in before notifications were on again -----------------------------
+@pytest.fixture
+def slow_thread_switches():
+    """Let a thread keep the GIL for a while: the test's thread holds off the pump's (when it has
+    to take the GIL back) for as long as it busy-waits."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    yield
+    sys.setswitchinterval(before)
+
+
+def busy_wait(seconds: float) -> None:
+    """Spin without releasing the GIL (no sleep, no I/O)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def shadow_callbacks_disabled(rig: RelayRig) -> bool:
+    return bool(int.from_bytes(rig.dev_mem.read(rig.s_addrs.driver, 2), "little") & 1)  # VRING_AVAIL_F_NO_INTERRUPT
+
+
+@pytest.mark.parametrize("side", ["guest", "device"])
+def test_work_racing_the_rearm_is_not_left_sleeping(impl, side, slow_thread_switches):
+    """A polling phase gives up while this thread holds the GIL; it then makes work without a
+    notification (the rings' notifications are off). The re-arm relays that work; and while it does,
+    a notifier run by the relay makes more, after the last poll and before the re-enable: only the
+    re-check after enabling (QEMU's `while (!enable_notification)`) finds it, since no notification
+    comes. Guest side: a chain made available; device side: a buffer used."""
+    rig = RelayRig(Layout.SPLIT, Layout.SPLIT, 64, 64, event_idx=False, impl=impl)
+    kick = eventfd()
+    loop = RelayLoop(poll_us=100_000)
+    raced: dict[str, object] = {}
+
+    def race_in_the_rearm() -> None:
+        """Called by the relay in the re-arm: more work, silently (the relay asked for no notification)."""
+        if "first" not in raced or "more" in raced:
+            return
+        raced["rounds"] = loop.stats["poll_rounds"]
+        if side == "guest":
+            assert rig.guest_add()
+            raced["more"] = not rig.drv.kick_needed()
+        else:
+            rig.device_complete(1)  # calls the relay itself only if it asked for a notification
+            raced["more"] = shadow_callbacks_disabled(rig)
+
+    def device_kick() -> None:
+        RelayRig._device_kick(rig)
+        race_in_the_rearm()
+
+    def guest_call() -> None:
+        RelayRig._guest_call(rig)
+        race_in_the_rearm()
+
+    if side == "guest":
+        rig._device_kick = device_kick
+    else:
+        rig._guest_call = guest_call
+    rig.svq.close()
+    rig.svq = rig.make_svq(rig.iova)
+    loop.add_relay(kick, rig.svq, "kick")
+    loop.start()
+    try:
+        for _ in range(1 if side == "guest" else 2):
+            assert rig.guest_add()
+        os.eventfd_write(kick, 1)
+        if side == "device":
+            wait_for(lambda: rig.svq.stats.forwarded == 2, step=0.0005)
+            rig.device_kicked = True
+            rig.device_on_kick(2)
+        wait_for(lambda: loop.stats["poll_phases"] == 1, step=0.0005)
+        # Notifications go off with the phase's first poll round, which needs work to find: a
+        # chain the poller relays by itself. Its kick is left out on purpose: a kick pending
+        # after the phase would wake the pump, which would then find the raced work without
+        # the re-arm's re-check.
+        assert rig.guest_add()
+        wait_for(lambda: loop.stats["poll_rounds"] == 1, step=0.0005)
+        busy_wait(0.3)  # the 100 ms window runs out meanwhile: the pump waits for the GIL to re-arm
+        if side == "guest":
+            assert rig.guest_add()
+            raced["first"] = not rig.drv.kick_needed()
+        else:
+            rig.device_complete(1)
+            raced["first"] = shadow_callbacks_disabled(rig)
+        done = (lambda: rig.svq.stats.forwarded == 4) if side == "guest" else (lambda: rig.svq.stats.returned == 2)
+        wait_for(lambda: "more" in raced)
+        assert raced["first"] and raced["more"], f"work came with a notification: no race ({raced})"
+        wait_for(done, timeout=1.0, what=f"work that raced the re-arm was left sleeping: {rig.svq.stats}")
+        assert loop.stats["poll_rounds"] == raced["rounds"], "a poll round found it, not the re-arm"
+        assert loop.stats["wakeups"] == 1 and loop.stats["poll_phases"] == 1, loop.stats
+        assert rig.svq.error is None and loop.error is None
+    finally:
+        loop.close()
+        os.close(kick)
+        rig.close()
 
 
 def test_harvest_returns_the_bits_and_clears_them():
@@ -170,23 +391,25 @@ def test_marks_racing_a_harvest_are_never_lost():
 
 # -- adaptive polling (--poll-us auto) -------------------------------------------------------------
 CAP = 2_000_000  # ns
+ADAPT_WINDOW = {"py": pump.adapt_window, "c": _relay.adapt_window}
 
 
-@pytest.mark.parametrize("window, gap, expected", [
-    (0, 100, 10_000),                 # a wake-up soon after the last burst: start polling
-    (10_000, 100, 20_000),            # and again: double
-    (1_500_000, 100, CAP),            # never past the cap
-    (CAP, CAP - 1, CAP),
-    (CAP, CAP, CAP // 2),             # a wake-up after a whole cap of idle: the spin was waste, halve
-    (15_000, 10**10, 0),              # below the first step: stop polling altogether
-    (0, 10**10, 0),
+@pytest.mark.parametrize("window, gap, cap, expected", [
+    (0, 100, CAP, 10_000),            # a wake-up soon after the last burst: start polling
+    (10_000, 100, CAP, 20_000),       # and again: double
+    (1_500_000, 100, CAP, CAP),       # never past the cap
+    (CAP, CAP - 1, CAP, CAP),
+    (CAP, CAP, CAP, CAP // 2),        # a wake-up after a whole cap of idle: the spin was waste, halve
+    (15_000, 10**10, CAP, 0),         # below the first step: stop polling altogether
+    (0, 10**10, CAP, 0),
+    (0, 100, 5_000, 5_000),           # a cap below the first step: the first step is the cap
 ])
-def test_the_adaptive_window_rule(window, gap, expected):
-    assert _relay.adapt_window(window, gap, CAP) == expected
+def test_the_adaptive_window_rule(impl, window, gap, cap, expected):
+    assert ADAPT_WINDOW[impl](window, gap, cap) == expected
 
 
-def test_an_adaptive_loop_learns_a_window_then_sleeps_when_idle():
-    rig = RelayRig(Layout.SPLIT, Layout.SPLIT, 256, 256, event_idx=True, impl="c")
+def test_an_adaptive_loop_learns_a_window_then_sleeps_when_idle(impl):
+    rig = RelayRig(Layout.SPLIT, Layout.SPLIT, 256, 256, event_idx=True, impl=impl)
     kick = eventfd()
     loop = RelayLoop(poll_us="auto")
     loop.add_relay(kick, rig.svq, "kick")

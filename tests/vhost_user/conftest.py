@@ -15,7 +15,7 @@ from vdpa_svq.vhost_user.backend import Server
 class RunningServer:
     def __init__(self, path: str, impl: str = "auto", device: Any = None, poll_us: int = 0) -> None:
         """`device`: an open device the server takes over (closed by stop()); soft:net by default.
-        `poll_us`: the relay loop's busy polling (C relay only), as `serve --poll-us`."""
+        `poll_us`: the relay loop's busy polling, as `serve --poll-us`."""
         self.device = open_device("soft:net") if device is None else device
         self.server = Server(self.device, path, impl=impl, poll_us=poll_us)
         self.path = path

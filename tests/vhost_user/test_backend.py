@@ -9,13 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from vdpa_svq.devices import open_device
 from vdpa_svq.dirty import pages_of
 from vdpa_svq.guest.frames import build_frame, parse_frame
 from vdpa_svq.guest.net import NetDriver
+from vdpa_svq.relay_impl import AVAILABLE_IMPLS
 from vdpa_svq.ring import Layout
 from vdpa_svq.vhost_user import messages as m
-from vdpa_svq.vhost_user.backend import BackendError, Server
+from vdpa_svq.vhost_user.backend import BackendError
 from vdpa_svq.vhost_user.messages import Request
 
 from .client import VhostUserFrontend, recv_reply, send
@@ -281,7 +281,7 @@ def test_user_addresses_translate_through_every_region():
     """SET_VRING_ADDR carries the frontend's virtual addresses; each region maps its own range."""
     from types import SimpleNamespace
 
-    from vdpa_svq.vhost_user.backend import BackendError, Connection
+    from vdpa_svq.vhost_user.backend import Connection
 
     table = (m.MemRegion(0x0, 0x10000, 0x7F0000000000, 0), m.MemRegion(0x100000, 0x10000, 0x7E0000000000, 0))
     conn = SimpleNamespace(table=table)
@@ -310,15 +310,17 @@ def test_get_features_offers_what_the_relay_serves(server):
         s.close()
 
 
-# -- busy polling (serve --poll-us): the C relay's Pump polls the rings with notifications off ------
+# -- busy polling (serve --poll-us): the pump (C, or pump.py for the Python relay) polls the rings with
+# notifications off ---------------------------------------------------------------------------------
 # Long enough to see soft:net (a Python thread) answer a burst within one polling phase: at 200 us
 # it never does here, and every phase ends with no round (this frontend sends a burst, then waits).
 POLL_US = 5000
 
 
-@pytest.fixture
-def polling_server(tmp_path) -> Iterator[RunningServer]:
-    srv = RunningServer(str(tmp_path / "vu.sock"), impl="c", poll_us=POLL_US)
+@pytest.fixture(params=AVAILABLE_IMPLS)
+def polling_server(request, tmp_path) -> Iterator[RunningServer]:
+    """A server whose relay busy-polls, with each relay implementation that was built."""
+    srv = RunningServer(str(tmp_path / "vu.sock"), impl=request.param, poll_us=POLL_US)
     yield srv
     srv.stop()
 
@@ -371,11 +373,3 @@ def test_dirty_log_holds_every_page_the_device_wrote_while_polling(polling_serve
     assert polling_server.server.summaries[0].relay_loop["poll_rounds"] > 0
 
 
-def test_busy_polling_with_the_python_relay_is_refused(tmp_path):
-    dev = open_device("soft:net")
-    try:
-        with pytest.raises(BackendError, match=r"busy polling \(--poll-us\).*Python relay"):
-            Server(dev, str(tmp_path / "vu.sock"), impl="py", poll_us=100)
-        assert not (tmp_path / "vu.sock").exists()
-    finally:
-        dev.close()

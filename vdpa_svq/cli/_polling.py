@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
-from vdpa_svq.loop import ADAPTIVE, ADAPTIVE_MAX_US, Polling
+from vdpa_svq.loop import ADAPTIVE, ADAPTIVE_MAX_US, Polling, check_polling
 
 POLL_HELP = (
     "Busy-poll the rings after each burst, with notifications off: 'auto' learns the window from the "
     f"traffic (up to {ADAPTIVE_MAX_US} µs: polls without a break under load, sleeps when idle), US polls "
-    "for US microseconds every time, 0 never polls (notifications only). C relay only; the Python relay "
-    "is notification-driven, and 'auto' means that for it."
+    "for US microseconds every time, 0 never polls (notifications only)."
 )
 
 
@@ -18,12 +19,12 @@ class PollSetting(click.ParamType):
     name = "auto|US"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Polling:
-        if value == ADAPTIVE or isinstance(value, int):
-            return value
+        """The setting as the loop takes it; loop.check_polling alone says what is valid."""
+        setting: Polling = value if isinstance(value, int) else str(value)
+        if setting != ADAPTIVE:
+            with contextlib.suppress(ValueError):  # not a number: check_polling refuses the text
+                setting = int(setting)
         try:
-            us = int(str(value))
+            return check_polling(setting)
         except ValueError:
-            us = -1
-        if us < 0:
             self.fail(f"{value!r} is not 'auto' or a number of microseconds >= 0", param, ctx)
-        return us

@@ -45,7 +45,7 @@ from kernel_iface import uapi
 from kernel_iface.uapi import bit
 from vdpa_svq.device import Device
 from vdpa_svq.errors import VdpaSvqError
-from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, polls_by_hand, signal_eventfd
+from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import Layout, RingAddresses, RingState
 from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
@@ -720,8 +720,6 @@ class Server:
             check_polling(poll_us)
         except ValueError:
             raise BackendError(f"poll time must be >= 0 microseconds or {ADAPTIVE!r}, not {poll_us!r}") from None
-        if polls_by_hand(poll_us) and impl == "py":
-            raise BackendError("busy polling (--poll-us) runs in the C relay's loop; the Python relay has none")
         self.session = DeviceSession(device)
         self.path = path
         self.impl = impl
