@@ -232,6 +232,8 @@ fail:
     return NULL;
 }
 
+/* Every failure leaves through `fail`, which frees the source and drops its reference to fn
+ * together: no path can forget one of the two. */
 static PyObject *pump_add(Pump *p, int kind, int fd, Relay *relay, PyObject *fn)
 {
     PumpSource *src = PyMem_RawCalloc(1, sizeof *src);
@@ -241,29 +243,30 @@ static PyObject *pump_add(Pump *p, int kind, int fd, Relay *relay, PyObject *fn)
     src->fd = fd;
     src->relay = relay;
     src->fn = Py_XNewRef(fn);
-    if (relay != NULL && !PySequence_Contains(p->relays, (PyObject *)relay)) {
-        if (p->running) {
-            Py_XDECREF(src->fn);
-            PyMem_RawFree(src);
+    if (relay != NULL) {
+        int known = PySequence_Contains(p->relays, (PyObject *)relay);
+        if (known < 0)
+            goto fail;
+        if (!known && p->running) {
             PyErr_SetString(PyExc_RuntimeError, "relays join the pump before it runs (a new fd of one may come later)");
-            return NULL;
+            goto fail;
         }
-        if (PyList_Append(p->relays, (PyObject *)relay) < 0) {
-            PyMem_RawFree(src);
-            return NULL;
-        }
+        if (!known && PyList_Append(p->relays, (PyObject *)relay) < 0)
+            goto fail;
     }
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = src};
     if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        Py_XDECREF(src->fn);
-        PyMem_RawFree(src);
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
     }
     src->next = p->sources;
     p->sources = src;
     Py_RETURN_NONE;
+fail:
+    Py_XDECREF(src->fn);
+    PyMem_RawFree(src);
+    return NULL;
 }
-
 
 static PyObject *pump_add_relay(Pump *p, PyObject *args)
 {
