@@ -6,8 +6,8 @@
 
 The first two share the device side of a ring, _ring.h: a header of static definitions that each
 includes once (see there why). The extensions are optional (PEP 399): without a compiler the install
-still succeeds and the Python twins run. tests/differential and tests/softdev fail loudly if they
-did not build, so CI cannot pass on the fallback by accident.
+still succeeds and the Python twins run (vdpa_svq.native picks). tests/differential and tests/softdev
+fail loudly if they did not build, so CI cannot pass on the fallback by accident.
 """
 
 from setuptools import Extension, setup

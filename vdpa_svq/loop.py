@@ -19,12 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from vdpa_svq._relay import Pump
-except ImportError:  # no C relay: the Python loop
-    Pump = None
-
 from vdpa_svq.errors import DeviceRingError, GuestRingError
+from vdpa_svq.native import Pump  # None when the C relay is not built: the Python loop
 
 ADAPTIVE = "auto"  # poll_us: a polling window learnt from the traffic, up to ADAPTIVE_MAX_US
 # The learnt window's cap: a wake-up later than this after the last burst counts as idle. Long

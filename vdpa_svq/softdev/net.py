@@ -16,16 +16,12 @@ import struct
 from collections.abc import Callable
 
 from kernel_iface import uapi
+from vdpa_svq.native import NetLoop  # the loopback in C (softdev/_netloop.c); None: the Python datapath
 from vdpa_svq.relay_impl import device_ring_spec
 from vdpa_svq.ring import DeviceRing, Layout
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
-
-try:  # the loopback in C (softdev/_netloop.c); without it the Python datapath below runs
-    from vdpa_svq.softdev._netloop import NetLoop
-except ImportError:
-    NetLoop = None
 
 RX, TX = 0, 1
 VIRTIO_NET_S_LINK_UP = 1
