@@ -327,7 +327,8 @@ typedef struct {
 } Chain;
 
 /* The shadow ring's token for one buffer id: what forward_used() needs of the guest chain (the
- * Python relay keeps the Chain object itself). Its writable segments live in the token arena. */
+ * Python relay keeps the Chain object itself). Its writable segments live in the relay's token
+ * arena. Here because push_used takes one: a device gives back id, ndescs and writable_bytes. */
 typedef struct {
     uint16_t id;
     uint32_t ndescs;
@@ -338,8 +339,9 @@ typedef struct {
 static int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
 {
     if (c->nsegs == c->cap) {
-        /* Only a chain longer than anything the shadow ring can take gets here (see the cap in
-         * relay_init): it is on its way to "can never fit the shadow ring". */
+        /* In the relay, only a chain longer than anything the shadow ring can take gets here (see
+         * the cap in relay_init): it is on its way to "can never fit the shadow ring". The soft
+         * device's scratch starts at 64 segments and grows to its longest chain. */
         uint32_t cap = c->cap * 2;
         Seg *segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg));
         if (segs == NULL) {
