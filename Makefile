@@ -12,7 +12,7 @@ deps:  ## Debian packages the build and the tests need (installed only when miss
 	@tools/install-debian-deps
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml setup.py vdpa_svq/_relay.c vdpa_svq/_netloop.c vdpa_svq/_busguard.c
+$(STAMP): pyproject.toml setup.py $(wildcard vdpa_svq/*.[ch] vdpa_svq/softdev/*.[ch])  # every C source and header
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

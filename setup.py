@@ -1,28 +1,40 @@
-"""Build of the C relay (vdpa_svq._relay) and the SIGBUS guard (vdpa_svq._busguard); the rest
-is in pyproject.toml.
+"""Build of the C extensions; the rest is in pyproject.toml.
 
-The extension is optional (PEP 399): without a compiler the install still succeeds and
-vdpa_svq.relay_impl falls back to the Python reference. tests/differential fails loudly if it
-did not build, so CI cannot pass on the fallback by accident.
+    vdpa_svq._relay             the relay (_relay.c) and its loop, the Pump (_pump.c)
+    vdpa_svq.softdev._netloop   the soft net device's loopback (softdev/_netloop.c)
+    vdpa_svq._busguard          SIGBUS-safe access to memory a peer can shrink (memory/guest.py)
+
+The first two share the device side of a ring, _ring.h: a header of static definitions that each
+includes once (see there why). The extensions are optional (PEP 399): without a compiler the install
+still succeeds and the Python twins run (vdpa_svq.native picks). tests/differential and tests/softdev
+fail loudly if they did not build, so CI cannot pass on the fallback by accident.
 """
 
 from setuptools import Extension, setup
+
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+RING = ["vdpa_svq/_ring.h"]
 
 setup(
     ext_modules=[
         Extension(
             "vdpa_svq._relay",
-            ["vdpa_svq/_relay.c"],
-            depends=["vdpa_svq/_netloop.c"],  # included by _relay.c: one module
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
+            ["vdpa_svq/_relay.c", "vdpa_svq/_pump.c"],
+            depends=RING + ["vdpa_svq/_relay.h"],
+            extra_compile_args=CFLAGS + ["-Wno-cast-function-type"],
             optional=True,
         ),
         Extension(
-            "vdpa_svq._busguard",  # SIGBUS-safe access to memory a peer can shrink (memory/guest.py)
+            "vdpa_svq.softdev._netloop",
+            ["vdpa_svq/softdev/_netloop.c"],
+            depends=RING,
+            extra_compile_args=CFLAGS + ["-Wno-cast-function-type"],
+            optional=True,
+        ),
+        Extension(
+            "vdpa_svq._busguard",
             ["vdpa_svq/_busguard.c"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-Wno-missing-field-initializers"],
+            extra_compile_args=CFLAGS,
             optional=True,
         ),
     ]

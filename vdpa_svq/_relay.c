@@ -2,10 +2,13 @@
  * vdpa_svq._relay: the shadow virtqueue's hot loop in C.
  *
  * relay.py is the reference. This file mirrors it function for function, with the same names in
- * the same order (each tagged "mirrors relay.py:..."), and the ring operations the relay needs from
- * ring/split.py and ring/packed.py (each tagged "mirrors split.py:SplitDeviceRing.pop" etc.). The
- * guest-visible ring is driven as its DEVICE, the shadow ring as its DRIVER; split and packed twins
- * sit in their own sections and the layout is picked once, in the guest_* / shadow_* dispatchers.
+ * the same order (each tagged "mirrors relay.py:..."), and the driver side of the shadow ring from
+ * ring/split.py and ring/packed.py (each tagged "mirrors split.py:SplitDriverRing.add" etc.). The
+ * guest-visible ring is driven as its DEVICE (the code in _ring.h, which the soft net device
+ * shares), the shadow ring as its DRIVER (here: only the relay drives a ring); split and packed
+ * twins sit in their own sections and the layout is picked once, in the guest_* / shadow_*
+ * dispatchers. The loop that runs relays, the Pump, is in _pump.c (same extension; _relay.h is
+ * what the two files know of each other).
  *
  * What the C adds nothing to: the rules. Ids, free lists, event indexes, error reasons and indexes
  * are exactly the Python rings', so that the ring memory both produce is byte-identical (see
@@ -18,200 +21,25 @@
  * The relay holds buffer exports of the regions' mmaps and of the dirty bitmap, so that they
  * cannot be closed or resized under it; close() (or deallocation) releases them.
  *
- * Trust: everything read from either ring is checked before it is used, and read once (a relaxed
- * atomic load is never re-read by the compiler), so the other side cannot change a value between
- * our check and our use.
+ * Trust: as _ring.h says, everything read from either ring is checked before it is used, and
+ * read once.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_ring.h" /* the one file of this extension that includes it (see there) */
+#include "_relay.h"
+
 #include <errno.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <string.h>
-#include <sched.h>
-#include <sys/epoll.h>
-#include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "vdpa_svq._relay reads the le16/le32/le64 ring fields as host values: little-endian hosts only"
-#endif
-
-/* ==== Barriers and ring memory access ========================================================= */
-
-/* mirrors barrier.py:wmb: order earlier stores before later stores (a compiler barrier on x86-64). */
-static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-
-/* mirrors barrier.py:rmb: order earlier loads before later loads (a compiler barrier on x86-64). */
-static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-
-/* mirrors barrier.py:mb: order earlier stores before later loads (mfence / a locked instruction). */
-static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-
-static inline uint16_t ld16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
-static inline uint32_t ld32(const uint8_t *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
-static inline uint64_t ld64(const uint8_t *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED); }
-static inline void st16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
-static inline void st32(uint8_t *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
-static inline void st64(uint8_t *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELAXED); }
-
-/* ring/layout.py and ring/chain.py */
-#define DESC_SIZE 16 /* addr (le64) + len (le32) + split: flags, next / packed: id, flags (le16 each) */
-#define AVAIL_FLAGS 0
-#define AVAIL_IDX 2
-#define AVAIL_RING 4
-#define USED_FLAGS 0
-#define USED_IDX 2
-#define USED_RING 4
-#define USED_ELEM_SIZE 8 /* id (le32) + len (le32) */
-#define EVENT_OFF_WRAP 0
-#define EVENT_FLAGS 2
-#define PACKED_EVENT_SIZE 4
-#define DESC_LEN_OFF 8
-#define DESC_ID_OFF 12
-#define DESC_FLAGS_OFF 14
-#define VRING_DESC_F_NEXT 1
-#define VRING_DESC_F_WRITE 2
-#define VRING_DESC_F_INDIRECT 4
-#define VRING_PACKED_DESC_F_AVAIL (1u << 7)
-#define VRING_PACKED_DESC_F_USED (1u << 15)
-#define MAX_CHAIN_BYTES 0xFFFFFFFFull /* a used length is le32: a chain may not describe more */
-/* ring/event.py */
-#define VRING_PACKED_EVENT_FLAG_ENABLE 0
-#define VRING_PACKED_EVENT_FLAG_DISABLE 1
-#define VRING_PACKED_EVENT_FLAG_DESC 2
-#define WRAP_BIT 15
-/* ring/split.py */
-#define VRING_AVAIL_F_NO_INTERRUPT 1
-#define VRING_USED_F_NO_NOTIFY 1
 /* dirty.py */
 #define PAGE_SHIFT 12
 
 #define NO_NODE UINT32_MAX
 
-/* ==== Errors: the Python classes, the same reasons and indexes ================================= */
-
-static PyObject *RingError;       /* vdpa_svq.errors.RingError */
-static PyObject *GuestRingError;  /* the driver (guest) broke the guest ring */
-static PyObject *DeviceRingError; /* the device broke the shadow ring */
-static PyObject *RingBroken;      /* an operation on a ring already marked broken */
-
-/* Raise cls(queue, reason, index), reason formatted like the Python f-strings (0x%llx for {:#x}). */
-static int ring_failv(PyObject *cls, PyObject *queue, long long index, const char *fmt, va_list ap)
-{
-    char reason[320];
-    vsnprintf(reason, sizeof reason, fmt, ap);
-    PyObject *exc = PyObject_CallFunction(cls, "OsL", queue, reason, index);
-    if (exc != NULL) {
-        PyErr_SetObject(cls, exc);
-        Py_DECREF(exc);
-    }
-    return -1;
-}
-
-static int ring_fail(PyObject *cls, PyObject *queue, long long index, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    ring_failv(cls, queue, index, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-/* cls(queue, reason): a failure at no particular ring index. */
-static int ring_fail_noindex(PyObject *cls, PyObject *queue, const char *fmt, ...)
-{
-    char reason[320];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(reason, sizeof reason, fmt, ap);
-    va_end(ap);
-    PyObject *exc = PyObject_CallFunction(cls, "Os", queue, reason);
-    if (exc != NULL) {
-        PyErr_SetObject(cls, exc);
-        Py_DECREF(exc);
-    }
-    return -1;
-}
-
-static int queue_broken(PyObject *name)
-{
-    PyErr_Format(RingBroken, "%U: queue is broken", name);
-    return -1;
-}
-
-/* ==== Memory: regions, IOVA map, dirty log ===================================================== */
-
-#define PERM_READ 1  /* = VHOST_ACCESS_RO: the soft device's IOTLB permissions (guest memory is RW) */
-#define PERM_WRITE 2 /* = VHOST_ACCESS_WO */
-
-typedef struct {
-    uint64_t gpa, size;
-    uint8_t *host;
-    int perm;
-} Region;
-
-typedef struct {
-    Region *r;           /* sorted by gpa, non-overlapping (GuestMemory keeps them so) */
-    Py_buffer *views;    /* the exports that keep each region's mmap open */
-    Py_ssize_t n;
-    Py_ssize_t hint;     /* the region found last: most lookups land in it again (checked before
-                          * use, so a stale hint costs a bisection, never a wrong answer) */
-} MemTable;
-
-/* The region that holds all of [gpa, gpa+length), else NULL. */
-static inline const Region *mem_region(MemTable *m, uint64_t gpa, uint64_t length)
-{
-    if (m->hint < m->n) {
-        /* gpa strictly inside the hinted region: no other region can hold it (they don't
-         * overlap), so this is what the bisection would find, without its unpredictable branches. */
-        const Region *h = &m->r[m->hint];
-        uint64_t off = gpa - h->gpa;
-        if (gpa >= h->gpa && off < h->size && length <= h->size - off)
-            return h;
-    }
-    Py_ssize_t lo = 0, hi = m->n; /* bisect_right(starts, gpa) */
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (gpa < m->r[mid].gpa)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    if (lo == 0)
-        return NULL;
-    const Region *r = &m->r[lo - 1];
-    uint64_t off = gpa - r->gpa;
-    if (off > r->size || length > r->size - off) /* gpa + length > region.end, without overflow */
-        return NULL;
-    m->hint = lo - 1;
-    return r;
-}
-
-/* mirrors memory/guest.py:GuestMemory._locate (as view()/contains()): the host address of
- * [gpa, gpa+length) when one region holds all of it, else NULL. */
-static inline uint8_t *mem_view(MemTable *m, uint64_t gpa, uint64_t length)
-{
-    const Region *r = mem_region(m, gpa, length);
-    return r ? r->host + (gpa - r->gpa) : NULL;
-}
-
-/* mem_view for a device access that needs `perm` (PERM_READ / PERM_WRITE) of the region. */
-static inline uint8_t *mem_access(MemTable *m, uint64_t addr, uint64_t length, int perm)
-{
-    const Region *r = mem_region(m, addr, length);
-    return r && (r->perm & perm) == perm ? r->host + (addr - r->gpa) : NULL;
-}
+/* ==== The IOVA map (memory/iova.py) ============================================================ */
 
 typedef struct {
     uint64_t gpa, size, iova;
 } IovaMapping;
-
-typedef struct {
-    uint64_t addr, len;
-} Piece; /* (iova, length) for the device; (gpa, length) for the dirty log */
 
 /* The mapping that holds gpa, else NULL. The one found last is tried first: as in mem_region,
  * it is what the bisection would find, without its unpredictable branches. */
@@ -258,467 +86,6 @@ static int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps, Py_ssize_t 
         gpa += take;
         length -= take;
     }
-}
-
-/* ==== Notification suppression arithmetic (ring/event.py) ===================================== */
-
-/* mirrors event.py:need_event: event_idx in [old_idx, new_idx), 16-bit free-running counters. */
-static inline int need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
-}
-
-/* mirrors event.py:packed_need_event */
-static inline int packed_need_event(uint16_t off_wrap, uint32_t new_idx, uint64_t moved, int wrap_counter,
-                                    uint32_t num)
-{
-    if (moved >= num)
-        return 1; /* a whole lap or more since the last decision: the event slot was passed */
-    uint32_t event_idx = off_wrap & ~(1u << WRAP_BIT) & 0xFFFF;
-    if (((off_wrap >> WRAP_BIT) & 1) != (unsigned)wrap_counter)
-        event_idx -= num; /* names a slot of the previous lap */
-    return need_event((uint16_t)event_idx, (uint16_t)new_idx, (uint16_t)(new_idx - moved));
-}
-
-/* ==== Chains and tokens ========================================================================= */
-
-typedef struct {
-    uint64_t addr;
-    uint32_t len;
-    uint32_t write;
-} Seg;
-
-/* ring/chain.py:Chain: one available guest buffer as our device side saw it. */
-typedef struct {
-    Seg *segs;        /* readable first, then device-writable; scratch, reused for every chain */
-    uint32_t nsegs, cap;
-    uint16_t id;      /* what goes back in the used element */
-    uint32_t ndescs;  /* guest ring slots it took (1 when indirect) */
-    int indirect;
-    uint64_t writable_bytes;
-} Chain;
-
-/* The shadow ring's token for one buffer id: what forward_used() needs of the guest chain (the
- * Python relay keeps the Chain object itself). Its writable segments live in the token arena. */
-typedef struct {
-    uint16_t id;
-    uint32_t ndescs;
-    uint64_t writable_bytes;
-    uint32_t seg_head, seg_tail, nsegs;
-} Token;
-
-static int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
-{
-    if (c->nsegs == c->cap) {
-        /* Only a chain longer than anything the shadow ring can take gets here (see the cap in
-         * relay_init): it is on its way to "can never fit the shadow ring". */
-        uint32_t cap = c->cap * 2;
-        Seg *segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg));
-        if (segs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        c->segs = segs;
-        c->cap = cap;
-    }
-    c->segs[c->nsegs].addr = addr;
-    c->segs[c->nsegs].len = len;
-    c->segs[c->nsegs].write = (uint32_t)write;
-    c->nsegs++;
-    return 0;
-}
-
-/* ==== The guest ring: we are its DEVICE ======================================================== */
-
-typedef struct {
-    int packed, event_idx, broken;
-    uint32_t num;
-    PyObject *name;
-    uint64_t desc_addr, driver_addr, device_addr; /* guest-physical, for the dirty log */
-    uint8_t *desc, *driver, *device;              /* host views of the three areas */
-    MemTable *mem;
-    uint8_t *in_flight; /* heads (split) / buffer ids (packed) popped and not yet used */
-    /* split */
-    uint16_t last_avail_idx, used_idx, signalled_used;
-    uint32_t used_event_off, avail_event_off;
-    /* packed */
-    uint32_t next_avail_idx, next_used_idx;
-    int avail_wrap_counter, used_wrap_counter;
-    uint64_t used_since_signal;
-} DeviceSide;
-
-static int guest_fail(DeviceSide *g, long long index, const char *fmt, ...)
-{
-    va_list ap;
-    g->broken = 1;
-    va_start(ap, fmt);
-    ring_failv(GuestRingError, g->name, index, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-/* One buffer descriptor of a guest chain: the checks both layouts make, in the same order. */
-static inline int take_segment(DeviceSide *g, Chain *c, uint16_t head, uint64_t addr, uint32_t len, uint16_t flags,
-                               int *seen_write, uint64_t *total, uint64_t *writable)
-{
-    int write = (flags & VRING_DESC_F_WRITE) != 0;
-    if (write) {
-        *seen_write = 1;
-        *writable += len;
-    } else if (*seen_write) {
-        return guest_fail(g, head, "readable descriptor after a writable one");
-    }
-    if (mem_view(g->mem, addr, len) == NULL)
-        return guest_fail(g, head, "buffer [0x%llx, +0x%x) outside guest memory", (unsigned long long)addr, len);
-    *total += len;
-    if (*total > MAX_CHAIN_BYTES)
-        return guest_fail(g, head, "chain longer than 4 GiB");
-    return chain_append(c, addr, len, write);
-}
-
-/* ---- split ----------------------------------------------------------------------------------- */
-
-/* mirrors split.py:SplitDeviceRing.has_avail */
-static int has_avail_split(const DeviceSide *g)
-{
-    return !g->broken && ld16(g->driver + AVAIL_IDX) != g->last_avail_idx;
-}
-
-/* mirrors split.py:SplitDeviceRing._read_chain */
-static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
-{
-    const uint8_t *table = g->desc;
-    uint32_t count = g->num, index = head;
-    uint32_t here = 0, ring_descs = 0; /* descriptors read in the current table; in the ring's table */
-    int indirect = 0, seen_write = 0;
-    uint64_t total = 0, writable = 0;
-
-    c->nsegs = 0;
-    for (;;) { /* ends: every pass appends a segment, and at most `count` fit */
-        const uint8_t *d = table + (size_t)index * DESC_SIZE;
-        uint64_t addr = ld64(d);
-        uint32_t len = ld32(d + 8);
-        uint16_t flags = ld16(d + 12), nxt = ld16(d + 14);
-        if (flags & VRING_DESC_F_INDIRECT) {
-            if (indirect)
-                return guest_fail(g, head, "indirect descriptor inside an indirect table");
-            if (flags & VRING_DESC_F_NEXT)
-                return guest_fail(g, head, "indirect descriptor chained with others");
-            if (len == 0 || len % DESC_SIZE)
-                return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
-            if (len / DESC_SIZE > (uint32_t)g->num)
-                return guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u",
-                                  len / DESC_SIZE, (unsigned)g->num);
-            table = mem_view(g->mem, addr, len);
-            if (table == NULL)
-                return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
-                                  (unsigned long long)addr, len);
-            ring_descs = here + 1;
-            indirect = 1;
-            count = len / DESC_SIZE;
-            index = 0;
-            here = 0;
-            continue;
-        }
-        if (take_segment(g, c, head, addr, len, flags, &seen_write, &total, &writable) < 0)
-            return -1;
-        here++;
-        if (!(flags & VRING_DESC_F_NEXT)) {
-            c->id = head;
-            c->ndescs = indirect ? ring_descs : c->nsegs;
-            c->indirect = indirect;
-            c->writable_bytes = writable;
-            return 0;
-        }
-        if (nxt >= count)
-            return guest_fail(g, head, "next %u out of range", nxt);
-        if (here >= count)
-            return guest_fail(g, head, "descriptor loop");
-        index = nxt;
-    }
-}
-
-/* mirrors split.py:SplitDeviceRing.pop: 1 with the next chain in *c, 0 when there is none. */
-static int pop_split(DeviceSide *g, Chain *c)
-{
-    if (g->broken)
-        return queue_broken(g->name);
-    uint16_t avail_idx = ld16(g->driver + AVAIL_IDX);
-    if (avail_idx == g->last_avail_idx)
-        return 0;
-    if ((uint16_t)(avail_idx - g->last_avail_idx) > g->num)
-        return guest_fail(g, avail_idx, "avail idx moved from %u to %u", g->last_avail_idx, avail_idx);
-    /* Read the ring entry and descriptors only after avail->idx said they are there. */
-    rmb();
-    uint32_t slot = g->last_avail_idx % g->num;
-    uint16_t head = ld16(g->driver + AVAIL_RING + 2 * slot);
-    if (head >= g->num)
-        return guest_fail(g, slot, "head %u out of range", head);
-    if (g->in_flight[head])
-        return guest_fail(g, slot, "head %u made available while still in flight", head);
-    if (read_chain_split(g, head, c) < 0)
-        return -1;
-    g->in_flight[head] = 1;
-    g->last_avail_idx++;
-    return 1;
-}
-
-/* mirrors split.py:SplitDeviceRing.push_used: the ring spans written go to spans[] (dirty log). */
-static int push_used_split(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
-{
-    uint32_t slot = g->used_idx % g->num;
-    uint8_t *elem = g->device + USED_RING + USED_ELEM_SIZE * slot;
-    st32(elem, t->id);
-    st32(elem + 4, written);
-    g->in_flight[t->id] = 0;
-    /* The element must be visible before used->idx covers it (2.7.14). */
-    wmb();
-    g->used_idx++;
-    st16(g->device + USED_IDX, g->used_idx);
-    spans[0].addr = g->device_addr + USED_RING + USED_ELEM_SIZE * slot;
-    spans[0].len = USED_ELEM_SIZE;
-    spans[1].addr = g->device_addr + USED_IDX;
-    spans[1].len = 2;
-    return 2;
-}
-
-/* mirrors split.py:SplitDeviceRing.notify_area: flags and avail_event, i.e. the whole used ring. */
-static Piece notify_area_split(const DeviceSide *g)
-{
-    Piece p = {g->device_addr, 6 + USED_ELEM_SIZE * (uint64_t)g->num};
-    return p;
-}
-
-/* mirrors split.py:SplitDeviceRing.need_notify */
-static int need_notify_split(DeviceSide *g)
-{
-    /* used->idx must be visible before we read the driver's suppression state. */
-    mb();
-    uint16_t old = g->signalled_used, new_ = g->used_idx;
-    g->signalled_used = new_;
-    if (old == new_)
-        return 0;
-    if (!g->event_idx)
-        return !(ld16(g->driver + AVAIL_FLAGS) & VRING_AVAIL_F_NO_INTERRUPT);
-    return need_event(ld16(g->driver + g->used_event_off), new_, old);
-}
-
-/* mirrors split.py:SplitDeviceRing.disable_notify */
-static void disable_notify_split(DeviceSide *g)
-{
-    if (!g->event_idx)
-        st16(g->device + USED_FLAGS, VRING_USED_F_NO_NOTIFY);
-}
-
-/* mirrors split.py:SplitDeviceRing.enable_notify: 1 when no chain is already waiting. */
-static int enable_notify_split(DeviceSide *g)
-{
-    if (g->event_idx)
-        st16(g->device + g->avail_event_off, g->last_avail_idx);
-    else
-        st16(g->device + USED_FLAGS, 0);
-    /* avail_event / flags must be visible before we read avail->idx again. */
-    mb();
-    return !has_avail_split(g);
-}
-
-/* ---- packed ---------------------------------------------------------------------------------- */
-
-/* mirrors packed.py:PackedDeviceRing._is_avail */
-static inline int is_avail_packed(const DeviceSide *g, uint32_t slot, int wrap)
-{
-    uint16_t flags = ld16(g->desc + (size_t)slot * DESC_SIZE + DESC_FLAGS_OFF);
-    return ((flags & VRING_PACKED_DESC_F_AVAIL) != 0) == (wrap != 0) &&
-           ((flags & VRING_PACKED_DESC_F_USED) != 0) != (wrap != 0);
-}
-
-/* mirrors packed.py:PackedDeviceRing.has_avail */
-static int has_avail_packed(const DeviceSide *g)
-{
-    return !g->broken && is_avail_packed(g, g->next_avail_idx, g->avail_wrap_counter);
-}
-
-/* mirrors packed.py:PackedDeviceRing.pop: 1 with the next chain in *c, 0 when there is none. */
-static int pop_packed(DeviceSide *g, Chain *c)
-{
-    if (g->broken)
-        return queue_broken(g->name);
-    uint32_t head = g->next_avail_idx;
-    if (!is_avail_packed(g, head, g->avail_wrap_counter))
-        return 0;
-    /* Read the rest of the chain only after the head's flags said it is available. */
-    rmb();
-    uint32_t slot = head, slots = 0;
-    int wrap = g->avail_wrap_counter, indirect = 0, seen_write = 0;
-    uint64_t total = 0, writable = 0;
-    uint16_t buf_id, flags;
-
-    c->nsegs = 0;
-    for (;;) {
-        const uint8_t *d = g->desc + (size_t)slot * DESC_SIZE;
-        uint64_t addr = ld64(d);
-        uint32_t len = ld32(d + DESC_LEN_OFF);
-        buf_id = ld16(d + DESC_ID_OFF);
-        flags = ld16(d + DESC_FLAGS_OFF);
-        slots++;
-        slot++;
-        if (slot == g->num) {
-            slot = 0;
-            wrap ^= 1;
-        }
-        if (flags & VRING_DESC_F_INDIRECT) {
-            if (c->nsegs || (flags & VRING_DESC_F_NEXT))
-                return guest_fail(g, head, "indirect descriptor chained with others");
-            if (len == 0 || len % DESC_SIZE)
-                return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
-            if (len / DESC_SIZE > (uint32_t)g->num)
-                return guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u",
-                                  len / DESC_SIZE, (unsigned)g->num);
-            const uint8_t *table = mem_view(g->mem, addr, len);
-            if (table == NULL)
-                return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
-                                  (unsigned long long)addr, len);
-            indirect = 1;
-            for (uint32_t i = 0; i < len / DESC_SIZE; i++) {
-                const uint8_t *e = table + (size_t)i * DESC_SIZE;
-                uint64_t e_addr = ld64(e);
-                uint32_t e_len = ld32(e + DESC_LEN_OFF);
-                uint16_t e_flags = ld16(e + DESC_FLAGS_OFF);
-                if (e_flags & VRING_DESC_F_INDIRECT)
-                    return guest_fail(g, head, "indirect descriptor inside an indirect table");
-                if (take_segment(g, c, head, e_addr, e_len, e_flags, &seen_write, &total, &writable) < 0)
-                    return -1;
-            }
-        } else if (take_segment(g, c, head, addr, len, flags, &seen_write, &total, &writable) < 0) {
-            return -1;
-        }
-        if (indirect || !(flags & VRING_DESC_F_NEXT))
-            break;
-        if (slots == g->num)
-            return guest_fail(g, head, "chain longer than the ring");
-    }
-    /* The buffer id is the one of the last descriptor in the ring (2.8.6). */
-    if (buf_id >= g->num)
-        return guest_fail(g, head, "buffer id %u out of range", buf_id);
-    if (g->in_flight[buf_id])
-        return guest_fail(g, head, "buffer id %u made available while still in flight", buf_id);
-    g->in_flight[buf_id] = 1;
-    g->next_avail_idx = slot;
-    g->avail_wrap_counter = wrap;
-    c->id = buf_id;
-    c->ndescs = slots;
-    c->indirect = indirect;
-    c->writable_bytes = writable;
-    return 1;
-}
-
-/* mirrors packed.py:_used_flags: AVAIL/USED bits that mark a descriptor used under `wrap`. */
-static inline uint16_t used_flags_packed(int wrap)
-{
-    return wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
-}
-
-/* mirrors packed.py:PackedDeviceRing.push_used: any completion order is fine. */
-static int push_used_packed(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
-{
-    uint32_t slot = g->next_used_idx;
-    uint8_t *d = g->desc + (size_t)slot * DESC_SIZE;
-    st32(d + DESC_LEN_OFF, written);
-    st16(d + DESC_ID_OFF, t->id);
-    /* id and len must be visible before the flags turn the descriptor into a used one. */
-    wmb();
-    uint16_t flags = used_flags_packed(g->used_wrap_counter) | (t->writable_bytes ? VRING_DESC_F_WRITE : 0);
-    st16(d + DESC_FLAGS_OFF, flags);
-    g->in_flight[t->id] = 0;
-    g->next_used_idx += t->ndescs;
-    if (g->next_used_idx >= g->num) {
-        g->next_used_idx -= g->num;
-        g->used_wrap_counter ^= 1;
-    }
-    g->used_since_signal += t->ndescs;
-    spans[0].addr = g->desc_addr + (uint64_t)slot * DESC_SIZE;
-    spans[0].len = DESC_SIZE;
-    return 1;
-}
-
-/* mirrors packed.py:PackedDeviceRing.notify_area: the device event structure. */
-static Piece notify_area_packed(const DeviceSide *g)
-{
-    Piece p = {g->device_addr, PACKED_EVENT_SIZE};
-    return p;
-}
-
-/* mirrors packed.py:PackedDeviceRing.need_notify */
-static int need_notify_packed(DeviceSide *g)
-{
-    /* The used flags must be visible before we read the driver's event suppression. */
-    mb();
-    uint64_t moved = g->used_since_signal;
-    g->used_since_signal = 0;
-    if (moved == 0)
-        return 0;
-    uint16_t off_wrap = ld16(g->driver + EVENT_OFF_WRAP), flags = ld16(g->driver + EVENT_FLAGS);
-    if (flags == VRING_PACKED_EVENT_FLAG_DESC && g->event_idx)
-        return packed_need_event(off_wrap, g->next_used_idx, moved, g->used_wrap_counter, g->num);
-    return flags != VRING_PACKED_EVENT_FLAG_DISABLE;
-}
-
-/* mirrors packed.py:_write_event (off_wrap < 0: flags only) */
-static inline void write_event_packed(uint8_t *event, int32_t off_wrap, uint16_t flags)
-{
-    if (off_wrap >= 0) {
-        st16(event + EVENT_OFF_WRAP, (uint16_t)off_wrap);
-        /* The other side reads flags, then off_wrap: off_wrap must be there first. */
-        wmb();
-    }
-    st16(event + EVENT_FLAGS, flags);
-}
-
-/* mirrors packed.py:PackedDeviceRing.disable_notify */
-static void disable_notify_packed(DeviceSide *g)
-{
-    write_event_packed(g->device, -1, VRING_PACKED_EVENT_FLAG_DISABLE);
-}
-
-/* mirrors packed.py:PackedDeviceRing.enable_notify: 1 when no chain is already waiting. */
-static int enable_notify_packed(DeviceSide *g)
-{
-    if (g->event_idx)
-        write_event_packed(g->device, (int32_t)(g->next_avail_idx | (uint32_t)g->avail_wrap_counter << WRAP_BIT),
-                           VRING_PACKED_EVENT_FLAG_DESC);
-    else
-        write_event_packed(g->device, -1, VRING_PACKED_EVENT_FLAG_ENABLE);
-    /* The event store must be visible before we look at the ring once more. */
-    mb();
-    return !has_avail_packed(g);
-}
-
-/* ---- the guest ring's API: the layout is picked here, once ------------------------------------ */
-
-static inline int guest_has_avail(const DeviceSide *g)
-{
-    return g->packed ? has_avail_packed(g) : has_avail_split(g);
-}
-static inline int guest_pop(DeviceSide *g, Chain *c) { return g->packed ? pop_packed(g, c) : pop_split(g, c); }
-static inline int guest_push_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
-{
-    return g->packed ? push_used_packed(g, t, written, spans) : push_used_split(g, t, written, spans);
-}
-static inline Piece guest_notify_area(const DeviceSide *g)
-{
-    return g->packed ? notify_area_packed(g) : notify_area_split(g);
-}
-static inline int guest_need_notify(DeviceSide *g) { return g->packed ? need_notify_packed(g) : need_notify_split(g); }
-static inline void guest_disable_notify(DeviceSide *g)
-{
-    if (g->packed)
-        disable_notify_packed(g);
-    else
-        disable_notify_split(g);
-}
-static inline int guest_enable_notify(DeviceSide *g)
-{
-    return g->packed ? enable_notify_packed(g) : enable_notify_split(g);
 }
 
 /* ==== The shadow ring: we are its DRIVER ======================================================= */
@@ -1182,7 +549,7 @@ typedef struct {
  * misses a page written before the relay stopped (as DPDK's vhost log cache does it). */
 #define MARK_BATCH 64
 
-typedef struct {
+typedef struct Relay {
     PyObject_HEAD
     PyObject *name;
     int indirect;
@@ -1409,10 +776,6 @@ static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
     return 0;
 }
 
-static int svq_drain_guest(Relay *q);
-static int svq_drain_device(Relay *q);
-static PyObject *svq_guarded(Relay *q, int (*work)(Relay *));
-
 /* mirrors relay.py:ShadowVirtqueue.on_guest_kick: relay what the guest made available, then ask
  * for the next kick, race-free. */
 static PyObject *svq_on_guest_kick(Relay *q, PyObject *Py_UNUSED(ignored))
@@ -1431,7 +794,7 @@ static int svq_disable_guest_notify(Relay *q);
 static int svq_enable_guest_notify(Relay *q);
 
 /* mirrors relay.py:ShadowVirtqueue._drain_guest */
-static int svq_drain_guest(Relay *q)
+int svq_drain_guest(Relay *q)
 {
     for (;;) {
         if (svq_disable_guest_notify(q) < 0)
@@ -1449,7 +812,7 @@ static int svq_drain_guest(Relay *q)
 }
 
 /* mirrors relay.py:ShadowVirtqueue._drain_device */
-static int svq_drain_device(Relay *q)
+int svq_drain_device(Relay *q)
 {
     for (;;) {
         shadow_disable_cb(&q->shadow);
@@ -1486,7 +849,7 @@ static int svq_enable_guest_notify(Relay *q)
 
 /* mirrors relay.py:ShadowVirtqueue._guarded: never trust either side; a RingError stops this
  * queue with a reason (kept in .error), other queues go on. */
-static PyObject *svq_guarded(Relay *q, int (*work)(Relay *))
+PyObject *svq_guarded(Relay *q, int (*work)(Relay *))
 {
     if (!q->ready) {
         PyErr_SetString(PyExc_ValueError, "the C relay is closed");
@@ -1512,130 +875,6 @@ static PyObject *svq_guarded(Relay *q, int (*work)(Relay *))
 }
 
 /* ==== The Python type: construction from tables, attributes, methods =========================== */
-
-static void mem_table_release(MemTable *m)
-{
-    for (Py_ssize_t i = 0; i < m->n; i++)
-        PyBuffer_Release(&m->views[i]);
-    PyMem_Free(m->views);
-    PyMem_Free(m->r);
-    m->views = NULL;
-    m->r = NULL;
-    m->n = 0;
-}
-
-/* regions: a sequence of (gpa, size, buffer of at least size bytes[, perm]), sorted by gpa; perm
- * (PERM_READ | PERM_WRITE) is the device's access to the region, both when it is left out; the
- * buffer must be writable when perm has PERM_WRITE. */
-static int mem_table_init(MemTable *m, PyObject *regions)
-{
-    PyObject *seq = PySequence_Fast(regions, "regions must be a sequence of (gpa, size, buffer)");
-    if (seq == NULL)
-        return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    m->r = PyMem_Calloc(n ? n : 1, sizeof(Region));
-    m->views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    m->n = m->hint = 0;
-    if (m->r == NULL || m->views == NULL) {
-        Py_DECREF(seq);
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned long long gpa, size;
-        PyObject *obj;
-        int perm = PERM_READ | PERM_WRITE;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKO|i", &gpa, &size, &obj, &perm))
-            goto fail;
-        if (PyObject_GetBuffer(obj, &m->views[i], perm & PERM_WRITE ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
-            goto fail;
-        m->n = i + 1;
-        if ((unsigned long long)m->views[i].len < size || (i > 0 && gpa < m->r[i - 1].gpa + m->r[i - 1].size)) {
-            PyErr_SetString(PyExc_ValueError, "regions must be sorted, disjoint and backed by enough bytes");
-            goto fail;
-        }
-        m->r[i].gpa = gpa;
-        m->r[i].size = size;
-        m->r[i].host = m->views[i].buf;
-        m->r[i].perm = perm;
-    }
-    Py_DECREF(seq);
-    return 0;
-fail:
-    Py_DECREF(seq);
-    return -1;
-}
-
-static uint8_t *area(MemTable *m, uint64_t gpa, uint64_t size, const char *what)
-{
-    uint8_t *p = mem_view(m, gpa, size);
-    if (p == NULL) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "%s [0x%llx, +0x%llx) is not in the ring's memory", what, (unsigned long long)gpa,
-                 (unsigned long long)size);
-        PyErr_SetString(PyExc_ValueError, msg);
-    }
-    return p;
-}
-
-/* A device side from its spec: (packed, num, desc, driver, device, event_idx, name, regions, state,
- * in_flight): buffers in `mem`, the three ring areas in `areas` (the spec's regions are the
- * caller's business). */
-static int device_side_setup(DeviceSide *g, MemTable *mem, MemTable *areas, PyObject *spec)
-{
-    unsigned long long desc, driver, device, st[5];
-    PyObject *regions, *in_flight;
-    Py_buffer inf;
-    if (!PyArg_ParseTuple(spec, "pIKKKpUO(KKKKK)O", &g->packed, &g->num, &desc, &driver, &device, &g->event_idx,
-                          &g->name, &regions, &st[0], &st[1], &st[2], &st[3], &st[4], &in_flight))
-        return -1;
-    Py_INCREF(g->name);
-    if (g->num == 0 || g->num > 32768) {
-        PyErr_SetString(PyExc_ValueError, "ring size out of range");
-        return -1;
-    }
-    g->mem = mem;
-    g->desc_addr = desc;
-    g->driver_addr = driver;
-    g->device_addr = device;
-    g->desc = area(areas, desc, (uint64_t)DESC_SIZE * g->num, "guest descriptor area");
-    g->driver = area(areas, driver, g->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)g->num, "guest driver area");
-    g->device = area(areas, device, g->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)g->num, "guest device area");
-    if (!g->desc || !g->driver || !g->device)
-        return -1;
-    if (g->packed) {
-        g->next_avail_idx = (uint32_t)st[0];
-        g->avail_wrap_counter = (int)(st[1] & 1);
-        g->next_used_idx = (uint32_t)st[2];
-        g->used_wrap_counter = (int)(st[3] & 1);
-        g->used_since_signal = st[4];
-        if (g->next_avail_idx >= g->num || g->next_used_idx >= g->num) {
-            PyErr_SetString(PyExc_ValueError, "packed ring state out of range");
-            return -1;
-        }
-    } else {
-        g->last_avail_idx = (uint16_t)st[0];
-        g->used_idx = (uint16_t)st[1];
-        g->signalled_used = (uint16_t)st[2];
-        g->used_event_off = AVAIL_RING + 2 * g->num;
-        g->avail_event_off = USED_RING + 8 * g->num;
-    }
-    g->in_flight = PyMem_Calloc(g->num, 1);
-    if (g->in_flight == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (PyObject_GetBuffer(in_flight, &inf, PyBUF_SIMPLE) < 0)
-        return -1;
-    if (inf.len != g->num) {
-        PyBuffer_Release(&inf);
-        PyErr_SetString(PyExc_ValueError, "in_flight must have one byte per ring entry");
-        return -1;
-    }
-    memcpy(g->in_flight, inf.buf, g->num);
-    PyBuffer_Release(&inf);
-    return 0;
-}
 
 static int device_side_init(Relay *q, PyObject *spec)
 {
@@ -2002,7 +1241,7 @@ static PyGetSetDef relay_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject RelayType = {
+PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.CShadowVirtqueue",
     .tp_basicsize = sizeof(Relay),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -2016,97 +1255,9 @@ static PyTypeObject RelayType = {
     .tp_getset = relay_getset,
 };
 
-/* ==== The pump: the relay loop in C (loop.py's RelayLoop runs it when the C relay is built) ======
- * mirrors pump.py:Pump, the readable reference (which runs the Python relays): same names, same rules.
- *
- * One thread, epoll over the guests' kick and the device's call eventfds. A wake-up reads (clears)
- * the eventfd and runs the relay's on_guest_kick / on_device_call, with no Python in between; the
- * GIL is held only while a relay works, never while the pump waits. Sources that are Python
- * callables (anything that is not a C relay) are called as pump.py's Pump calls them.
- *
- * Polling (poll_us > 0): after a wake-up of a relay (a kick or a call), the pump keeps every ring's
- * notifications off and polls the rings itself until nothing arrived for poll_us, then turns
- * notifications back on (relaying what raced in) and sleeps in epoll again. Under load the guest
- * and the device then make no notification syscalls and the relay no wake-ups: a CPU's worth of
- * spinning bought for latency, as DPDK's PMDs do.
- *
- * Adaptive polling (adaptive_max_us > 0, serve's and attach's default): the window is not fixed
- * but learnt, as KVM's halt polling learns its own: when a wake-up comes soon after a polling phase
- * gave up (sooner than the cap), a longer window would have caught it, so the window doubles;
- * when it comes later than the cap, the spin was wasted, so the window halves (to 0: no polling).
- * Steady traffic grows the window until the pump polls without a break, as with a hand-tuned
- * poll_us; an idle queue costs one window's spin, then nothing. */
+/* ==== What the pump asks of a relay (_relay.h) ================================================= */
 
-enum { SOURCE_STOP, SOURCE_KICK, SOURCE_CALL, SOURCE_CALLABLE };
-
-typedef struct PumpSource {
-    struct PumpSource *next; /* every source, freed with the pump (epoll may still name one) */
-    int kind, fd;
-    Relay *relay;  /* SOURCE_KICK / SOURCE_CALL; the pump's relay list holds the reference */
-    PyObject *fn;  /* SOURCE_CALLABLE */
-} PumpSource;
-
-typedef struct {
-    PyObject_HEAD
-    int epfd, stop_fd;
-    int stop;          /* set (atomically) by stop(); a stopped pump stays stopped */
-    int running;
-    PyObject *relays;  /* list of the C relays that have a source here: the ones the poller polls */
-    PumpSource *sources, stop_source;
-    unsigned long long wakeups, poll_rounds, poll_phases;
-    /* Adaptive polling: the current window, and how often it grew and shrank. */
-    uint64_t window_ns;
-    unsigned long long window_grows, window_shrinks;
-} Pump;
-
-/* The adaptive window's first step, and the rule (module function adapt_window, for its test). */
-/* mirrors pump.py:ADAPT_START_NS and pump.py:adapt_window */
-#define ADAPT_START_NS 10000ull
-
-static uint64_t adapt_window(uint64_t window, uint64_t gap, uint64_t cap)
-{
-    if (gap < cap) /* a window this much longer would have caught the wake-up: grow */
-        return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap) : (window * 2 < cap ? window * 2 : cap);
-    return window / 2 < ADAPT_START_NS ? 0 : window / 2; /* idle longer than the cap: the spin was waste */
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static int pump_stopping(Pump *p) { return __atomic_load_n(&p->stop, __ATOMIC_ACQUIRE); }
-
-static int run_guarded(Relay *q, int (*work)(Relay *))
-{
-    PyObject *r = svq_guarded(q, work);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
-}
-
-/* mirrors pump.py:Pump.dispatch */
-static int pump_dispatch(PumpSource *src)
-{
-    switch (src->kind) {
-    case SOURCE_KICK:
-        return run_guarded(src->relay, svq_drain_guest);
-    case SOURCE_CALL:
-        return run_guarded(src->relay, svq_drain_device);
-    default: {
-        PyObject *r = PyObject_CallNoArgs(src->fn);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        return 0;
-    }
-    }
-}
-
-static inline int relay_live(const Relay *q) { return q->ready && q->error == Py_None; }
+int relay_live(const Relay *q) { return q->ready && q->error == Py_None; }
 
 /* Whether the shadow ring has a used buffer for us (read-only: safe without the GIL). */
 static int shadow_has_used(const DriverSide *s)
@@ -2120,7 +1271,7 @@ static int shadow_has_used(const DriverSide *s)
 
 /* Work for the poller on this relay (read-only: safe without the GIL). */
 /* mirrors relay.py:ShadowVirtqueue.has_work */
-static int relay_has_work(const Relay *q)
+int relay_has_work(const Relay *q)
 {
     if (!relay_live(q))
         return 0;
@@ -2130,7 +1281,7 @@ static int relay_has_work(const Relay *q)
 /* One polling round on one relay, notifications off: used buffers back first (that frees room
  * for a held chain), then what the guest made available. */
 /* mirrors relay.py:ShadowVirtqueue.poll_once */
-static int svq_poll_once(Relay *q)
+int svq_poll_once(Relay *q)
 {
     if (svq_disable_guest_notify(q) < 0)
         return -1;
@@ -2142,84 +1293,19 @@ static int svq_poll_once(Relay *q)
 
 /* Back to notifications: the drains turn them on and relay whatever raced in meanwhile. */
 /* mirrors relay.py:ShadowVirtqueue.rearm */
-static int svq_rearm(Relay *q)
+int svq_rearm(Relay *q)
 {
     if (svq_drain_device(q) < 0)
         return -1;
     return q->held ? 0 : svq_drain_guest(q);
 }
 
-/* mirrors pump.py:Pump.any_work */
-static int pump_any_work(Pump *p)
+/* A source of this relay that is not a working eventfd any more (kick: the guest's, else the
+ * device's call fd): the relay stops with the reason, unless something stopped it already. */
+int relay_hung_up(Relay *q, int kick)
 {
-    Py_ssize_t n = PyList_GET_SIZE(p->relays);
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (relay_has_work((Relay *)PyList_GET_ITEM(p->relays, i)))
-            return 1;
-    return 0;
-}
-
-/* mirrors pump.py:Pump.for_each */
-static int pump_for_each(Pump *p, int (*work)(Relay *))
-{
-    /* A relay's list entry cannot go away while we hold the GIL; run_guarded keeps a RingError
-     * on its queue, so only other exceptions (a notifier's OSError, ...) end the pump. */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(p->relays); i++) {
-        Relay *q = (Relay *)PyList_GET_ITEM(p->relays, i);
-        if (relay_live(q) && run_guarded(q, work) < 0)
-            return -1;
-    }
-    return 0;
-}
-
-/* mirrors pump.py:Pump.poll: a polling phase, then the re-arm */
-static int pump_poll(Pump *p, uint64_t poll_ns)
-{
-    p->poll_phases++;
-    uint64_t deadline = now_ns() + poll_ns;
-    while (!pump_stopping(p)) {
-        if (!pump_any_work(p)) {
-            int found = 0;
-            /* Idle: spin without the GIL, so that the other threads (vhost-user messages, the
-             * dirty-log sync) run meanwhile, and yield the CPU at each turn: where the device's
-             * worker shares this CPU (vdpa_sim's kthread), a plain spin would hold it off for a
-             * whole scheduler slice, and the device would stall while we wait for it. */
-            Py_BEGIN_ALLOW_THREADS
-            while (!pump_stopping(p) && now_ns() < deadline) {
-                if (pump_any_work(p)) {
-                    found = 1;
-                    break;
-                }
-                sched_yield();
-            }
-            Py_END_ALLOW_THREADS
-            if (!found)
-                break;
-        }
-        p->poll_rounds++;
-        if (pump_for_each(p, svq_poll_once) < 0)
-            return -1;
-        deadline = now_ns() + poll_ns;
-    }
-    return pump_for_each(p, svq_rearm);
-}
-
-/* A source that is not a working eventfd any more (hung up, in error, read() gave no counter):
- * a peer's fd that would otherwise wake us forever. Out of the epoll set; its relay stops with
- * the reason (pump.py's Pump.drop says the same). A callable's source ends the pump instead:
- * there is no queue to stop. */
-/* mirrors pump.py:Pump.drop */
-static int pump_drop(Pump *p, PumpSource *src)
-{
-    epoll_ctl(p->epfd, EPOLL_CTL_DEL, src->fd, NULL);
-    if (src->kind == SOURCE_CALLABLE) {
-        PyErr_Format(PyExc_OSError, "fd %d hung up or is not an eventfd", src->fd);
-        return -1;
-    }
-    Relay *q = src->relay;
     if (q->error != Py_None)
         return 0;
-    int kick = src->kind == SOURCE_KICK;
     PyObject *exc = PyObject_CallFunction(kick ? GuestRingError : DeviceRingError, "Os", q->name,
                                           kick ? "the guest's kick fd hung up or is not an eventfd"
                                                : "the device's call fd hung up or is not an eventfd");
@@ -2228,250 +1314,6 @@ static int pump_drop(Pump *p, PumpSource *src)
     Py_SETREF(q->error, exc);
     return 0;
 }
-
-/* mirrors pump.py:Pump.run */
-static PyObject *pump_run(Pump *p, PyObject *args)
-{
-    long poll_us = 0, adaptive_max_us = 0;
-    if (!PyArg_ParseTuple(args, "|ll", &poll_us, &adaptive_max_us))
-        return NULL;
-    if (poll_us < 0 || adaptive_max_us < 0 || (poll_us && adaptive_max_us)) {
-        PyErr_SetString(PyExc_ValueError, "poll_us and adaptive_max_us must be >= 0, and not both set");
-        return NULL;
-    }
-    uint64_t cap = (uint64_t)adaptive_max_us * 1000;
-    uint64_t idle_since = now_ns(); /* when the pump last stopped working (for the adaptive gap) */
-    if (p->running) {
-        PyErr_SetString(PyExc_RuntimeError, "the pump is already running");
-        return NULL;
-    }
-    p->running = 1;
-    struct epoll_event events[32];
-    while (!pump_stopping(p)) {
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(p->epfd, events, 32, 1000);
-        Py_END_ALLOW_THREADS
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            PyErr_SetFromErrno(PyExc_OSError);
-            goto fail;
-        }
-        int worked = 0;
-        for (int i = 0; i < n && !pump_stopping(p); i++) {
-            PumpSource *src = events[i].data.ptr;
-            if (src->kind == SOURCE_STOP)
-                continue; /* the stop flag says it all */
-            uint64_t count;
-            ssize_t got = read(src->fd, &count, sizeof count);
-            if (got < 0 && errno == EAGAIN)
-                continue; /* another reader was first */
-            if (got != (ssize_t)sizeof count || events[i].events & (EPOLLHUP | EPOLLERR)) {
-                if (pump_drop(p, src) < 0)
-                    goto fail;
-                continue;
-            }
-            p->wakeups++;
-            if (pump_dispatch(src) < 0)
-                goto fail;
-            worked |= src->kind != SOURCE_CALLABLE;
-        }
-        if (!worked)
-            continue;
-        uint64_t window = (uint64_t)poll_us * 1000;
-        if (cap) {
-            window = adapt_window(p->window_ns, now_ns() - idle_since, cap);
-            p->window_grows += window > p->window_ns;
-            p->window_shrinks += window < p->window_ns;
-            p->window_ns = window;
-        }
-        if (window > 0 && pump_poll(p, window) < 0)
-            goto fail;
-        idle_since = now_ns();
-    }
-    p->running = 0;
-    Py_RETURN_NONE;
-fail:
-    p->running = 0;
-    return NULL;
-}
-
-static PyObject *pump_add(Pump *p, int kind, int fd, Relay *relay, PyObject *fn)
-{
-    PumpSource *src = PyMem_RawCalloc(1, sizeof *src);
-    if (src == NULL)
-        return PyErr_NoMemory();
-    src->kind = kind;
-    src->fd = fd;
-    src->relay = relay;
-    src->fn = Py_XNewRef(fn);
-    if (relay != NULL && !PySequence_Contains(p->relays, (PyObject *)relay)) {
-        if (p->running) {
-            Py_XDECREF(src->fn);
-            PyMem_RawFree(src);
-            PyErr_SetString(PyExc_RuntimeError, "relays join the pump before it runs (a new fd of one may come later)");
-            return NULL;
-        }
-        if (PyList_Append(p->relays, (PyObject *)relay) < 0) {
-            PyMem_RawFree(src);
-            return NULL;
-        }
-    }
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = src};
-    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        Py_XDECREF(src->fn);
-        PyMem_RawFree(src);
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    src->next = p->sources;
-    p->sources = src;
-    Py_RETURN_NONE;
-}
-
-/* mirrors pump.py:Pump.add_relay */
-static PyObject *pump_add_relay(Pump *p, PyObject *args)
-{
-    int fd;
-    PyObject *relay;
-    const char *which;
-    if (!PyArg_ParseTuple(args, "iO!s", &fd, &RelayType, &relay, &which))
-        return NULL;
-    int kind = strcmp(which, "kick") == 0 ? SOURCE_KICK : strcmp(which, "call") == 0 ? SOURCE_CALL : -1;
-    if (kind < 0) {
-        PyErr_Format(PyExc_ValueError, "which must be 'kick' (the guest's) or 'call' (the device's), not %s", which);
-        return NULL;
-    }
-    return pump_add(p, kind, fd, (Relay *)relay, NULL);
-}
-
-/* mirrors pump.py:Pump.add_callable */
-static PyObject *pump_add_callable(Pump *p, PyObject *args)
-{
-    int fd;
-    PyObject *fn;
-    if (!PyArg_ParseTuple(args, "iO", &fd, &fn))
-        return NULL;
-    if (!PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "handler must be callable");
-        return NULL;
-    }
-    return pump_add(p, SOURCE_CALLABLE, fd, NULL, fn);
-}
-
-/* mirrors pump.py:Pump.stop */
-static PyObject *pump_stop(Pump *p, PyObject *Py_UNUSED(ignored))
-{
-    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
-    uint64_t one = 1;
-    if (write(p->stop_fd, &one, sizeof one) < 0 && errno != EAGAIN)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
-}
-
-static int pump_init(Pump *p, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
-        return -1;
-    if (p->relays != NULL) {
-        PyErr_SetString(PyExc_TypeError, "Pump is initialised once");
-        return -1;
-    }
-    p->epfd = p->stop_fd = -1;
-    p->relays = PyList_New(0);
-    if (p->relays == NULL)
-        return -1;
-    p->epfd = epoll_create1(EPOLL_CLOEXEC);
-    p->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (p->epfd < 0 || p->stop_fd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    p->stop_source.kind = SOURCE_STOP;
-    p->stop_source.fd = p->stop_fd;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &p->stop_source};
-    if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->stop_fd, &ev) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 0;
-}
-
-static int pump_traverse(Pump *p, visitproc visit, void *arg)
-{
-    Py_VISIT(p->relays);
-    for (PumpSource *s = p->sources; s != NULL; s = s->next)
-        Py_VISIT(s->fn);
-    return 0;
-}
-
-static int pump_clear(Pump *p)
-{
-    Py_CLEAR(p->relays);
-    for (PumpSource *s = p->sources; s != NULL; s = s->next)
-        Py_CLEAR(s->fn);
-    return 0;
-}
-
-static void pump_dealloc(Pump *p)
-{
-    PyObject_GC_UnTrack(p);
-    pump_clear(p);
-    while (p->sources != NULL) {
-        PumpSource *next = p->sources->next;
-        PyMem_RawFree(p->sources);
-        p->sources = next;
-    }
-    if (p->epfd >= 0)
-        close(p->epfd);
-    if (p->stop_fd >= 0)
-        close(p->stop_fd);
-    Py_TYPE(p)->tp_free((PyObject *)p);
-}
-
-/* mirrors pump.py:Pump.stats */
-static PyObject *pump_get_stats(Pump *p, void *Py_UNUSED(closure))
-{
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases,
-                         "poll_rounds", p->poll_rounds, "poll_window_ns", (unsigned long long)p->window_ns,
-                         "window_grows", p->window_grows, "window_shrinks", p->window_shrinks);
-}
-
-static PyMethodDef pump_methods[] = {
-    {"add_relay", (PyCFunction)pump_add_relay, METH_VARARGS,
-     "add_relay(fd, relay, 'kick'|'call'): the guest's kick or the device's call eventfd of a C relay."},
-    {"add_callable", (PyCFunction)pump_add_callable, METH_VARARGS, "add_callable(fd, fn): fn() when fd is readable."},
-    {"run", (PyCFunction)pump_run, METH_VARARGS,
-     "run(poll_us=0, adaptive_max_us=0): relay until stop(); releases the GIL to wait. poll_us: a fixed\n"
-     "polling window after each burst; adaptive_max_us: a learnt window, at most this long."},
-    {"stop", (PyCFunction)pump_stop, METH_NOARGS, "Make run() return (from any thread)."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyGetSetDef pump_getset[] = {
-    {"stats", (getter)pump_get_stats, NULL,
-     "{'wakeups', 'poll_phases', 'poll_rounds', 'poll_window_ns', 'window_grows', 'window_shrinks'}", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
-static PyTypeObject PumpType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.Pump",
-    .tp_basicsize = sizeof(Pump),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The relay loop in C: epoll over eventfds, optional busy polling.",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)pump_init,
-    .tp_dealloc = (destructor)pump_dealloc,
-    .tp_traverse = (traverseproc)pump_traverse,
-    .tp_clear = (inquiry)pump_clear,
-    .tp_methods = pump_methods,
-    .tp_getset = pump_getset,
-};
-
-/* ==== The soft net device's datapath (NetLoop), in its own file ================================= */
-
-#include "_netloop.c"
 
 /* ==== The dirty log's harvest ==================================================================== */
 
@@ -2499,14 +1341,6 @@ static PyObject *harvest(PyObject *Py_UNUSED(module), PyObject *bitmap)
     return out;
 }
 
-static PyObject *py_adapt_window(PyObject *Py_UNUSED(module), PyObject *args)
-{
-    unsigned long long window, gap, cap;
-    if (!PyArg_ParseTuple(args, "KKK", &window, &gap, &cap))
-        return NULL;
-    return PyLong_FromUnsignedLongLong(adapt_window(window, gap, cap));
-}
-
 static PyMethodDef module_methods[] = {
     {"harvest", harvest, METH_O, "harvest(bitmap) -> bytes: the bits, and the bitmap cleared, atomically."},
     {"adapt_window", py_adapt_window, METH_VARARGS,
@@ -2522,24 +1356,15 @@ static struct PyModuleDef relay_module = {
 
 PyMODINIT_FUNC PyInit__relay(void)
 {
-    PyObject *errors = PyImport_ImportModule("vdpa_svq.errors");
-    if (errors == NULL)
+    if (ring_errors_import() < 0)
         return NULL;
-    RingError = PyObject_GetAttrString(errors, "RingError");
-    GuestRingError = PyObject_GetAttrString(errors, "GuestRingError");
-    DeviceRingError = PyObject_GetAttrString(errors, "DeviceRingError");
-    RingBroken = PyObject_GetAttrString(errors, "RingBroken");
-    Py_DECREF(errors);
-    if (!RingError || !GuestRingError || !DeviceRingError || !RingBroken)
-        return NULL;
-    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&PumpType) < 0 || PyType_Ready(&NetLoopType) < 0)
+    if (PyType_Ready(&RelayType) < 0 || PyType_Ready(&PumpType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&relay_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "CShadowVirtqueue", (PyObject *)&RelayType) < 0 ||
-        PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0 ||
-        PyModule_AddObjectRef(m, "NetLoop", (PyObject *)&NetLoopType) < 0) {
+        PyModule_AddObjectRef(m, "Pump", (PyObject *)&PumpType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

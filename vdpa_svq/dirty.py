@@ -11,11 +11,7 @@ from __future__ import annotations
 import threading
 
 from vdpa_svq.memory.guest import PAGE_SIZE
-
-try:
-    from vdpa_svq._relay import harvest as _atomic_harvest
-except ImportError:  # no C relay, so only Python marks: the lock is enough
-    _atomic_harvest = None
+from vdpa_svq.native import harvest as _atomic_harvest  # None: no C relay, so only Python marks (the lock)
 
 PAGE_SHIFT = 12
 

@@ -18,12 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from vdpa_svq._relay import Pump
-except ImportError:  # no C relay: the Python pump runs everything
-    Pump = None
-
 from vdpa_svq import pump as py_pump
+from vdpa_svq.native import Pump  # None when the C relay is not built: the Python pump runs everything
 
 ADAPTIVE = "auto"  # poll_us: a polling window learnt from the traffic, up to ADAPTIVE_MAX_US
 # The learnt window's cap: a wake-up later than this after the last burst counts as idle. Long

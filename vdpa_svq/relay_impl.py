@@ -3,7 +3,8 @@
 `make_shadow_virtqueue(..., impl="auto")` returns the C relay (vdpa_svq._relay) when it was
 built, else the Python ShadowVirtqueue; `impl="c"` insists on C, `impl="py"` on the reference.
 Both present the same interface: on_guest_kick(), on_device_call(), forward_avail(),
-forward_used(), stats, error, broken. `describe()` says which one runs and why.
+forward_used(), stats, error, broken. `describe()` says which one runs and why (vdpa_svq.native
+makes that choice, for this and the other C twins).
 
 The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (from the
 rings' export_state() records, their memory regions, the IOVA map's table() and the dirty bitmap),
@@ -23,26 +24,12 @@ from vdpa_svq.errors import RingError
 from vdpa_svq.loop import EventfdNotifier
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.memory.iova import IovaMap
+from vdpa_svq.native import AVAILABLE_IMPLS as AVAILABLE_IMPLS  # the choice is native.py's; re-exported
+from vdpa_svq.native import C_IMPORT_ERROR, DEFAULT_IMPL
+from vdpa_svq.native import describe as describe
+from vdpa_svq.native import relay_extension as _relay
 from vdpa_svq.relay import RelayStats, ShadowVirtqueue
 from vdpa_svq.ring import DeviceRing, DriverRing, Layout, PackedDeviceExport, PackedDriverExport, RingState
-
-try:
-    from vdpa_svq import _relay
-except ImportError as e:  # no compiler at install time: the Python reference runs
-    _relay = None
-    C_IMPORT_ERROR: str | None = str(e)
-else:
-    C_IMPORT_ERROR = None
-
-AVAILABLE_IMPLS: tuple[str, ...] = ("c", "py") if _relay is not None else ("py",)
-DEFAULT_IMPL = AVAILABLE_IMPLS[0]
-
-
-def describe() -> str:
-    """One line for logs and `--version`-like output: which relay runs by default, and why."""
-    if _relay is not None:
-        return "c (vdpa_svq._relay)"
-    return f"py (the C relay did not import: {C_IMPORT_ERROR})"
 
 
 def _regions(mem: GuestMemory) -> tuple[tuple[int, int, Any], ...]:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from kernel_iface import NotSupported, VhostVdpa, uapi
+from vdpa_svq import native
 from vdpa_svq.cli._device import opened
 from vdpa_svq.cli._output import echo_json, human_bytes, json_option, print_fields
 from vdpa_svq.device import Device
@@ -21,12 +22,8 @@ VIRTIO_NET_S_ANNOUNCE = 2
 
 
 def relay_impls() -> tuple[str, list[str]]:
-    """(the relay implementation in use, all that are available)."""
-    try:
-        from vdpa_svq.relay_impl import AVAILABLE_IMPLS, DEFAULT_IMPL
-    except ImportError:
-        return "py", ["py"]  # the Python reference relay is always there
-    return DEFAULT_IMPL, list(AVAILABLE_IMPLS)
+    """(the relay implementation in use, all that are available): vdpa_svq.native's choice."""
+    return native.DEFAULT_IMPL, list(native.AVAILABLE_IMPLS)
 
 
 def _optional(query: Callable[..., int], *args: int) -> int | None:

@@ -16,16 +16,12 @@ import struct
 from collections.abc import Callable
 
 from kernel_iface import uapi
+from vdpa_svq.native import NetLoop  # the loopback in C (softdev/_netloop.c); None: the Python datapath
 from vdpa_svq.relay_impl import device_ring_spec
 from vdpa_svq.ring import DeviceRing
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
-
-try:  # the loopback in C (vdpa_svq/_netloop.c); without it the Python datapath below runs
-    from vdpa_svq._relay import NetLoop
-except ImportError:
-    NetLoop = None
 
 RX, TX = 0, 1
 VIRTIO_NET_S_LINK_UP = 1
@@ -79,7 +75,7 @@ class SoftNetDevice(SoftDevice):
         if datapath not in ("auto", "c", "py"):
             raise ValueError(f"datapath is auto, c or py, not {datapath!r}")
         if datapath == "c" and NetLoop is None:
-            raise ValueError("datapath 'c' needs the C extension (vdpa_svq._relay), which is not built")
+            raise ValueError("datapath 'c' needs the C extension (vdpa_svq.softdev._netloop), which is not built")
         # Before the base class makes the lock, which calls take_back_rings().
         self._c = NetLoop(self._punt_kick) if NetLoop is not None and datapath != "py" else None
         super().__init__(**kwargs)  # type: ignore[arg-type]

@@ -1,7 +1,9 @@
 /*
  * NetLoop: the soft net device's datapath in C (softdev/net.py:SoftNetDevice.process is the
- * reference). Part of the vdpa_svq._relay module: _relay.c includes this file, so that the device
- * sides of the relay's guest rings (which is what a device's rings are) serve here too.
+ * reference). Its own extension, vdpa_svq.softdev._netloop: the soft device's C, apart from the
+ * relay's. What it shares with the relay is the device side of a ring (a device's rings are what
+ * the relay's guest ring is to the relay), which both take from _ring.h; of the relay itself it
+ * calls nothing: a relay in the same process kicks it through a Python callable (kick()).
  *
  * The loopback: every TX frame comes back on RX with num_buffers = 1; a TX chain stays in its ring
  * while RX has no buffer; a frame shorter than the virtio-net header is dropped (TX completed).
@@ -19,6 +21,10 @@
  * GIL held and never releases it, so each is atomic to the Python threads: the relay's pump may
  * kick() from its thread, without the device lock, while the device's own thread sleeps.
  */
+#include "../_ring.h" /* the one file of this extension that includes it (see there) */
+
+#include <errno.h>
+#include <unistd.h>
 
 enum { NET_RX = 0, NET_TX = 1, NET_HDR_SIZE = 12, NET_NUM_BUFFERS_OFF = 10 };
 /* The longest TX packet the device takes (net.py's NET_MAX_PACKET): header + the largest IP
@@ -490,7 +496,7 @@ static PyGetSetDef netloop_getset[] = {
 };
 
 static PyTypeObject NetLoopType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.NetLoop",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq.softdev._netloop.NetLoop",
     .tp_basicsize = sizeof(NetLoop),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The soft net device's loopback datapath in C (softdev/net.py is the reference).",
@@ -502,3 +508,24 @@ static PyTypeObject NetLoopType = {
     .tp_methods = netloop_methods,
     .tp_getset = netloop_getset,
 };
+
+static struct PyModuleDef netloop_module = {
+    PyModuleDef_HEAD_INIT, .m_name = "vdpa_svq.softdev._netloop",
+    .m_doc = "The soft net device's loopback in C; vdpa_svq.softdev.net is the reference.", .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__netloop(void)
+{
+    if (ring_errors_import() < 0)
+        return NULL;
+    if (PyType_Ready(&NetLoopType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&netloop_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "NetLoop", (PyObject *)&NetLoopType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,45 @@
+/*
+ * _relay.h: what the two files of vdpa_svq._relay know of each other. _relay.c holds the relay
+ * (the Relay type, the shadow ring's driver side), _pump.c the loop that runs relays (the Pump
+ * type); the pump sees a relay only through the functions below, so that the relay's struct and
+ * its ring code (_ring.h) stay in one file. Hidden: the extension exports nothing but its PyInit.
+ */
+#ifndef VDPA_SVQ_RELAY_H
+#define VDPA_SVQ_RELAY_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#pragma GCC visibility push(hidden)
+
+/* ---- _relay.c's, for the pump ------------------------------------------------------------------ */
+
+typedef struct Relay Relay;
+extern PyTypeObject RelayType; /* vdpa_svq._relay.CShadowVirtqueue */
+
+/* mirrors relay.py:ShadowVirtqueue._guarded: run `work` on the relay; a RingError stops this
+ * queue (kept in its .error), any other exception is returned (NULL). */
+PyObject *svq_guarded(Relay *q, int (*work)(Relay *));
+/* The work a wake-up runs: mirrors relay.py:ShadowVirtqueue._drain_guest / _drain_device. */
+int svq_drain_guest(Relay *q);
+int svq_drain_device(Relay *q);
+/* The work a polling phase runs: one round with notifications off; notifications back on. */
+int svq_poll_once(Relay *q);
+int svq_rearm(Relay *q);
+/* Whether the relay is open and not stopped; whether it has work for the poller (read-only:
+ * safe without the GIL). */
+int relay_live(const Relay *q);
+int relay_has_work(const Relay *q);
+/* One of its fds is not a working eventfd any more (kick: the guest's, else the device's call):
+ * the relay stops with the reason. 0, or -1 with an exception. */
+int relay_hung_up(Relay *q, int kick);
+
+/* ---- _pump.c's, for the module ----------------------------------------------------------------- */
+
+extern PyTypeObject PumpType; /* vdpa_svq._relay.Pump */
+/* adapt_window(window_ns, gap_ns, cap_ns): the adaptive window's rule, for its test. */
+PyObject *py_adapt_window(PyObject *module, PyObject *args);
+
+#pragma GCC visibility pop
+
+#endif /* VDPA_SVQ_RELAY_H */
