@@ -178,7 +178,7 @@ io forwarding after a first burst; {slices} interleaved slices of {seconds:g} s 
   The two forwarding lcores have a CPU each.
 - "vdpa-svq serve {device}": vdpa-svq's shadow virtqueues (C relay) with the default settings
   (notifications only, `--poll-us 0`) in front of the built-in
-  software loopback device, whose datapath runs in C (vdpa_svq/_netloop.c) in the relay's own thread: the
+  software loopback device, whose datapath runs in C (vdpa_svq/softdev/_netloop.c) in the relay's own thread: the
   relay's kick is served inline, so one thread moves each frame guest -> shadow -> device -> shadow -> guest.
 - "... --poll-us auto": the same with adaptive polling (the relay loop learns a polling window from
   the traffic, see loop.py).

@@ -387,7 +387,8 @@ static int guest_fail(DeviceSide *g, long long index, const char *fmt, ...)
     return -1;
 }
 
-/* One buffer descriptor of a guest chain: the checks both layouts make, in the same order. */
+/* One buffer descriptor of a guest chain: the checks both layouts make, in the same order.
+ * mirrors chain.py:ChainReader.take_segment */
 static inline int take_segment(DeviceSide *g, Chain *c, uint16_t head, uint64_t addr, uint32_t len, uint16_t flags,
                                int *seen_write, uint64_t *total, uint64_t *writable)
 {

@@ -4,7 +4,7 @@ Three parts have a C implementation beside their Python reference:
 
     part      C (when built)                          else Python                   used by
     relay     vdpa_svq._relay.CShadowVirtqueue        relay.py's ShadowVirtqueue    relay_impl.py
-    loop      vdpa_svq._relay.Pump                    loop.py's epoll loop          loop.py
+    loop      vdpa_svq._relay.Pump (_pump.c)          pump.py's Pump                loop.py
     softnet   vdpa_svq.softdev._netloop.NetLoop       softdev/net.py's datapath     softdev/net.py
 
 (and the dirty log's lock-free harvest, vdpa_svq._relay.harvest, in dirty.py). An extension that

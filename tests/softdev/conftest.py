@@ -1,5 +1,5 @@
 """Every soft device test runs against both datapaths of the net device: the loopback in C
-(vdpa_svq/_netloop.c, which leaves irregular chains to Python) and the Python reference."""
+(vdpa_svq/softdev/_netloop.c, which leaves irregular chains to Python) and the Python reference."""
 
 from __future__ import annotations
 

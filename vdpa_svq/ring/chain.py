@@ -2,7 +2,7 @@
 
 Also the rules on a chain that do not depend on the layout, written once for split and packed:
 what a driver side may be asked to add (plan_chain), and what a device side checks of every
-buffer and indirect table it reads (ChainReader; _relay.c's take_segment is its C twin).
+buffer and indirect table it reads (ChainReader; _ring.h's take_segment is its C twin).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def plan_chain(
 
 class ChainReader:
     """A device side's reading of one guest chain: the checks every buffer descriptor and every
-    indirect table get, whatever the layout, in the order _relay.c's take_segment makes them.
+    indirect table get, whatever the layout, in the order _ring.h's take_segment makes them.
 
     `fail(reason)` raises (the ring's GuestRingError at the chain's index, marking it broken).
     The layout-specific rules (how descriptors are linked, where an indirect descriptor may
