@@ -47,8 +47,8 @@ def test_kick_only_when_the_device_wants_one(queue):
     assert consume(q.kick_fd)
 
 
-def test_buffers_used_before_interrupts_were_enabled_are_reaped_without_an_interrupt(queue):
-    """VIRTIO 1.2 2.7.14 / 2.8.22: the device sends no interrupt for buffers used while interrupts were
+def test_buffers_used_before_calls_were_enabled_are_reaped_without_a_call(queue):
+    """VIRTIO 1.2 2.7.14 / 2.8.22: the device sends no call for buffers used while calls were
     off; the driver must re-check after enabling them, not sleep out its timeout."""
     q, dev, _ = queue
     q.ring.disable_cb()
@@ -57,10 +57,10 @@ def test_buffers_used_before_interrupts_were_enabled_are_reaped_without_an_inter
     start = time.monotonic()
     assert q.reap(1, timeout=5.0) == [("token", 5)]
     assert time.monotonic() - start < 1.0
-    assert q.interrupts == 0
+    assert q.calls == 0
 
 
-def test_reap_waits_for_the_interrupt_and_gives_up_after_the_timeout(queue):
+def test_reap_waits_for_the_call_and_gives_up_after_the_timeout(queue):
     q, dev, _ = queue
     q.ring.add([], [(DATA, 16)], "a")
     assert q.reap(1, timeout=0.05) is None  # nothing used yet
@@ -70,12 +70,12 @@ def test_reap_waits_for_the_interrupt_and_gives_up_after_the_timeout(queue):
     assert q.reap_ready() == []
 
 
-def test_wait_interrupt_consumes_the_interrupt(queue):
+def test_wait_call_consumes_the_call(queue):
     q, _, _ = queue
-    assert not q.wait_interrupt(0.01)
+    assert not q.wait_call(0.01)
     os.eventfd_write(q.call_fd, 1)
-    assert q.wait_interrupt(1.0) and q.interrupts == 1
-    assert not q.wait_interrupt(0.01)
+    assert q.wait_call(1.0) and q.calls == 1
+    assert not q.wait_call(0.01)
 
 
 def test_wait_notified_returns_only_the_fds_that_fired():

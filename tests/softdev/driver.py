@@ -147,7 +147,7 @@ class GuestDriver:
 
     def call_within(self, qi: int, timeout: float) -> bool:
         """Whether queue qi's call eventfd fires within `timeout` seconds (consumes it)."""
-        return self.queues[qi].wait_interrupt(timeout)
+        return self.queues[qi].wait_call(timeout)
 
     def wait_error(self, qi: int, timeout: float = TIMEOUT) -> str:
         """Block on queue qi's err eventfd until the device reports it broken; return the reason."""

@@ -31,8 +31,8 @@ class InFlight(SentChain):
 class Counters:
     kicks: int = 0
     kick_checks: int = 0
-    interrupts: int = 0
-    interrupt_checks: int = 0
+    calls: int = 0
+    call_checks: int = 0
     delivered: int = 0
     reaped: int = 0
 
@@ -218,7 +218,7 @@ class RingPair:
         old, new = self.used_at_last_signal, self.used_abs
         self.used_at_last_signal = new
         got = self.dev.need_notify()
-        self.counters.interrupt_checks += 1
+        self.counters.call_checks += 1
         if old == new:
             expected = False
         elif self.irq_mode == "event":
@@ -226,7 +226,7 @@ class RingPair:
         else:
             expected = self.irq_mode == "enable"
         assert got == expected, f"need_notify()={got}, spec says {expected} (old={old} new={new})"
-        self.counters.interrupts += got
+        self.counters.calls += got
 
     def dev_notify(self, enable: bool) -> None:
         if enable:

@@ -24,7 +24,7 @@ def _stats_table(run: AttachRun) -> Any:
 
     s = run.summary
     t = Table(title=f"{s.device} ({s.device_type}) — {s.mode} — {run.elapsed():.1f}s", title_justify="left")
-    for col in ("queue", "forwarded", "returned", "bytes written", "device kicks", "guest interrupts", "ring full"):
+    for col in ("queue", "forwarded", "returned", "bytes written", "device kicks", "guest calls", "ring full"):
         t.add_column(col, justify="right")
     for i, q in sorted(s.queues.items()):
         t.add_row(str(i), *(str(q[k]) for k in ("forwarded", "returned", "bytes_written", "device_kicks",
@@ -62,7 +62,7 @@ def print_summary(s: Summary) -> None:
              f"{s.blk_bytes} bytes")
     for i, q in sorted(s.queues.items()):
         echo(f"  queue {i}: {q['forwarded']} forwarded, {q['returned']} returned, {q['bytes_written']} bytes written "
-             f"by the device, {q['device_kicks']} kicks, {q['guest_calls']} interrupts")
+             f"by the device, {q['device_kicks']} kicks, {q['guest_calls']} calls")
     if s.rounds:
         per = ", ".join(f"#{r.round}@{r.at:.2f}s: {r.dirty_pages}" for r in s.rounds)
         echo(f"  dirty pages per round: {per} (total {s.dirty_pages_total})")

@@ -23,7 +23,7 @@ class NetStats:
     received: int = 0
     received_bytes: int = 0
     kicks: int = 0
-    interrupts: int = 0
+    calls: int = 0
 
 
 @dataclass
@@ -95,8 +95,8 @@ class NetDriver:
         return frames
 
     def wait(self, timeout: float) -> None:
-        """Sleep until the device interrupts (or timeout); consume the interrupts."""
-        self.stats.interrupts += len(wait_notified([fd for fd in self.call_fds if fd >= 0], timeout))
+        """Sleep until the device calls (or timeout); consume the calls."""
+        self.stats.calls += len(wait_notified([fd for fd in self.call_fds if fd >= 0], timeout))
 
     def _kick(self, index: int) -> None:
         self.stats.kicks += 1

@@ -22,7 +22,7 @@ class GuestQueue:
     kick_fd: int
     call_fd: int
     kicks: int = 0
-    interrupts: int = 0
+    calls: int = 0
 
     def kick(self) -> bool:
         """Notify the device if its suppression settings ask for it; whether a kick was sent."""
@@ -32,29 +32,29 @@ class GuestQueue:
         self.kicks += 1
         return True
 
-    def wait_interrupt(self, timeout: float) -> bool:
-        """Whether the device interrupted within `timeout` seconds (the interrupt is consumed)."""
+    def wait_call(self, timeout: float) -> bool:
+        """Whether the device called (a used buffer notification) within `timeout` seconds; the call is consumed."""
         fired = bool(wait_notified([self.call_fd], timeout))
-        self.interrupts += fired
+        self.calls += fired
         return fired
 
     def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
-        """Sleep on interrupts until done() holds; False if `timeout` seconds passed first.
+        """Sleep on calls until done() holds; False if `timeout` seconds passed first.
 
         Interrupts are re-enabled before each sleep and done() asked again: buffers used before the
-        re-enable raise no interrupt of their own (VIRTIO 1.2 2.7.14 / 2.8.22), so sleeping on them
+        re-enable raise no call of their own (VIRTIO 1.2 2.7.14 / 2.8.22), so sleeping on them
         would wait out the whole timeout.
         """
         deadline = time.monotonic() + timeout
         while not done():
             if not self.ring.enable_cb():
-                continue  # used buffers already there: no interrupt will come for them
+                continue  # used buffers already there: no call will come for them
             if done():
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self.interrupts += len(wait_notified([self.call_fd], left))
+            self.calls += len(wait_notified([self.call_fd], left))
         return True
 
     def reap(self, want: int, timeout: float) -> list[Used] | None:

@@ -96,17 +96,17 @@ class Datapath:
                 if q.usable:
                     dev.guard(q, q.ring.disable_notify)  # type: ignore[union-attr]
             dev.process()
-            self.signal()
+            self.call_drivers()
             for q in dev.queues:
                 if q.usable:
                     dev.guard(q, q.ring.enable_notify)  # type: ignore[union-attr]
             # A chain the driver added before it saw notifications re-enabled came without a kick:
             # look once more now that they are (enable_notify ordered its store before this read).
             if not dev.process():
-                self.signal()
+                self.call_drivers()
                 return
 
-    def signal(self) -> None:
+    def call_drivers(self) -> None:
         """Call the driver for every queue whose used buffers passed its event (broken ones too:
         buffers used before the fault still deserve their interrupt)."""
         for q in self._dev.queues:
