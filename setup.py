@@ -15,27 +15,19 @@ from setuptools import Extension, setup
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 RING = ["vdpa_svq/_ring.h"]
 
+
+
+def extension(name: str, sources: list[str], depends: list[str] = (), extra_flags: list[str] = ()) -> Extension:
+    """An optional extension (PEP 399: without a compiler the install still succeeds)."""
+    return Extension(name, sources, depends=list(depends), extra_compile_args=CFLAGS + list(extra_flags),
+                     optional=True)
+
+
 setup(
     ext_modules=[
-        Extension(
-            "vdpa_svq._relay",
-            ["vdpa_svq/_relay.c", "vdpa_svq/_pump.c"],
-            depends=RING + ["vdpa_svq/_relay.h"],
-            extra_compile_args=CFLAGS + ["-Wno-cast-function-type"],
-            optional=True,
-        ),
-        Extension(
-            "vdpa_svq.softdev._netloop",
-            ["vdpa_svq/softdev/_netloop.c"],
-            depends=RING,
-            extra_compile_args=CFLAGS + ["-Wno-cast-function-type"],
-            optional=True,
-        ),
-        Extension(
-            "vdpa_svq._busguard",
-            ["vdpa_svq/_busguard.c"],
-            extra_compile_args=CFLAGS,
-            optional=True,
-        ),
+        extension("vdpa_svq._relay", ["vdpa_svq/_relay.c", "vdpa_svq/_pump.c"], RING + ["vdpa_svq/_relay.h"],
+                  ["-Wno-cast-function-type"]),
+        extension("vdpa_svq.softdev._netloop", ["vdpa_svq/softdev/_netloop.c"], RING, ["-Wno-cast-function-type"]),
+        extension("vdpa_svq._busguard", ["vdpa_svq/_busguard.c"]),
     ]
 )

@@ -1137,26 +1137,26 @@ static int relay_init(Relay *q, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static PyObject *relay_forward_avail(Relay *q, PyObject *Py_UNUSED(ignored))
+/* forward_avail() / forward_used() from Python: one pass, its marks flushed, how many it moved. */
+static PyObject *relay_forward(Relay *q, Py_ssize_t (*forward)(Relay *))
 {
     if (!q->ready) {
         PyErr_SetString(PyExc_ValueError, "the C relay is closed");
         return NULL;
     }
-    Py_ssize_t n = svq_forward_avail(q);
+    Py_ssize_t n = forward(q);
     svq_flush_marks(q);
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
+static PyObject *relay_forward_avail(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    return relay_forward(q, svq_forward_avail);
+}
+
 static PyObject *relay_forward_used(Relay *q, PyObject *Py_UNUSED(ignored))
 {
-    if (!q->ready) {
-        PyErr_SetString(PyExc_ValueError, "the C relay is closed");
-        return NULL;
-    }
-    Py_ssize_t n = svq_forward_used(q);
-    svq_flush_marks(q);
-    return n < 0 ? NULL : PyLong_FromSsize_t(n);
+    return relay_forward(q, svq_forward_used);
 }
 
 static PyObject *relay_close(Relay *q, PyObject *Py_UNUSED(ignored))

@@ -387,6 +387,25 @@ static int guest_fail(DeviceSide *g, long long index, const char *fmt, ...)
     return -1;
 }
 
+/* The indirect table an indirect descriptor points to, checked (NULL: the guest ring failed).
+ * mirrors chain.py:ChainReader.indirect_table */
+static inline const uint8_t *take_indirect_table(DeviceSide *g, uint16_t head, uint64_t addr, uint32_t len)
+{
+    if (len == 0 || len % DESC_SIZE) {
+        guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
+        return NULL;
+    }
+    if (len / DESC_SIZE > (uint32_t)g->num) { /* 2.7.5.3.1: no chain is longer than the queue */
+        guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u", len / DESC_SIZE,
+                   (unsigned)g->num);
+        return NULL;
+    }
+    const uint8_t *table = mem_view(g->mem, addr, len);
+    if (table == NULL)
+        guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory", (unsigned long long)addr, len);
+    return table;
+}
+
 /* One buffer descriptor of a guest chain: the checks both layouts make, in the same order.
  * mirrors chain.py:ChainReader.take_segment */
 static inline int take_segment(DeviceSide *g, Chain *c, uint16_t head, uint64_t addr, uint32_t len, uint16_t flags,
@@ -435,15 +454,8 @@ static int read_chain_split(DeviceSide *g, uint16_t head, Chain *c)
                 return guest_fail(g, head, "indirect descriptor inside an indirect table");
             if (flags & VRING_DESC_F_NEXT)
                 return guest_fail(g, head, "indirect descriptor chained with others");
-            if (len == 0 || len % DESC_SIZE)
-                return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
-            if (len / DESC_SIZE > (uint32_t)g->num)
-                return guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u",
-                                  len / DESC_SIZE, (unsigned)g->num);
-            table = mem_view(g->mem, addr, len);
-            if (table == NULL)
-                return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
-                                  (unsigned long long)addr, len);
+            if ((table = take_indirect_table(g, head, addr, len)) == NULL)
+                return -1;
             ring_descs = here + 1;
             indirect = 1;
             count = len / DESC_SIZE;
@@ -600,15 +612,9 @@ static int pop_packed(DeviceSide *g, Chain *c)
         if (flags & VRING_DESC_F_INDIRECT) {
             if (c->nsegs || (flags & VRING_DESC_F_NEXT))
                 return guest_fail(g, head, "indirect descriptor chained with others");
-            if (len == 0 || len % DESC_SIZE)
-                return guest_fail(g, head, "indirect table length %u is not a multiple of 16", len);
-            if (len / DESC_SIZE > (uint32_t)g->num)
-                return guest_fail(g, head, "indirect table of %u descriptors is longer than the queue size %u",
-                                  len / DESC_SIZE, (unsigned)g->num);
-            const uint8_t *table = mem_view(g->mem, addr, len);
+            const uint8_t *table = take_indirect_table(g, head, addr, len);
             if (table == NULL)
-                return guest_fail(g, head, "indirect table [0x%llx, +0x%x) outside guest memory",
-                                  (unsigned long long)addr, len);
+                return -1;
             indirect = 1;
             for (uint32_t i = 0; i < len / DESC_SIZE; i++) {
                 const uint8_t *e = table + (size_t)i * DESC_SIZE;
