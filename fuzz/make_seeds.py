@@ -18,10 +18,10 @@ from fuzz import target_relay
 from fuzz import target_vhost_user as vu
 from kernel_iface import uapi
 from kernel_iface.uapi import bit
-from vdpa_svq.attach import plan_layout
 from vdpa_svq.dump import DumpHeader, write_dump
 from vdpa_svq.guest.frames import build_frame
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.guest.plan import plan_layout
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import Layout, driver_ring
 from vdpa_svq.vhost_user import messages as m

@@ -15,27 +15,22 @@ from kernel_iface import uapi
 from kernel_iface.device import PACKED_VRING_BASE_INITIAL
 from vdpa_svq.errors import RingFull
 from vdpa_svq.guest.blk import REQ_HEADER
-from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import VIRTIO_NET_HDR_LEN
 from vdpa_svq.guest.notify import wait_notified
+from vdpa_svq.guest.plan import GuestLayout, plan_layout
 from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.memory import GuestMemory
-from vdpa_svq.ring import IndirectArea, Layout, driver_ring, place_ring
+from vdpa_svq.ring import Layout, driver_ring
 from vdpa_svq.softdev import SoftDevice
 
 PAGE = 4096
 SLOT = 2048  # bytes per data buffer slot
-MAX_INDIRECT = 8
 TIMEOUT = 5.0
 
 STATUS_UP_TO_FEATURES = (
     uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER | uapi.VIRTIO_CONFIG_S_FEATURES_OK
 )
 STATUS_RUNNING = STATUS_UP_TO_FEATURES | uapi.VIRTIO_CONFIG_S_DRIVER_OK
-
-
-def _page_up(x: int) -> int:
-    return (x + PAGE - 1) & ~(PAGE - 1)
 
 
 @dataclass
@@ -55,26 +50,16 @@ class GuestDriver:
         indirect: bool = False,
         num: int = 16,
         slots: int = 128,
-        mem: GuestMemory | None = None,
         maps: Sequence[tuple[int, int, int]] | None = None,
     ) -> None:
         """`maps` overrides the IOTLB mappings: (gpa, size, perm) each, default all of memory RW."""
         self.dev = dev
         self.layout = Layout.PACKED if packed else Layout.SPLIT
         self.num = num
-        nq = dev.vqs_count()
-        # Per queue: one page-aligned block for the ring (device area on its own page, so a test
-        # can map it differently) and the indirect tables; then the data slots.
-        self.ring_base: list[int] = []
-        addr = PAGE
-        for _ in range(nq):
-            self.ring_base.append(addr)
-            _, end = place_ring(self.layout, num, addr, device_area_align=PAGE)
-            addr = _page_up(end) + _page_up(IndirectArea.size(num, MAX_INDIRECT))
-        self.data_base = addr
-        self.pool = BlockPool(self.data_base, SLOT, slots)
-        self.mem = mem or GuestMemory.create(self.data_base + slots * SLOT)
-        self._owns_mem = mem is None
+        self.plan = self.plan_for(dev, packed=packed, num=num, slots=slots)
+        self.pool = self.plan.pools[0]
+        self.data_base = self.pool.gpa
+        self.mem = GuestMemory.create(self.plan.size)
         self.queues: list[DriverQueue] = []
         self.maps = list(maps) if maps is not None else [(r.gpa, r.size, uapi.VHOST_ACCESS_RW) for r in self.mem]
         want = (
@@ -88,6 +73,13 @@ class GuestDriver:
         assert self.features == want, "the device does not offer what the test asked for"
         self.event_idx, self.indirect = event_idx, indirect
         self.setup()
+
+    @staticmethod
+    def plan_for(dev: SoftDevice, *, packed: bool = False, num: int = 16, slots: int = 128) -> GuestLayout:
+        """Where a driver made with these arguments puts its rings and slots (one pool of `slots`
+        SLOT-sized blocks after every ring), without making it: for a test that maps them its own way."""
+        layout = Layout.PACKED if packed else Layout.SPLIT
+        return plan_layout(layout, num, dev.vqs_count(), SLOT, slots, pools=1, base=PAGE)
 
     # -- the session's part ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -103,11 +95,18 @@ class GuestDriver:
             for gpa, size, perm in self.maps:
                 dev.iotlb_update(gpa, size, self.mem.hva(gpa), perm)
         self.queues = []
-        for i, base in enumerate(self.ring_base):
-            addrs, end = place_ring(self.layout, self.num, base, device_area_align=PAGE)
-            area = IndirectArea(_page_up(end), MAX_INDIRECT)
+        for i in range(len(self.plan.rings)):
+            # The plan's ring in the layout negotiated now (a test may reset and switch layouts);
+            # the indirect area is there whether INDIRECT_DESC was negotiated or not.
+            addrs = self.plan.ring_as(i, self.layout)
             ring = driver_ring(
-                self.layout, self.mem, self.num, addrs, event_idx=self.event_idx, indirect_area=area, name=f"drv{i}"
+                self.layout,
+                self.mem,
+                self.num,
+                addrs,
+                event_idx=self.event_idx,
+                indirect_area=self.plan.indirect[i],
+                name=f"drv{i}",
             )
             kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -133,8 +132,7 @@ class GuestDriver:
     def close(self) -> None:
         self.dev.close()  # the device first: it must not touch memory that is going away
         self.teardown_rings()
-        if self._owns_mem:
-            self.mem.close()
+        self.mem.close()
 
     # -- the driver's part -----------------------------------------------------------------------
     def kick(self, qi: int) -> bool:

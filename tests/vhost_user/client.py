@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from kernel_iface import uapi
 from kernel_iface.uapi import bit
-from vdpa_svq.attach import plan_layout
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.guest.plan import plan_layout
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import DriverRing, Layout, driver_ring
 from vdpa_svq.vhost_user import messages as m
