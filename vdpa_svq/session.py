@@ -122,14 +122,7 @@ class DeviceSession:
         for must in (uapi.VIRTIO_F_VERSION_1, uapi.VIRTIO_F_ACCESS_PLATFORM):
             if not offered & bit(must):
                 raise SessionError(f"{dev.path}: device lacks {uapi.decode_features(bit(must))[0]}, which vDPA needs")
-        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.extra_features
-        if self.packed is not False:
-            want |= bit(uapi.VIRTIO_F_RING_PACKED)
-        if self.event_idx:
-            want |= bit(uapi.VIRTIO_RING_F_EVENT_IDX)
-        if self.indirect:
-            want |= bit(uapi.VIRTIO_RING_F_INDIRECT_DESC)
-        self.features = offered & want
+        self.features = offered & self.wanted
         if self.packed and not self.features & bit(uapi.VIRTIO_F_RING_PACKED):
             raise SessionError(f"{dev.path}: packed layout asked for, but the device offers only split rings")
         dev.set_status(0)
@@ -140,6 +133,18 @@ class DeviceSession:
         if not dev.get_status() & uapi.VIRTIO_CONFIG_S_FEATURES_OK:
             raise SessionError(f"{dev.path}: device refused features {self.features:#x} (FEATURES_OK cleared)")
         return self.features
+
+    @property
+    def wanted(self) -> int:
+        """The features negotiate() takes when the device offers them."""
+        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.extra_features
+        if self.packed is not False:
+            want |= bit(uapi.VIRTIO_F_RING_PACKED)
+        if self.event_idx:
+            want |= bit(uapi.VIRTIO_RING_F_EVENT_IDX)
+        if self.indirect:
+            want |= bit(uapi.VIRTIO_RING_F_INDIRECT_DESC)
+        return want
 
     def has(self, feature_bit: int) -> bool:
         return bool(self.features & bit(feature_bit))
