@@ -16,7 +16,7 @@ from typing import Self
 
 from kernel_iface import uapi
 from vdpa_svq.errors import RingFull
-from vdpa_svq.guest.blk import REQ_HEADER
+from vdpa_svq.guest.blk import request_chain
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import VIRTIO_NET_HDR_LEN
 from vdpa_svq.guest.notify import new_eventfd, wait_notified
@@ -271,25 +271,15 @@ class BlkDriver(GuestDriver):
 
     def submit(self, req_type: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> BlkRequest:
         hdr = self.pool.get()
-        self.mem.write(hdr, REQ_HEADER.pack(req_type, 0, sector))
-        slots = [hdr]
-        out_segs = [(hdr, REQ_HEADER.size)]
-        for pos in range(0, len(out), SLOT):
-            gpa = self.pool.get()
-            slots.append(gpa)
-            piece = out[pos : pos + SLOT]
+        pieces = [out[pos : pos + SLOT] for pos in range(0, len(out), SLOT)]
+        out_segs = [(self.pool.get(), len(piece)) for piece in pieces]
+        for (gpa, _), piece in zip(out_segs, pieces, strict=True):
             self.mem.write(gpa, piece)
-            out_segs.append((gpa, len(piece)))
-        in_segs = []
-        for pos in range(0, in_len, SLOT):
-            gpa = self.pool.get()
-            slots.append(gpa)
-            in_segs.append((gpa, min(SLOT, in_len - pos)))
+        in_segs = [(self.pool.get(), min(SLOT, in_len - pos)) for pos in range(0, in_len, SLOT)]
         status = self.pool.get()
-        slots.append(status)
-        self.mem.write(status, b"\xff")
-        req = BlkRequest(slots, in_segs, status)
-        self.queues[0].ring.add(out_segs, [*in_segs, (status, 1)], req, indirect=self.indirect)
+        req = BlkRequest([hdr, *(gpa for gpa, _ in out_segs + in_segs), status], in_segs, status)
+        chain = request_chain(self.mem, req_type, sector, hdr, out_segs, in_segs, status)
+        self.queues[0].ring.add(*chain, req, indirect=self.indirect)
         return req
 
     def complete(self, count: int) -> list[BlkRequest]:
