@@ -17,10 +17,11 @@ from kernel_iface import uapi
 from vdpa_svq.device import Device
 from vdpa_svq.guest.blk import SECTOR, BlkDriver
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.guest.notify import new_eventfd
 from vdpa_svq.guest.plan import GuestLayout, plan_layout
 from vdpa_svq.loop import Polling
 from vdpa_svq.memory.guest import GuestMemory, page_align
-from vdpa_svq.ring import DriverRing, Layout, RingState, driver_ring
+from vdpa_svq.ring import DriverRing, Layout, RingState
 from vdpa_svq.session import DeviceSession, SessionError, ShadowSession
 
 PASSTHROUGH, SHADOW = "passthrough", "shadow"
@@ -171,18 +172,12 @@ def bring_up(
     layout = plan_layout(guest_layout, num, nqueues, block_size, blocks)
     mem = GuestMemory.create(layout.size, name="vdpa-svq-guest")
     rings = [
-        driver_ring(
-            guest_layout,
-            mem,
-            num,
-            layout.rings[i],
-            event_idx=event_idx,
-            indirect_area=layout.indirect[i] if indirect else None,
-            name=f"{device.path}:guest vq{i}",
+        layout.driver_ring(
+            i, mem, guest_layout, event_idx=event_idx, indirect=indirect, name=f"{device.path}:guest vq{i}"
         )
         for i in range(nqueues)
     ]
-    fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2 * nqueues)]
+    fds = [new_eventfd() for _ in range(2 * nqueues)]
     guest = InProcessGuest(
         session, mem, rings, layout, guest_layout, event_idx, indirect, num, fds[:nqueues], fds[nqueues:]
     )

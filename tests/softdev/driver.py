@@ -23,7 +23,7 @@ from vdpa_svq.guest.notify import new_eventfd, wait_notified
 from vdpa_svq.guest.plan import GuestLayout, plan_layout
 from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.memory import GuestMemory
-from vdpa_svq.ring import DriverRing, Layout, driver_ring
+from vdpa_svq.ring import DriverRing, Layout
 from vdpa_svq.session import DeviceSession
 from vdpa_svq.softdev import SoftDevice
 
@@ -84,14 +84,6 @@ class GuestDriver:
         layout = Layout.PACKED if packed else Layout.SPLIT
         return plan_layout(layout, num, dev.vqs_count(), SLOT, slots, pools=1, base=PAGE)
 
-    @property
-    def layout(self) -> Layout:
-        return self.session.layout
-
-    @property
-    def indirect(self) -> bool:
-        return self.session.indirect
-
     # -- the session's part ----------------------------------------------------------------------
     def setup(self) -> None:
         """The session's order: negotiate, map, each queue on its ring (and its err eventfd), DRIVER_OK."""
@@ -104,19 +96,10 @@ class GuestDriver:
         for i in range(len(self.plan.rings)):
             # The plan's ring in the layout negotiated now (a test may reset and switch layouts);
             # the indirect area is there whether INDIRECT_DESC was negotiated or not.
-            addrs = self.plan.ring_as(i, s.layout)
-            ring = driver_ring(
-                s.layout,
-                self.mem,
-                self.num,
-                addrs,
-                event_idx=s.event_idx,
-                indirect_area=self.plan.indirect[i],
-                name=f"drv{i}",
-            )
+            ring = self.plan.driver_ring(i, self.mem, s.layout, event_idx=s.event_idx, indirect=True, name=f"drv{i}")
             q = DriverQueue.open(i, ring)
             self.queues.append(q)
-            s.setup_queue(i, self.num, addrs, kick_fd=q.kick_fd, call_fd=q.call_fd)
+            s.setup_queue(i, self.num, ring.addrs, kick_fd=q.kick_fd, call_fd=q.call_fd)
             self.dev.set_vring_err(i, q.err_fd)
         s.start()
 
@@ -201,7 +184,7 @@ class NetDriver(GuestDriver):
             gpa = self.pool.get()
             in_ = [(gpa, split_at), (gpa + split_at, SLOT - split_at)] if split_at else [(gpa, SLOT)]
             try:
-                ring.add((), in_, gpa, indirect=self.indirect)
+                ring.add((), in_, gpa, indirect=self.session.indirect)
             except RingFull:
                 self.pool.put(gpa)
                 break
@@ -220,7 +203,7 @@ class NetDriver(GuestDriver):
             self.mem.write(h + NET_HDR, frame)
             out = [(h, NET_HDR + len(frame))]
         try:
-            self.queues[TX].ring.add(out, (), (h, f), indirect=self.indirect)
+            self.queues[TX].ring.add(out, (), (h, f), indirect=self.session.indirect)
         except RingFull:
             self.pool.put(h)
             self.pool.put(f)
@@ -279,7 +262,7 @@ class BlkDriver(GuestDriver):
         status = self.pool.get()
         req = BlkRequest([hdr, *(gpa for gpa, _ in out_segs + in_segs), status], in_segs, status)
         chain = request_chain(self.mem, req_type, sector, hdr, out_segs, in_segs, status)
-        self.queues[0].ring.add(*chain, req, indirect=self.indirect)
+        self.queues[0].ring.add(*chain, req, indirect=self.session.indirect)
         return req
 
     def complete(self, count: int) -> list[BlkRequest]:

@@ -144,7 +144,7 @@ def test_reset_forgets_everything_and_setup_works_again(make_net, packed):
     assert dev.mem.mappings == ()
     assert dev.get_vring_base(TX) == 0
     drv.restart(packed=not packed)
-    assert drv.layout is (Layout.SPLIT if packed else Layout.PACKED)
+    assert drv.session.layout is (Layout.SPLIT if packed else Layout.PACKED)
     drv.post_rx(2)
     drv.send(b"two", net_hdr(2))
     assert drv.recv(1)[0][12:] == b"two"

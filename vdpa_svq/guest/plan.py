@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vdpa_svq.guest.buffers import BlockPool
-from vdpa_svq.memory.guest import PAGE_SIZE, page_align
-from vdpa_svq.ring import IndirectArea, Layout, RingAddresses, place_ring
+from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
+from vdpa_svq.ring import DriverRing, IndirectArea, Layout, RingAddresses, driver_ring, place_ring
 
 GUEST_BASE = 0x100000  # leave low memory unused: a zero address in a descriptor is then always a bug
 GUEST_INDIRECT_MAX = 8
@@ -39,6 +39,15 @@ class GuestLayout:
         if end > self.indirect[index].gpa:
             raise ValueError(f"queue {index}: a {layout.value} ring of {self.num} does not fit where the plan put it")
         return addrs
+
+    def driver_ring(
+        self, index: int, mem: GuestMemory, layout: Layout, *, event_idx: bool, indirect: bool, name: str
+    ) -> DriverRing:
+        """Queue `index`'s ring in `mem` from the driver's side, laid out as `layout` (ring_as), with
+        the plan's indirect area when `indirect`."""
+        area = self.indirect[index] if indirect else None
+        addrs = self.ring_as(index, layout)
+        return driver_ring(layout, mem, self.num, addrs, event_idx=event_idx, indirect_area=area, name=name)
 
 
 def plan_layout(
