@@ -68,7 +68,6 @@ class GuestDriver:
         """`maps` overrides the IOTLB mappings: (gpa, size, perm) each, default all of memory RW."""
         self.dev = dev
         self.session = DeviceSession(dev, packed=packed, event_idx=event_idx, indirect=indirect)
-        self.num = num
         self.plan = self.plan_for(dev, packed=packed, num=num, slots=slots)
         self.pool = self.plan.pools[0]
         self.data_base = self.pool.gpa
@@ -99,7 +98,7 @@ class GuestDriver:
             ring = self.plan.driver_ring(i, self.mem, s.layout, event_idx=s.event_idx, indirect=True, name=f"drv{i}")
             q = DriverQueue.open(i, ring)
             self.queues.append(q)
-            s.setup_queue(i, self.num, ring.addrs, kick_fd=q.kick_fd, call_fd=q.call_fd)
+            s.setup_queue(i, self.plan.num, ring.addrs, kick_fd=q.kick_fd, call_fd=q.call_fd)
             self.dev.set_vring_err(i, q.err_fd)
         s.start()
 
