@@ -61,6 +61,14 @@ class SessionError(VdpaSvqError):
     """A device that cannot be driven the way it was asked (not a kernel errno: a policy reason)."""
 
 
+def _notifier(fd: int | None, owned: list[int]) -> int:
+    """`fd`, a notifier someone else owns; when None, a new eventfd added to `owned` (closed by close())."""
+    if fd is None:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        owned.append(fd)
+    return fd
+
+
 @dataclass
 class Queue:
     """One virtqueue as the session set it up on the device."""
@@ -187,13 +195,7 @@ class DeviceSession:
         if base is None:
             base = PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0
         dev.set_vring_base(index, base)
-        kick, call = kick_fd, call_fd
-        if kick is None:
-            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(kick)
-        if call is None:
-            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(call)
+        kick, call = _notifier(kick_fd, self._fds), _notifier(call_fd, self._fds)
         dev.set_vring_kick(index, kick)
         dev.set_vring_call(index, call)
         dev.set_vring_enable(index, True)
@@ -438,13 +440,7 @@ class ShadowSession:
         )
         self._rings += [guest_ring, shadow_ring]
         dq = dev.setup_queue(index, num, addrs)
-        guest_kick, guest_call = guest_kick_fd, guest_call_fd
-        if guest_kick is None:
-            guest_kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(guest_kick)
-        if guest_call is None:
-            guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(guest_call)
+        guest_kick, guest_call = _notifier(guest_kick_fd, self._fds), _notifier(guest_call_fd, self._fds)
         # A device in this process (the soft net device) may serve our kick in the relay's own
         # thread: no eventfd write, no wake-up of its thread.
         device_kick = dev.device.inline_kick(index) or EventfdNotifier(dq.kick_fd)
