@@ -18,12 +18,12 @@ from fuzz import target_relay
 from fuzz import target_vhost_user as vu
 from kernel_iface import uapi
 from kernel_iface.uapi import bit
-from vdpa_svq.attach import plan_layout
 from vdpa_svq.dump import DumpHeader, write_dump
 from vdpa_svq.guest.frames import build_frame
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.guest.plan import plan_layout
 from vdpa_svq.memory.guest import GuestMemory
-from vdpa_svq.ring import Layout, driver_ring
+from vdpa_svq.ring import Layout
 from vdpa_svq.vhost_user import messages as m
 from vdpa_svq.vhost_user.messages import FLAG_NEED_REPLY, ProtocolFeature, Request
 
@@ -38,8 +38,7 @@ def ring_memory(layout: Layout, frames: int) -> tuple[bytes, list]:
     plan = plan_layout(layout, NUM, 2, RX_BUFFER, NUM)
     assert plan.size <= vu.MEM_SIZE, (hex(plan.size), hex(vu.MEM_SIZE))
     mem = GuestMemory.create(vu.MEM_SIZE)
-    rings = [driver_ring(layout, mem, NUM, plan.rings[i], event_idx=True, indirect_area=plan.indirect[i],
-                         name=f"seed vq{i}") for i in range(2)]
+    rings = [plan.driver_ring(i, mem, layout, event_idx=True, indirect=True, name=f"seed vq{i}") for i in range(2)]
     drv = NetDriver(mem, rings[0], rings[1], plan.pools[0], plan.pools[1], lambda i: None)
     drv.fill_rx()
     for seq in range(frames):

@@ -16,41 +16,15 @@ from typing import Any
 from kernel_iface import uapi
 from vdpa_svq.device import Device
 from vdpa_svq.guest.blk import SECTOR, BlkDriver
-from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.guest.notify import new_eventfd
+from vdpa_svq.guest.plan import GuestLayout, plan_layout
 from vdpa_svq.loop import Polling
-from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
-from vdpa_svq.ring import DriverRing, IndirectArea, Layout, RingAddresses, RingState, driver_ring, place_ring
+from vdpa_svq.memory.guest import GuestMemory, page_align
+from vdpa_svq.ring import DriverRing, Layout, RingState
 from vdpa_svq.session import DeviceSession, SessionError, ShadowSession
 
-GUEST_BASE = 0x100000  # leave low memory unused: a zero address in a descriptor is then always a bug
-GUEST_INDIRECT_MAX = 8
 PASSTHROUGH, SHADOW = "passthrough", "shadow"
-
-
-@dataclass
-class GuestLayout:
-    """Where each queue's ring and each pool sits in guest-physical space."""
-
-    rings: list[RingAddresses]
-    indirect: list[IndirectArea]
-    pools: list[BlockPool]
-    size: int
-
-
-def plan_layout(layout: Layout, num: int, nqueues: int, block_size: int, blocks_per_queue: int) -> GuestLayout:
-    cursor = GUEST_BASE
-    rings, indirect, pools = [], [], []
-    for _ in range(nqueues):
-        addrs, end = place_ring(layout, num, cursor, device_area_align=PAGE_SIZE)
-        rings.append(addrs)
-        cursor = page_align(end)
-        indirect.append(IndirectArea(cursor, GUEST_INDIRECT_MAX))
-        cursor = page_align(cursor + IndirectArea.size(num, GUEST_INDIRECT_MAX))
-    for _ in range(nqueues):
-        pools.append(BlockPool(cursor, block_size, blocks_per_queue))
-        cursor = page_align(cursor + block_size * blocks_per_queue)
-    return GuestLayout(rings, indirect, pools, cursor)
 
 
 @dataclass
@@ -198,18 +172,12 @@ def bring_up(
     layout = plan_layout(guest_layout, num, nqueues, block_size, blocks)
     mem = GuestMemory.create(layout.size, name="vdpa-svq-guest")
     rings = [
-        driver_ring(
-            guest_layout,
-            mem,
-            num,
-            layout.rings[i],
-            event_idx=event_idx,
-            indirect_area=layout.indirect[i] if indirect else None,
-            name=f"{device.path}:guest vq{i}",
+        layout.driver_ring(
+            i, mem, guest_layout, event_idx=event_idx, indirect=indirect, name=f"{device.path}:guest vq{i}"
         )
         for i in range(nqueues)
     ]
-    fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2 * nqueues)]
+    fds = [new_eventfd() for _ in range(2 * nqueues)]
     guest = InProcessGuest(
         session, mem, rings, layout, guest_layout, event_idx, indirect, num, fds[:nqueues], fds[nqueues:]
     )

@@ -61,6 +61,14 @@ class SessionError(VdpaSvqError):
     """A device that cannot be driven the way it was asked (not a kernel errno: a policy reason)."""
 
 
+def _notifier(fd: int | None, owned: list[int]) -> int:
+    """`fd`, a notifier someone else owns; when None, a new eventfd added to `owned` (closed by close())."""
+    if fd is None:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        owned.append(fd)
+    return fd
+
+
 @dataclass
 class Queue:
     """One virtqueue as the session set it up on the device."""
@@ -122,14 +130,7 @@ class DeviceSession:
         for must in (uapi.VIRTIO_F_VERSION_1, uapi.VIRTIO_F_ACCESS_PLATFORM):
             if not offered & bit(must):
                 raise SessionError(f"{dev.path}: device lacks {uapi.decode_features(bit(must))[0]}, which vDPA needs")
-        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.extra_features
-        if self.packed is not False:
-            want |= bit(uapi.VIRTIO_F_RING_PACKED)
-        if self.event_idx:
-            want |= bit(uapi.VIRTIO_RING_F_EVENT_IDX)
-        if self.indirect:
-            want |= bit(uapi.VIRTIO_RING_F_INDIRECT_DESC)
-        self.features = offered & want
+        self.features = offered & self.wanted
         if self.packed and not self.features & bit(uapi.VIRTIO_F_RING_PACKED):
             raise SessionError(f"{dev.path}: packed layout asked for, but the device offers only split rings")
         dev.set_status(0)
@@ -140,6 +141,18 @@ class DeviceSession:
         if not dev.get_status() & uapi.VIRTIO_CONFIG_S_FEATURES_OK:
             raise SessionError(f"{dev.path}: device refused features {self.features:#x} (FEATURES_OK cleared)")
         return self.features
+
+    @property
+    def wanted(self) -> int:
+        """The features negotiate() takes when the device offers them."""
+        want = bit(uapi.VIRTIO_F_VERSION_1) | bit(uapi.VIRTIO_F_ACCESS_PLATFORM) | self.extra_features
+        if self.packed is not False:
+            want |= bit(uapi.VIRTIO_F_RING_PACKED)
+        if self.event_idx:
+            want |= bit(uapi.VIRTIO_RING_F_EVENT_IDX)
+        if self.indirect:
+            want |= bit(uapi.VIRTIO_RING_F_INDIRECT_DESC)
+        return want
 
     def has(self, feature_bit: int) -> bool:
         return bool(self.features & bit(feature_bit))
@@ -182,13 +195,7 @@ class DeviceSession:
         if base is None:
             base = PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0
         dev.set_vring_base(index, base)
-        kick, call = kick_fd, call_fd
-        if kick is None:
-            kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(kick)
-        if call is None:
-            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(call)
+        kick, call = _notifier(kick_fd, self._fds), _notifier(call_fd, self._fds)
         dev.set_vring_kick(index, kick)
         dev.set_vring_call(index, call)
         dev.set_vring_enable(index, True)
@@ -433,13 +440,7 @@ class ShadowSession:
         )
         self._rings += [guest_ring, shadow_ring]
         dq = dev.setup_queue(index, num, addrs)
-        guest_kick, guest_call = guest_kick_fd, guest_call_fd
-        if guest_kick is None:
-            guest_kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(guest_kick)
-        if guest_call is None:
-            guest_call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            self._fds.append(guest_call)
+        guest_kick, guest_call = _notifier(guest_kick_fd, self._fds), _notifier(guest_call_fd, self._fds)
         # A device in this process (the soft net device) may serve our kick in the relay's own
         # thread: no eventfd write, no wake-up of its thread.
         device_kick = dev.device.inline_kick(index) or EventfdNotifier(dq.kick_fd)

@@ -25,13 +25,11 @@ def queue(request) -> Iterator[tuple[GuestQueue, DeviceRing, GuestMemory]]:
     addrs, _ = place_ring(request.param, NUM, 0x1000)
     drv = driver_ring(request.param, mem, NUM, addrs, event_idx=False)
     dev = device_ring(request.param, mem, NUM, addrs, event_idx=False)
-    kick, call = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2))
-    yield GuestQueue(0, drv, kick, call), dev, mem
-    drv.close()
+    q = GuestQueue.open(0, drv)
+    yield q, dev, mem
+    q.close()
     dev.close()
     mem.close()
-    os.close(kick)
-    os.close(call)
 
 
 def test_kick_only_when_the_device_wants_one(queue):

@@ -1,8 +1,10 @@
 """The guest side for soft device tests: GuestMemory, the project's driver rings, real eventfds.
 
-GuestDriver does what a virtio driver plus a vhost-vdpa session would: negotiate, map guest memory
-into the device IOTLB (iova = gpa, uaddr = hva), set the rings up and set DRIVER_OK. It waits for
-used buffers on the call eventfd with a timeout, never by sleeping.
+GuestDriver brings the device up through a DeviceSession, as attach does (negotiate, map guest
+memory into the device IOTLB at iova = gpa, point each queue at its ring, DRIVER_OK), with the
+knobs a device test needs: features asked for one by one, its own IOTLB maps, the indirect area
+there even when INDIRECT_DESC was not negotiated, an err eventfd per queue. It waits for used
+buffers on the call eventfd with a timeout, never by sleeping.
 """
 
 from __future__ import annotations
@@ -10,32 +12,28 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from kernel_iface import uapi
-from kernel_iface.device import PACKED_VRING_BASE_INITIAL
 from vdpa_svq.errors import RingFull
-from vdpa_svq.guest.blk import REQ_HEADER
+from vdpa_svq.guest.blk import request_chain
 from vdpa_svq.guest.buffers import BlockPool
 from vdpa_svq.guest.net import VIRTIO_NET_HDR_LEN
-from vdpa_svq.guest.notify import wait_notified
+from vdpa_svq.guest.notify import new_eventfd, wait_notified
+from vdpa_svq.guest.plan import GuestLayout, plan_layout
 from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.memory import GuestMemory
-from vdpa_svq.ring import IndirectArea, Layout, driver_ring, place_ring
+from vdpa_svq.ring import DriverRing, Layout
+from vdpa_svq.session import DeviceSession
 from vdpa_svq.softdev import SoftDevice
 
 PAGE = 4096
 SLOT = 2048  # bytes per data buffer slot
-MAX_INDIRECT = 8
 TIMEOUT = 5.0
 
 STATUS_UP_TO_FEATURES = (
     uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER | uapi.VIRTIO_CONFIG_S_FEATURES_OK
 )
-STATUS_RUNNING = STATUS_UP_TO_FEATURES | uapi.VIRTIO_CONFIG_S_DRIVER_OK
-
-
-def _page_up(x: int) -> int:
-    return (x + PAGE - 1) & ~(PAGE - 1)
 
 
 @dataclass
@@ -43,6 +41,16 @@ class DriverQueue(GuestQueue):
     """A guest queue plus the vhost-vdpa error eventfd the soft device reports a broken ring on."""
 
     err_fd: int = -1
+
+    @classmethod
+    def open(cls, index: int, ring: DriverRing) -> Self:
+        q = super().open(index, ring)
+        q.err_fd = new_eventfd()
+        return q
+
+    def close(self) -> None:
+        super().close()
+        os.close(self.err_fd)
 
 
 class GuestDriver:
@@ -55,85 +63,65 @@ class GuestDriver:
         indirect: bool = False,
         num: int = 16,
         slots: int = 128,
-        mem: GuestMemory | None = None,
         maps: Sequence[tuple[int, int, int]] | None = None,
     ) -> None:
         """`maps` overrides the IOTLB mappings: (gpa, size, perm) each, default all of memory RW."""
         self.dev = dev
-        self.layout = Layout.PACKED if packed else Layout.SPLIT
-        self.num = num
-        nq = dev.vqs_count()
-        # Per queue: one page-aligned block for the ring (device area on its own page, so a test
-        # can map it differently) and the indirect tables; then the data slots.
-        self.ring_base: list[int] = []
-        addr = PAGE
-        for _ in range(nq):
-            self.ring_base.append(addr)
-            _, end = place_ring(self.layout, num, addr, device_area_align=PAGE)
-            addr = _page_up(end) + _page_up(IndirectArea.size(num, MAX_INDIRECT))
-        self.data_base = addr
-        self.pool = BlockPool(self.data_base, SLOT, slots)
-        self.mem = mem or GuestMemory.create(self.data_base + slots * SLOT)
-        self._owns_mem = mem is None
+        self.session = DeviceSession(dev, packed=packed, event_idx=event_idx, indirect=indirect)
+        self.plan = self.plan_for(dev, packed=packed, num=num, slots=slots)
+        self.pool = self.plan.pools[0]
+        self.data_base = self.pool.gpa
+        self.mem = GuestMemory.create(self.plan.size)
         self.queues: list[DriverQueue] = []
         self.maps = list(maps) if maps is not None else [(r.gpa, r.size, uapi.VHOST_ACCESS_RW) for r in self.mem]
-        want = (
-            1 << uapi.VIRTIO_F_VERSION_1
-            | 1 << uapi.VIRTIO_F_ACCESS_PLATFORM
-            | (1 << uapi.VIRTIO_F_RING_PACKED if packed else 0)
-            | (1 << uapi.VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
-            | (1 << uapi.VIRTIO_RING_F_INDIRECT_DESC if indirect else 0)
-        )
-        self.features = want & dev.get_features()
-        assert self.features == want, "the device does not offer what the test asked for"
-        self.event_idx, self.indirect = event_idx, indirect
         self.setup()
+
+    @staticmethod
+    def plan_for(dev: SoftDevice, *, packed: bool = False, num: int = 16, slots: int = 128) -> GuestLayout:
+        """Where a driver made with these arguments puts its rings and slots (one pool of `slots`
+        SLOT-sized blocks after every ring), without making it: for a test that maps them its own way."""
+        layout = Layout.PACKED if packed else Layout.SPLIT
+        return plan_layout(layout, num, dev.vqs_count(), SLOT, slots, pools=1, base=PAGE)
 
     # -- the session's part ----------------------------------------------------------------------
     def setup(self) -> None:
-        dev = self.dev
-        if not dev.acked_backend_features:
-            dev.set_owner()
-            dev.set_backend_features(dev.get_backend_features())
-        dev.set_status(uapi.VIRTIO_CONFIG_S_ACKNOWLEDGE | uapi.VIRTIO_CONFIG_S_DRIVER)
-        dev.set_features(self.features)
-        dev.set_status(STATUS_UP_TO_FEATURES)
-        assert dev.get_status() == STATUS_UP_TO_FEATURES
-        with dev.iotlb_batch():
+        """The session's order: negotiate, map, each queue on its ring (and its err eventfd), DRIVER_OK."""
+        s = self.session
+        s.negotiate()
+        assert s.features == s.wanted, "the device does not offer what the test asked for"
+        with self.dev.iotlb_batch():
             for gpa, size, perm in self.maps:
-                dev.iotlb_update(gpa, size, self.mem.hva(gpa), perm)
-        self.queues = []
-        for i, base in enumerate(self.ring_base):
-            addrs, end = place_ring(self.layout, self.num, base, device_area_align=PAGE)
-            area = IndirectArea(_page_up(end), MAX_INDIRECT)
-            ring = driver_ring(
-                self.layout, self.mem, self.num, addrs, event_idx=self.event_idx, indirect_area=area, name=f"drv{i}"
-            )
-            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            dev.set_vring_num(i, self.num)
-            dev.set_vring_addr(i, addrs.desc, addrs.driver, addrs.device)
-            dev.set_vring_base(i, PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0)
-            dev.set_vring_kick(i, kick)
-            dev.set_vring_call(i, call)
-            dev.set_vring_err(i, err)
-            dev.set_vring_enable(i, True)
-            self.queues.append(DriverQueue(i, ring, kick, call, err_fd=err))
-        dev.set_status(STATUS_RUNNING)
+                s.map(gpa, size, self.mem.hva(gpa), perm)
+        for i in range(len(self.plan.rings)):
+            # The plan's ring in the layout negotiated now (a test may reset and switch layouts);
+            # the indirect area is there whether INDIRECT_DESC was negotiated or not.
+            ring = self.plan.driver_ring(i, self.mem, s.layout, event_idx=s.event_idx, indirect=True, name=f"drv{i}")
+            q = DriverQueue.open(i, ring)
+            self.queues.append(q)
+            s.setup_queue(i, self.plan.num, ring.addrs, kick_fd=q.kick_fd, call_fd=q.call_fd)
+            self.dev.set_vring_err(i, q.err_fd)
+        s.start()
+
+    def restart(self, *, packed: bool) -> None:
+        """After the device was reset: set it up again, in the layout `packed` says, with the rings
+        where the plan first put them and every slot free again."""
+        self.session.close()
+        self.teardown_rings()
+        self.session.packed = packed
+        self.pool = self.plan.pools[0] = BlockPool(self.data_base, SLOT, self.pool.count)
+        self.setup()
 
     def teardown_rings(self) -> None:
         for q in self.queues:
-            q.ring.close()
-            os.close(q.kick_fd)
-            os.close(q.call_fd)
-            os.close(q.err_fd)
+            q.close()
         self.queues = []
 
     def close(self) -> None:
-        self.dev.close()  # the device first: it must not touch memory that is going away
-        self.teardown_rings()
-        if self._owns_mem:
+        try:
+            self.session.close()  # reset and unmap: the device must not touch memory that is going away
+            self.dev.close()
+        finally:
+            self.teardown_rings()
             self.mem.close()
 
     # -- the driver's part -----------------------------------------------------------------------
@@ -195,7 +183,7 @@ class NetDriver(GuestDriver):
             gpa = self.pool.get()
             in_ = [(gpa, split_at), (gpa + split_at, SLOT - split_at)] if split_at else [(gpa, SLOT)]
             try:
-                ring.add((), in_, gpa, indirect=self.indirect)
+                ring.add((), in_, gpa, indirect=self.session.indirect)
             except RingFull:
                 self.pool.put(gpa)
                 break
@@ -214,7 +202,7 @@ class NetDriver(GuestDriver):
             self.mem.write(h + NET_HDR, frame)
             out = [(h, NET_HDR + len(frame))]
         try:
-            self.queues[TX].ring.add(out, (), (h, f), indirect=self.indirect)
+            self.queues[TX].ring.add(out, (), (h, f), indirect=self.session.indirect)
         except RingFull:
             self.pool.put(h)
             self.pool.put(f)
@@ -265,25 +253,15 @@ class BlkDriver(GuestDriver):
 
     def submit(self, req_type: int, sector: int, *, out: bytes = b"", in_len: int = 0) -> BlkRequest:
         hdr = self.pool.get()
-        self.mem.write(hdr, REQ_HEADER.pack(req_type, 0, sector))
-        slots = [hdr]
-        out_segs = [(hdr, REQ_HEADER.size)]
-        for pos in range(0, len(out), SLOT):
-            gpa = self.pool.get()
-            slots.append(gpa)
-            piece = out[pos : pos + SLOT]
+        pieces = [out[pos : pos + SLOT] for pos in range(0, len(out), SLOT)]
+        out_segs = [(self.pool.get(), len(piece)) for piece in pieces]
+        for (gpa, _), piece in zip(out_segs, pieces, strict=True):
             self.mem.write(gpa, piece)
-            out_segs.append((gpa, len(piece)))
-        in_segs = []
-        for pos in range(0, in_len, SLOT):
-            gpa = self.pool.get()
-            slots.append(gpa)
-            in_segs.append((gpa, min(SLOT, in_len - pos)))
+        in_segs = [(self.pool.get(), min(SLOT, in_len - pos)) for pos in range(0, in_len, SLOT)]
         status = self.pool.get()
-        slots.append(status)
-        self.mem.write(status, b"\xff")
-        req = BlkRequest(slots, in_segs, status)
-        self.queues[0].ring.add(out_segs, [*in_segs, (status, 1)], req, indirect=self.indirect)
+        req = BlkRequest([hdr, *(gpa for gpa, _ in out_segs + in_segs), status], in_segs, status)
+        chain = request_chain(self.mem, req_type, sector, hdr, out_segs, in_segs, status)
+        self.queues[0].ring.add(*chain, req, indirect=self.session.indirect)
         return req
 
     def complete(self, count: int) -> list[BlkRequest]:

@@ -7,7 +7,6 @@ import pytest
 from kernel_iface import uapi
 from tests.softdev.driver import PAGE, RX, TX, BlkDriver, NetDriver, net_hdr
 from vdpa_svq.guest.blk import VIRTIO_BLK_T_IN
-from vdpa_svq.ring import place_ring
 from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
 
 RO, RW = uapi.VHOST_ACCESS_RO, uapi.VHOST_ACCESS_RW
@@ -15,9 +14,8 @@ RO, RW = uapi.VHOST_ACCESS_RO, uapi.VHOST_ACCESS_RW
 
 def _data_ro(drv_cls, dev, **kw):
     """A driver whose data slots are mapped read-only (rings and indirect tables read-write)."""
-    probe = drv_cls(dev.__class__(), **kw)  # only to learn the layout
-    data_base, end = probe.data_base, probe.mem.size
-    probe.close()
+    plan = drv_cls.plan_for(dev, **kw)
+    data_base, end = plan.pools[0].gpa, plan.size
     return drv_cls(dev, maps=[(0, data_base, RW), (data_base, end - data_base, RO)], **kw)
 
 
@@ -56,13 +54,12 @@ def test_blk_read_into_read_only_buffer_breaks_the_queue():
 
 def test_used_ring_in_read_only_mapping_breaks_the_queue_at_driver_ok():
     """The split used ring is device-written; mapped RO, the queue cannot start."""
-    probe = BlkDriver(SoftBlkDevice(), num=8)
-    addrs, _ = place_ring(probe.layout, 8, probe.ring_base[0], device_area_align=PAGE)
-    size = probe.mem.size
-    probe.close()
-    dev_page = addrs.device
+    dev = SoftBlkDevice()
+    plan = BlkDriver.plan_for(dev, num=8)
+    size = plan.size
+    dev_page = plan.rings[0].device
     maps = [(0, dev_page, RW), (dev_page, PAGE, RO), (dev_page + PAGE, size - dev_page - PAGE, RW)]
-    drv = BlkDriver(SoftBlkDevice(), num=8, maps=maps)
+    drv = BlkDriver(dev, num=8, maps=maps)
     try:
         reason = drv.dev.queue_errors()[0]
         assert "cannot start ring" in reason and "not writable" in reason

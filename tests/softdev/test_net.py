@@ -143,11 +143,8 @@ def test_reset_forgets_everything_and_setup_works_again(make_net, packed):
     assert dev.get_status() == 0 and dev.acked_features == 0
     assert dev.mem.mappings == ()
     assert dev.get_vring_base(TX) == 0
-    drv.teardown_rings()
-    drv.layout = Layout.SPLIT if packed else Layout.PACKED
-    drv.features ^= 1 << uapi.VIRTIO_F_RING_PACKED
-    drv.pool = type(drv.pool)(drv.data_base, SLOT, drv.pool.count)
-    drv.setup()
+    drv.restart(packed=not packed)
+    assert drv.session.layout is (Layout.SPLIT if packed else Layout.PACKED)
     drv.post_rx(2)
     drv.send(b"two", net_hdr(2))
     assert drv.recv(1)[0][12:] == b"two"

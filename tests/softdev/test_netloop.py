@@ -91,10 +91,8 @@ def test_inline_kick_serves_in_the_callers_thread(net, net_datapath, packed):
 def test_a_chain_c_leaves_to_python_is_served_by_python_and_c_takes_over_again(net, net_datapath):
     """An RX buffer across two IOTLB mappings is not C's regular case: the Python datapath serves
     that frame (the rings as C left them), and the C datapath serves the next ones."""
-    probe = NetDriver(SoftNetDevice(), num=16)
-    data_base = probe.data_base
-    size = sum(r.size for r in probe.mem)
-    probe.close()
+    plan = NetDriver.plan_for(SoftNetDevice(), num=16)
+    data_base, size = plan.pools[0].gpa, plan.size
     cut = data_base + 1000  # inside the first data slot: the first RX buffer posted
     drv = net(maps=[(0, cut, uapi.VHOST_ACCESS_RW), (cut, size - cut, uapi.VHOST_ACCESS_RW)])
     big = bytes(range(256)) * 6  # header + 1536 bytes cross the cut
@@ -113,10 +111,8 @@ def test_a_chain_c_leaves_to_python_is_served_by_python_and_c_takes_over_again(n
 def test_a_fault_in_a_chain_c_leaves_to_python_is_python_s_own(net, net_datapath):
     """An RX buffer the IOTLB maps read-only: C does not write it; the Python datapath breaks the RX
     queue with the IOTLB's reason, exactly as without the C datapath."""
-    probe = NetDriver(SoftNetDevice(), num=16)
-    data_base = probe.data_base
-    size = sum(r.size for r in probe.mem)
-    probe.close()
+    plan = NetDriver.plan_for(SoftNetDevice(), num=16)
+    data_base, size = plan.pools[0].gpa, plan.size
     drv = net(maps=[(0, data_base, uapi.VHOST_ACCESS_RW), (data_base, size - data_base, uapi.VHOST_ACCESS_RO)])
     drv.post_rx(1)
     drv.send(b"nowhere to go", net_hdr(0))

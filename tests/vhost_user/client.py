@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from kernel_iface import uapi
 from kernel_iface.uapi import bit
-from vdpa_svq.attach import plan_layout
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
+from vdpa_svq.guest.plan import plan_layout
 from vdpa_svq.memory.guest import GuestMemory
-from vdpa_svq.ring import DriverRing, Layout, driver_ring
+from vdpa_svq.ring import DriverRing, Layout
 from vdpa_svq.vhost_user import messages as m
 from vdpa_svq.vhost_user.messages import FLAG_NEED_REPLY, HEADER, ProtocolFeature, Request
 
@@ -128,11 +128,10 @@ class VhostUserFrontend:
         self.ack(Request.SET_MEM_TABLE, table.encode(), [region.fd])
         if self.log_all:
             self.set_log_base()
-        indirect = self.plan.indirect
         for i in range(2):
             addrs = self.plan.rings[i]
-            self.rings.append(driver_ring(self.layout, self.mem, self.num, addrs, event_idx=self.event_idx,
-                                          indirect_area=indirect[i], name=f"client vq{i}"))
+            self.rings.append(self.plan.driver_ring(i, self.mem, self.layout, event_idx=self.event_idx, indirect=True,
+                                                    name=f"client vq{i}"))
             kick = self.make_kick_fd(i)
             call = self.make_call_fd(i)
             self.kick_fds.append(kick)

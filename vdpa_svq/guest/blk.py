@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdpa_svq.guest.buffers import BlockPool
+from vdpa_svq.guest.chains import Segment
 from vdpa_svq.guest.notify import wait_notified
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import DriverRing
@@ -16,6 +17,18 @@ VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID = 0, 
 VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP = 0, 1, 2
 REQ_HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 ID_BYTES = 20
+STATUS_UNANSWERED = 0xFF  # no status a device sends: a request it never answered shows
+
+
+def request_chain(
+    mem: GuestMemory, rtype: int, sector: int, header: int, out: list[Segment], in_: list[Segment], status: int
+) -> tuple[list[Segment], list[Segment]]:
+    """The chain of one request (VIRTIO 1.2 5.2.6): the header at `header` (written here), the data
+    segments `out` (device-readable) and `in_` (device-writable), the status byte at `status`
+    (set to STATUS_UNANSWERED here). Returns the chain's readable and writable segments."""
+    mem.write(header, REQ_HEADER.pack(rtype, 0, sector))
+    mem.write(status, bytes([STATUS_UNANSWERED]))
+    return [(header, REQ_HEADER.size), *out], [*in_, (status, 1)]
 
 
 class BlkIOError(IOError):
@@ -45,19 +58,14 @@ class BlkDriver:
     def _request(self, rtype: int, sector: int, data: bytes | None, read_len: int) -> bytes:
         gpa = self.pool.get()
         try:
-            self.mem.write(gpa, REQ_HEADER.pack(rtype, 0, sector))
-            out = [(gpa, REQ_HEADER.size)]
+            # One block: header, data, status byte.
             data_gpa = gpa + REQ_HEADER.size
-            in_: list[tuple[int, int]] = []
             if data:
                 self.mem.write(data_gpa, data)
-                out.append((data_gpa, len(data)))
-            if read_len:
-                in_.append((data_gpa, read_len))
+            out = [(data_gpa, len(data))] if data else []
+            in_ = [(data_gpa, read_len)] if read_len else []
             status_gpa = data_gpa + max(len(data or b""), read_len)
-            self.mem.write(status_gpa, b"\xff")
-            in_.append((status_gpa, 1))
-            self.vq.add(out, in_, gpa)
+            self.vq.add(*request_chain(self.mem, rtype, sector, gpa, out, in_, status_gpa), gpa)
             if self.vq.kick_needed():
                 self.stats.kicks += 1
                 self.kick(0)

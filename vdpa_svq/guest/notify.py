@@ -7,6 +7,11 @@ import select
 from collections.abc import Sequence
 
 
+def new_eventfd() -> int:
+    """A notifier: non-blocking (a reader that lost the race to another must not block), closed on exec."""
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
 def consume(fd: int) -> bool:
     """Reset an eventfd that select() reported readable; False if another reader emptied it first."""
     try:

@@ -6,8 +6,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
-from vdpa_svq.guest.notify import wait_notified
+from vdpa_svq.guest.notify import new_eventfd, wait_notified
 from vdpa_svq.ring import DriverRing
 
 Used = tuple[object, int]  # (token, bytes written), as DriverRing.get_used() gives it
@@ -23,6 +24,16 @@ class GuestQueue:
     call_fd: int
     kicks: int = 0
     calls: int = 0
+
+    @classmethod
+    def open(cls, index: int, ring: DriverRing) -> Self:
+        """Queue `index` on `ring` with two new eventfds; close() closes them and the ring."""
+        return cls(index, ring, new_eventfd(), new_eventfd())
+
+    def close(self) -> None:
+        self.ring.close()
+        os.close(self.kick_fd)
+        os.close(self.call_fd)
 
     def kick(self) -> bool:
         """Notify the device if its suppression settings ask for it; whether a kick was sent."""
