@@ -335,7 +335,7 @@ static int netloop_service(NetLoop *n)
 }
 
 /* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): the specs as the C
- * relay's guest spec (relay_impl.device_ring_spec), whose regions are the ring's three areas as
+ * relay's guest spec (cinputs.device_ring_spec), whose regions are the ring's three areas as
  * the Python ring holds them (translated when the ring started, as a device does at DRIVER_OK);
  * regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
 static PyObject *netloop_attach(NetLoop *n, PyObject *args)
