@@ -6,6 +6,9 @@ The C relay (vdpa_svq._relay.CShadowVirtqueue, relay_impl.py) and the soft net d
 are given plain tuples, not Python objects: a ring's export_state() record, a memory's regions and
 the IOVA map's table(), in the order and form the C's PyArg_ParseTuple formats name. This module
 is the one place that knows those forms; it belongs to neither of its users.
+
+What comes back (NetLoop.detach()'s states, under the export records' names) a device ring takes
+through its import_state().
 """
 
 from __future__ import annotations

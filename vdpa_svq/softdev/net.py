@@ -114,8 +114,7 @@ class SoftNetDevice(SoftDevice):
             return
         states, counts = handed
         for q, state, count in zip(self.queues, states, counts, strict=True):
-            for attr, value in state.items():
-                setattr(q.ring, attr, value)
+            q.ring.import_state(state)  # type: ignore[union-attr]
             for attr, n in count.items():
                 setattr(q.stats, attr, getattr(q.stats, attr) + n)
 
