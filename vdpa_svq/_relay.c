@@ -1060,8 +1060,8 @@ static int notifier_init(PyObject *spec, PyObject **fn, int *fd, const char *wha
     return 0;
 }
 
-/* mirrors relay.py:ShadowVirtqueue.__init__, from tables (vdpa_svq.relay_impl builds them from
- * a ShadowVirtqueue whose rings nothing has used yet). */
+/* mirrors relay.py:ShadowVirtqueue.__init__, from tables (vdpa_svq.cinputs builds them, for
+ * relay_impl.py, from a ShadowVirtqueue whose rings nothing has used yet). */
 static int relay_init(Relay *q, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"name", "indirect", "device_kick", "guest_call", "guest", "shadow",

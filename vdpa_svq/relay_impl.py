@@ -7,11 +7,12 @@ forward_used(), stats, error, broken. `describe()` says which one runs and why (
 makes that choice, for this and the other C twins).
 
 The C relay is built from a Python ShadowVirtqueue whose rings nothing has used yet (from the
-rings' export_state() records, their memory regions, the IOVA map's table() and the dirty bitmap),
-and from then on owns the datapath state: the Python rings' indexes go stale. So
-its `guest` and `shadow` are read-only views: their configuration (num, addrs, layout, name, ...)
-comes from the Python ring, their indexes (last_used_idx, avail_idx_shadow, state(), ...) from the
-C relay, and anything else raises AttributeError rather than answer with a stale value.
+rings' export_state() records, their memory regions and the IOVA map's table(), in the forms
+vdpa_svq.cinputs builds, and the dirty bitmap), and from then on owns the datapath state: the
+Python rings' indexes go stale. So its `guest` and `shadow` are read-only views: their
+configuration (num, addrs, layout, name, ...) comes from the Python ring, their indexes
+(last_used_idx, avail_idx_shadow, state(), ...) from the C relay, and anything else raises
+AttributeError rather than answer with a stale value.
 """
 
 from __future__ import annotations
@@ -19,55 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from vdpa_svq.cinputs import device_ring_spec, iova_table, memory_regions, shadow_ring_spec
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import RingError
 from vdpa_svq.loop import EventfdNotifier
-from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.native import AVAILABLE_IMPLS as AVAILABLE_IMPLS  # the choice is native.py's; re-exported
 from vdpa_svq.native import C_IMPORT_ERROR, DEFAULT_IMPL
 from vdpa_svq.native import describe as describe
 from vdpa_svq.native import relay_extension as _relay
 from vdpa_svq.relay import RelayStats, ShadowVirtqueue
-from vdpa_svq.ring import DeviceRing, DriverRing, Layout, PackedDeviceExport, PackedDriverExport, RingState
-
-
-def _regions(mem: GuestMemory) -> tuple[tuple[int, int, Any], ...]:
-    return tuple((r.gpa, r.size, r.mm) for r in mem)
-
-
-def device_ring_spec(ring: DeviceRing, regions: tuple = ()) -> tuple:
-    """What the C code needs of a device-side ring (the relay's guest ring, the soft net device's
-    rings): its export_state() record as the C's tuple; `regions` only where C maps them itself."""
-    if ring.broken:
-        raise ValueError(f"{ring.name}: ring is broken")
-    st = ring.export_state()
-    if isinstance(st, PackedDeviceExport):
-        state = (st.next_avail_idx, st.avail_wrap_counter, st.next_used_idx, st.used_wrap_counter,
-                 st.used_since_signal)
-    else:
-        state = (st.last_avail_idx, st.used_idx, st.signalled_used, 0, 0)
-    a = st.addrs
-    return (st.layout is Layout.PACKED, st.num, a.desc, a.driver, a.device, st.event_idx, st.name,
-            regions, state, st.in_flight)
-
-
-def _shadow_spec(ring: DriverRing) -> tuple:
-    """What the C relay needs of its shadow ring: its export_state() record and memory as the C's tuple."""
-    if ring.broken or ring.in_flight:
-        raise ValueError(f"{ring.name}: the C relay takes over a shadow ring with nothing in flight")
-    st = ring.export_state()
-    if isinstance(st, PackedDriverExport):
-        state = (st.free_head, st.num_free, st.num_added, st.cb_enabled, st.next_avail_idx,
-                 st.avail_wrap_counter, st.last_used_idx, st.used_wrap_counter)
-        links = st.next_id
-    else:
-        state = (st.free_head, st.num_free, st.num_added, st.cb_enabled, st.avail_idx_shadow, 0,
-                 st.last_used_idx, 0)
-        links = st.next
-    a, area = st.addrs, st.indirect_area
-    return (st.layout is Layout.PACKED, st.num, a.desc, a.driver, a.device, st.event_idx, st.name,
-            _regions(ring.mem), None if area is None else (area.gpa, area.max_entries), state, links)
+from vdpa_svq.ring import DeviceRing, DriverRing, Layout, RingState
 
 
 def _notifier(fn: Callable[[], None]) -> int | Callable[[], None]:
@@ -133,9 +96,9 @@ class CShadowVirtqueue:
             indirect=bool(svq.indirect),
             device_kick=_notifier(svq.device_kick),
             guest_call=_notifier(svq.guest_call),
-            guest=device_ring_spec(svq.guest, _regions(svq.guest.mem)),
-            shadow=_shadow_spec(svq.shadow),
-            iova=svq.iova.table(),  # a snapshot: build a new relay if the IOVA map changes
+            guest=device_ring_spec(svq.guest, memory_regions(svq.guest.mem)),
+            shadow=shadow_ring_spec(svq.shadow),
+            iova=iova_table(svq.iova),  # a snapshot: build a new relay if the IOVA map changes
             dirty_bits=None if svq.dirty is None else svq.dirty.bits,
             dirty_pages=0 if svq.dirty is None else svq.dirty.pages,
         )

@@ -1,8 +1,10 @@
-"""The soft net device's C datapath (NetLoop): who owns the rings, the inline kick, and the chains
-it leaves to the Python datapath. (Every other soft device test runs on both datapaths.)"""
+"""The soft net device's C datapath (NetLoop): who owns the rings, how it hands them back, the inline
+kick, and the chains it leaves to the Python datapath. (Every other soft device test runs on both
+datapaths.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -65,6 +67,60 @@ def test_c_owns_the_rings_while_it_serves_and_any_control_call_takes_them_back(n
     # ... and the next pass takes them again, from where Python left them.
     assert _round_trip(drv, [b"three"]) == [rx_hdr(net_hdr(0)) + b"three"]
     assert dev._c.loaded
+
+
+def _device_side(ring) -> dict:
+    """A device ring's export_state() record as plain values: its areas' bytes, not the views."""
+    st = ring.export_state()
+    out = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
+    out["areas"] = tuple(bytes(v) for v in st.areas)
+    return out
+
+
+@pytest.mark.parametrize("handed_back", ["by-the-lock", "mid-pass"])
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event-idx"])
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_rings_c_hands_back_stand_where_the_python_datapath_leaves_them(net_datapath, packed, event_idx, handed_back):
+    """export_state() -> NetLoop.attach -> traffic -> NetLoop.detach() -> import_state(): each ring's
+    state, its memory, the counters and what the driver receives are what the Python datapath alone
+    leaves after the same pass. by-the-lock: C serves both frames and the next control call takes
+    the rings back. mid-pass: the second RX buffer crosses two IOTLB mappings, so C serves the first
+    frame and hands the rings back with buffers used and no interrupt decided for them yet (split:
+    signalled_used behind used_idx; packed: used_since_signal), and Python serves the second: with
+    EVENT_IDX, packed, the driver gets its call only if Python counts the slots C used too."""
+    if net_datapath == "py":
+        return  # the reference is the Python datapath itself: below, both run
+    probe = NetDriver(SoftNetDevice(), num=16)
+    data_base, size = probe.data_base, sum(r.size for r in probe.mem)
+    probe.close()
+    maps = None
+    if handed_back == "mid-pass":
+        cut = data_base + SLOT + 1000  # inside the second data slot: the second RX buffer posted
+        maps = [(0, cut, uapi.VHOST_ACCESS_RW), (cut, size - cut, uapi.VHOST_ACCESS_RW)]
+    big = bytes(range(256)) * 6  # header + 1536 bytes cross the cut
+    seen = {}
+    for datapath in ("c", "py"):
+        drv = NetDriver(SoftNetDevice(datapath=datapath), num=16, packed=packed, event_idx=event_idx, maps=maps)
+        try:
+            dev = drv.dev
+            with dev.lock.raw:  # the device's thread waits: this pass, by hand, is the one with work
+                for q in drv.queues:
+                    q.ring.enable_cb()  # a call for the first used buffer (EVENT_IDX: the event names it)
+                drv.post_rx(2)
+                drv.send(b"first", net_hdr(0), kick=False)
+                drv.send(big, net_hdr(1), kick=False)
+                dev._datapath.service()
+                if datapath == "c":
+                    assert dev._c.loaded == (handed_back == "by-the-lock")
+                got = drv.recv_ready()
+            with dev.lock:  # takes the rings back from C
+                rings = [_device_side(q.ring) for q in dev.queues]
+                counts = {name: dataclasses.replace(st, kicks=0) for name, st in dev.stats().items()}
+            seen[datapath] = (got, rings, counts)
+        finally:
+            drv.close()
+    assert seen["c"][0] == [rx_hdr(net_hdr(0)) + b"first", rx_hdr(net_hdr(1)) + big]
+    assert seen["c"] == seen["py"]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])

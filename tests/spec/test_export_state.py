@@ -1,5 +1,6 @@
 """export_state() of the four rings and IovaMap.table(): what a datapath taking a ring over (the C
-relay, the soft device's C loopback) is given must be where the ring stands, in its own memory.
+relay, the soft device's C loopback) is given must be where the ring stands, in its own memory; and
+the device sides' import_state(), which takes back what such a datapath hands back.
 
 The relay's and the soft device's tests check that the C datapath runs from these records; these
 check the records against the rings' public behaviour: state(), the chains in flight, the ring bytes.
@@ -117,3 +118,69 @@ def test_iova_table_is_sorted_by_gpa_and_a_snapshot():
     assert table[1].gpa == 0x4000 and table[1].size == 0x1000 and table[1].iova == 0x4000
     iova.add(0x2000, 0x1000, iova.alloc(0x1000))
     assert len(table) == 2 and len(iova.table()) == 3
+
+
+_DEVICE_STATE = {
+    Layout.SPLIT: ("last_avail_idx", "used_idx", "signalled_used"),
+    Layout.PACKED: ("next_avail_idx", "avail_wrap_counter", "next_used_idx", "used_wrap_counter", "used_since_signal"),
+}
+
+
+def _mid_lap(layout: Layout):
+    """A device side past a wrap (packed) with buffers used and no interrupt decided for them."""
+    mem, addrs, drv, dev = _pair(layout, event_idx=True)
+    for i in range(NUM + 3):
+        drv.add([(DATA + 0x100 * (i % NUM), 16)], [(DATA + 0x100 * (i % NUM) + 16, 32)])
+        dev.push_used(dev.pop(), 8)
+        drv.get_used()
+    dev.need_notify()
+    for i in range(2):
+        drv.add([(DATA + 0x100 * i, 16)], [], indirect=True)
+        dev.push_used(dev.pop(), 0)
+    return mem, addrs, drv, dev
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_import_state_takes_back_what_export_state_gave(layout):
+    """A ring handed over (export_state()) and back (import_state(), what NetLoop.detach() gives)
+    stands where the datapath left it, and goes on as the ring the datapath ran would."""
+    mem, addrs, drv, dev = _mid_lap(layout)
+    st = dev.export_state()
+    if layout is Layout.SPLIT:
+        assert st.signalled_used != st.used_idx
+    else:
+        assert st.avail_wrap_counter == st.used_wrap_counter == 0 and st.used_since_signal == 2
+    taken = device_ring(layout, mem, NUM, addrs, event_idx=True, name="q")
+    taken.import_state({key: getattr(st, key) for key in _DEVICE_STATE[layout]})
+    assert taken.export_state() == st
+    # ... and the two decide and take alike from here.
+    drv.enable_cb()
+    assert taken.need_notify() == dev.need_notify()
+    drv.add([(DATA, 16)], [])
+    assert taken.pop().id == dev.pop().id
+    assert taken.state() == dev.state()
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_import_state_refuses_a_state_it_does_not_know_and_takes_nothing(layout):
+    _, _, _, dev = _mid_lap(layout)
+    before = dev.export_state()
+    good = {key: getattr(before, key) for key in _DEVICE_STATE[layout]}
+    first = _DEVICE_STATE[layout][0]
+    bound = 1 << 16 if layout is Layout.SPLIT else NUM
+    bad = [
+        {k: v for k, v in good.items() if k != first},  # a key missing
+        {**good, "in_flight": 0},  # a key it does not take
+        {**{k: v for k, v in good.items() if k != _DEVICE_STATE[layout][-1]}, "_used_since_signal": 0},  # private
+        {**good, first: bound},
+        {**good, first: -1},
+        {**good, first: True},
+    ]
+    if layout is Layout.PACKED:
+        bad.append({**good, "used_wrap_counter": 2})
+    for state in bad:
+        with pytest.raises(ValueError, match="q: import_state"):
+            dev.import_state(state)
+        assert dev.export_state() == before
+    dev.import_state(good)
+    assert dev.export_state() == before

@@ -10,7 +10,7 @@ many slots when it writes the used descriptor, whatever order it completes in).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -47,7 +47,7 @@ from vdpa_svq.ring.layout import (
     check_size,
     desc_area_size,
 )
-from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState, checked_import
 
 _ADDR_LEN_ID = struct.Struct("<QIH")  # a descriptor without its flags (written before them)
 _LEN_ID = struct.Struct("<IH")  # the part of a used descriptor the device writes before flags
@@ -370,6 +370,21 @@ class PackedDeviceRing:
             next_used_idx=self.next_used_idx, used_wrap_counter=self.used_wrap_counter,
             used_since_signal=self._used_since_signal, in_flight=bytes(self._in_flight),
         )
+
+    def import_state(self, state: Mapping[str, int]) -> None:
+        """The mirror of export_state(): take back the device-side state from a datapath that took
+        this ring over (the soft device's C loopback: NetLoop.detach()), under the record's names:
+        exactly next_avail_idx and next_used_idx (ring slots, below num), avail_wrap_counter and
+        used_wrap_counter (0 or 1), and used_since_signal. Anything else is refused with ValueError,
+        and then nothing is taken. The configuration and areas never moved, nor did what is in
+        flight: such a datapath uses or puts back every chain it pops before it hands the ring back."""
+        st = checked_import(self.name, state, {
+            "next_avail_idx": self.num, "avail_wrap_counter": 2, "next_used_idx": self.num, "used_wrap_counter": 2,
+            "used_since_signal": None,
+        })
+        self.next_avail_idx, self.avail_wrap_counter = st["next_avail_idx"], st["avail_wrap_counter"]
+        self.next_used_idx, self.used_wrap_counter = st["next_used_idx"], st["used_wrap_counter"]
+        self._used_since_signal = st["used_since_signal"]
 
     # -- taking chains ---------------------------------------------------------------------
     def _is_avail(self, slot: int, wrap: int) -> bool:

@@ -7,7 +7,7 @@ The device side reads the driver's ring and checks every value before using it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -41,7 +41,7 @@ from vdpa_svq.ring.layout import (
     device_area_size,
     driver_area_size,
 )
-from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState
+from vdpa_svq.ring.state import DeviceSideExport, DriverSideExport, RingState, checked_import
 
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
@@ -335,6 +335,17 @@ class SplitDeviceRing:
             last_avail_idx=self.last_avail_idx, used_idx=self.used_idx, signalled_used=self.signalled_used,
             in_flight=bytes(self._in_flight),
         )
+
+    def import_state(self, state: Mapping[str, int]) -> None:
+        """The mirror of export_state(): take back the device-side indexes from a datapath that took
+        this ring over (the soft device's C loopback: NetLoop.detach()), under the record's names:
+        exactly last_avail_idx, used_idx and signalled_used, 16-bit indexes each. Anything else is
+        refused with ValueError, and then nothing is taken. The configuration and areas never
+        moved, nor did what is in flight: such a datapath uses or puts back every chain it pops
+        before it hands the ring back."""
+        st = checked_import(self.name, state, dict.fromkeys(("last_avail_idx", "used_idx", "signalled_used"), 1 << 16))
+        self.last_avail_idx, self.used_idx, self.signalled_used = (
+            st["last_avail_idx"], st["used_idx"], st["signalled_used"])
 
     # -- taking chains ---------------------------------------------------------------------
     def _avail_idx(self) -> int:

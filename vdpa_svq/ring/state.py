@@ -1,9 +1,11 @@
 """Where a ring stands: the device side in the form vhost's VRING_BASE carries it (RingState), and
-either side whole, for a datapath that takes the ring over (the bases of the export_state() records).
+either side whole, for a datapath that takes the ring over (the bases of the export_state() records,
+and the check of what a device side's import_state() takes back).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from vdpa_svq.ring.chain import IndirectArea
@@ -69,3 +71,21 @@ class DeviceSideExport(RingExport):
 
     areas: RingAreas
     in_flight: bytes  # per head (split) / buffer id (packed): 1 when popped and not yet used
+
+
+def checked_import(name: str, state: Mapping[str, int], fields: Mapping[str, int | None]) -> dict[str, int]:
+    """`state`, what a datapath that took ring `name` over hands back, checked for a device side's
+    import_state(): exactly the keys of `fields`, each a non-negative int below its bound (None: no
+    bound). ValueError otherwise, before the ring takes anything."""
+    missing, unknown = fields.keys() - state.keys(), state.keys() - fields.keys()
+    if missing or unknown:
+        raise ValueError(
+            f"{name}: import_state takes {', '.join(fields)}"
+            + (f"; missing {', '.join(sorted(missing))}" if missing else "")
+            + (f"; unknown {', '.join(sorted(unknown))}" if unknown else "")
+        )
+    for key, bound in fields.items():
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (bound is not None and value >= bound):
+            raise ValueError(f"{name}: import_state: {key} {value!r} out of range" + (f" (< {bound})" if bound else ""))
+    return {key: state[key] for key in fields}

@@ -335,7 +335,7 @@ static int netloop_service(NetLoop *n)
 }
 
 /* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): the specs as the C
- * relay's guest spec (relay_impl.device_ring_spec), whose regions are the ring's three areas as
+ * relay's guest spec (cinputs.device_ring_spec), whose regions are the ring's three areas as
  * the Python ring holds them (translated when the ring started, as a device does at DRIVER_OK);
  * regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
 static PyObject *netloop_attach(NetLoop *n, PyObject *args)
@@ -382,7 +382,7 @@ static PyObject *device_side_state(const DeviceSide *g)
     if (g->packed)
         return Py_BuildValue("{s:I,s:i,s:I,s:i,s:K}", "next_avail_idx", g->next_avail_idx, "avail_wrap_counter",
                              g->avail_wrap_counter, "next_used_idx", g->next_used_idx, "used_wrap_counter",
-                             g->used_wrap_counter, "_used_since_signal", (unsigned long long)g->used_since_signal);
+                             g->used_wrap_counter, "used_since_signal", (unsigned long long)g->used_since_signal);
     return Py_BuildValue("{s:H,s:H,s:H}", "last_avail_idx", g->last_avail_idx, "used_idx", g->used_idx,
                          "signalled_used", g->signalled_used);
 }
@@ -394,8 +394,11 @@ static PyObject *net_stats(const NetQueueStats *s)
                          s->dropped);
 }
 
-/* detach() -> ((rx_state, tx_state), (rx_counts, tx_counts)): the Python rings' attributes as
- * they stand now, and the QueueStats counts since attach; None when not attached. */
+/* detach() -> ((rx_state, tx_state), (rx_counts, tx_counts)): each ring's device-side state as
+ * it stands now, under the names of its export_state() record (what the Python ring's
+ * import_state() takes: last_avail_idx, used_idx, signalled_used / next_avail_idx,
+ * avail_wrap_counter, next_used_idx, used_wrap_counter, used_since_signal), and the QueueStats
+ * counts since attach; None when not attached. */
 static PyObject *netloop_detach(NetLoop *n, PyObject *Py_UNUSED(ignored))
 {
     if (!n->loaded)

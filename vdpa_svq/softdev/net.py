@@ -16,9 +16,8 @@ import struct
 from collections.abc import Callable
 
 from kernel_iface import uapi
+from vdpa_svq.cinputs import device_ring_spec, iotlb_regions, ring_area_regions
 from vdpa_svq.native import NetLoop  # the loopback in C (softdev/_netloop.c); None: the Python datapath
-from vdpa_svq.relay_impl import device_ring_spec
-from vdpa_svq.ring import DeviceRing
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
@@ -41,17 +40,6 @@ SPEED_UNKNOWN = 0xFFFFFFFF
 DUPLEX_UNKNOWN = 0xFF
 
 DEFAULT_MAC = bytes.fromhex("525400000001")
-
-
-def _ring_areas(ring: DeviceRing) -> tuple[tuple[int, int, memoryview, int], ...]:
-    """The ring's three areas as (iova, size, view, perm), sorted: the views the ring took when it
-    started, so the C datapath reaches them as the Python one does, whatever the IOTLB says now."""
-    st = ring.export_state()
-    addrs = (st.addrs.desc, st.addrs.driver, st.addrs.device)
-    return tuple(
-        sorted((addr, v.nbytes, v, uapi.VHOST_ACCESS_RO if v.readonly else uapi.VHOST_ACCESS_RW)
-               for addr, v in zip(addrs, st.areas, strict=True))
-    )
 
 
 class SoftNetDevice(SoftDevice):
@@ -109,9 +97,9 @@ class SoftNetDevice(SoftDevice):
             if not (self.running and rx.usable and tx.usable):
                 return False
             c.attach(
-                device_ring_spec(rx.ring, _ring_areas(rx.ring)),  # type: ignore[arg-type]
-                device_ring_spec(tx.ring, _ring_areas(tx.ring)),  # type: ignore[arg-type]
-                tuple((m.iova, m.size, m.view, m.perm) for m in self.mem.mappings),
+                device_ring_spec(rx.ring, ring_area_regions(rx.ring)),  # type: ignore[arg-type]
+                device_ring_spec(tx.ring, ring_area_regions(tx.ring)),  # type: ignore[arg-type]
+                iotlb_regions(self.mem.mappings),
                 (rx.call_fd, tx.call_fd),
                 self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
             )
@@ -126,8 +114,7 @@ class SoftNetDevice(SoftDevice):
             return
         states, counts = handed
         for q, state, count in zip(self.queues, states, counts, strict=True):
-            for attr, value in state.items():
-                setattr(q.ring, attr, value)
+            q.ring.import_state(state)  # type: ignore[union-attr]
             for attr, n in count.items():
                 setattr(q.stats, attr, getattr(q.stats, attr) + n)
 
