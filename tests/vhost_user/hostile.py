@@ -164,6 +164,21 @@ class ServeProcess:
                 f"serve finished {self.summaries()} of {n} connections in {timeout} s: {self.stderr()[-2000:]}")
             time.sleep(0.02)
 
+    def settled_resources(self, timeout: float = 5, still: float = 0.2) -> Resources:
+        """resources() once fds and threads stayed the same for `still` seconds: a finished
+        connection's threads may still be exiting when its summary line is written (joined in
+        Python, not yet gone from /proc), and a leak is what stays, not what is on its way out."""
+        deadline = time.monotonic() + timeout
+        last, since = self.resources(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = self.resources()
+            if (now.fds, now.threads) != (last.fds, last.threads):
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= still:
+                return now
+        return last
+
     def resources(self) -> Resources:
         pid = self.proc.pid
         status = Path(f"/proc/{pid}/status").read_text()

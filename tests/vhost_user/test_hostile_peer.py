@@ -47,7 +47,7 @@ def good_traffic(serve: ServeProcess, layout: Layout, frames: int = 50) -> None:
 def test_a_hostile_frontend_ends_only_its_own_connection(serve, case, layout):
     good_traffic(serve, layout)  # warms up: what the first connection allocates for good
     serve.wait_connections(1)
-    before = serve.resources()
+    before = serve.settled_resources()
     fe = HOSTILE[case](serve.connect(), layout)
     try:
         if REASONS[case] is not None:  # the server hangs up on it
@@ -58,7 +58,7 @@ def test_a_hostile_frontend_ends_only_its_own_connection(serve, case, layout):
     serve.wait_connections(2)
     good_traffic(serve, layout)  # the next frontend is served as if nothing had happened
     serve.wait_connections(3)
-    after = serve.resources()
+    after = serve.settled_resources()
     log = serve.stderr()
     assert "Traceback" not in log and "internal error" not in log, log
     if REASONS[case] is not None:
