@@ -373,3 +373,39 @@ def test_dirty_log_holds_every_page_the_device_wrote_while_polling(polling_serve
     assert polling_server.server.summaries[0].relay_loop["poll_rounds"] > 0
 
 
+
+
+# -- the listening socket ---------------------------------------------------------------------------
+def test_the_socket_path_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """A frontend that connects as soon as the path exists (as a VMM waiting for it does) must not
+    be refused: the path is made only after listen(), and a stale socket is replaced, not reused."""
+    import socket
+
+    from vdpa_svq.devices import open_device
+    from vdpa_svq.vhost_user import backend
+
+    path = str(tmp_path / "vu.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # a previous run's socket, nobody listening
+    stale.close()
+    bound_at_listen = []
+
+    class WatchedSocket(socket.socket):
+        def listen(self, *args: int) -> None:
+            bound_at_listen.append(self.getsockname())
+            super().listen(*args)
+
+    monkeypatch.setattr(backend.socket, "socket", WatchedSocket)
+    dev = open_device("soft:net")
+    try:
+        server = backend.Server(dev, path)
+        monkeypatch.undo()
+        (bound,) = bound_at_listen
+        assert bound != path, "the socket listened only after the path was made: a connect in between is refused"
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(path)  # accepted into the backlog: the path is the listening socket, not the stale one
+        probe.close()
+        server.listener.close()
+        assert [p for p in os.listdir(tmp_path) if p != "vu.sock"] == [], "the pending name was left behind"
+    finally:
+        dev.close()

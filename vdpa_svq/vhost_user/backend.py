@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -712,6 +713,9 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
+SUN_PATH_MAX = 108  # struct sockaddr_un's sun_path, the terminating NUL included
+
+
 class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
@@ -731,16 +735,31 @@ class Server:
         self.failed = 0  # of which closed with an error
         self._stop = threading.Event()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The path appears only once it accepts connections: bound and listening under a name of
+        # its own, then renamed into place (atomically, over a stale socket of a previous run). A
+        # frontend that connects as soon as the path exists is never refused.
+        # (A path too long for a suffix within sun_path's 108 bytes is bound in place, as before.)
+        pending = f"{path}.{os.getpid()}.pending"
+        if len(os.fsencode(pending)) >= SUN_PATH_MAX:
+            pending = path
         try:
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)  # a stale socket from a previous run
-            self.listener.bind(path)
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pending)  # a stale socket of a previous run, when bound in place
+            self.listener.bind(pending)
             self.listener.listen(1)
+            if pending != path:
+                os.rename(pending, path)
         except OSError as e:
             self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
             raise BackendError(f"{path}: cannot listen on this socket path: {(e.strerror or str(e)).lower()}") from None
         except BaseException:
             self.listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(pending)
             raise
 
     def serve_forever(self, on_connection: Any = None) -> deque[ConnectionSummary]:
