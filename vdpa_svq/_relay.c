@@ -887,23 +887,11 @@ static int device_side_init(Relay *q, PyObject *spec)
     return device_side_setup(&q->guest, &q->guest_mem, &q->guest_mem, spec);
 }
 
-static int driver_side_init(Relay *q, PyObject *spec, int indirect)
+/* The shadow ring's three areas and its indirect area (area_spec: None or (gpa, max_entries)),
+ * checked to lie in shadow memory. */
+static int driver_side_areas(DriverSide *s, MemTable *m, uint64_t desc, uint64_t driver, uint64_t device,
+                             PyObject *area_spec)
 {
-    DriverSide *s = &q->shadow;
-    unsigned long long desc, driver, device, st[8];
-    PyObject *regions, *area_spec, *next;
-    if (!PyArg_ParseTuple(spec, "pIKKKpUOO(KKKKKKKK)O", &s->packed, &s->num, &desc, &driver, &device, &s->event_idx,
-                          &s->name, &regions, &area_spec, &st[0], &st[1], &st[2], &st[3], &st[4], &st[5], &st[6],
-                          &st[7], &next))
-        return -1;
-    Py_INCREF(s->name);
-    if (s->num == 0 || s->num > 32768) {
-        PyErr_SetString(PyExc_ValueError, "ring size out of range");
-        return -1;
-    }
-    if (mem_table_init(&q->shadow_mem, regions) < 0)
-        return -1;
-    MemTable *m = &q->shadow_mem;
     s->desc = area(m, desc, (uint64_t)DESC_SIZE * s->num, "shadow descriptor area");
     s->driver = area(m, driver, s->packed ? PACKED_EVENT_SIZE : 6 + 2 * (uint64_t)s->num, "shadow driver area");
     s->device = area(m, device, s->packed ? PACKED_EVENT_SIZE : 6 + 8 * (uint64_t)s->num, "shadow device area");
@@ -921,6 +909,80 @@ static int driver_side_init(Relay *q, PyObject *spec, int indirect)
         if (s->area_host == NULL)
             return -1;
     }
+    return 0;
+}
+
+/* The per-entry arrays, sized once (the hot loop allocates nothing), and the arena of writable
+ * segments in flight with its free list. */
+static int driver_side_alloc(DriverSide *s, int indirect)
+{
+    s->next = PyMem_Calloc(s->num, sizeof(uint16_t));
+    s->in_use = PyMem_Calloc(s->num, 1);
+    s->count = PyMem_Calloc(s->num, sizeof(uint32_t));
+    s->writable = PyMem_Calloc(s->num, sizeof(uint64_t));
+    s->tok = PyMem_Calloc(s->num, sizeof(Token));
+    /* Writable guest segments in flight <= translated pieces in flight <= num * max(1, area_max):
+     * a direct chain takes one slot per piece, an indirect one a slot for up to area_max. */
+    uint64_t per_slot = (indirect && s->has_area && s->area_max > 1) ? s->area_max : 1;
+    uint64_t arena = (uint64_t)s->num * per_slot;
+    s->arena_addr = PyMem_Calloc(arena, sizeof(uint64_t));
+    s->arena_len = PyMem_Calloc(arena, sizeof(uint32_t));
+    s->arena_next = PyMem_Calloc(arena, sizeof(uint32_t));
+    if (!s->next || !s->in_use || !s->count || !s->writable || !s->tok || !s->arena_addr || !s->arena_len ||
+        !s->arena_next) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint64_t i = 0; i < arena; i++)
+        s->arena_next[i] = i + 1 < arena ? (uint32_t)(i + 1) : NO_NODE;
+    s->arena_free = 0;
+    return 0;
+}
+
+/* The free list of descriptor ids (split: next; packed: next_id), as the Python ring hands it over. */
+static int driver_side_free_list(DriverSide *s, PyObject *next)
+{
+    PyObject *seq = PySequence_Fast(next, "next must be a sequence of ints");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != s->num) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "next must have one entry per ring entry");
+        return -1;
+    }
+    for (uint32_t i = 0; i < s->num; i++) {
+        unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (PyErr_Occurred() || v > s->num) {
+            Py_DECREF(seq);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "free list entry out of range");
+            return -1;
+        }
+        s->next[i] = (uint16_t)v;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* The shadow ring (its DRIVER side), from the tuple cinputs.shadow_ring_spec builds. */
+static int driver_side_init(Relay *q, PyObject *spec, int indirect)
+{
+    DriverSide *s = &q->shadow;
+    unsigned long long desc, driver, device, st[8];
+    PyObject *regions, *area_spec, *next;
+    if (!PyArg_ParseTuple(spec, "pIKKKpUOO(KKKKKKKK)O", &s->packed, &s->num, &desc, &driver, &device, &s->event_idx,
+                          &s->name, &regions, &area_spec, &st[0], &st[1], &st[2], &st[3], &st[4], &st[5], &st[6],
+                          &st[7], &next))
+        return -1;
+    Py_INCREF(s->name);
+    if (s->num == 0 || s->num > 32768) {
+        PyErr_SetString(PyExc_ValueError, "ring size out of range");
+        return -1;
+    }
+    if (mem_table_init(&q->shadow_mem, regions) < 0)
+        return -1;
+    if (driver_side_areas(s, &q->shadow_mem, desc, driver, device, area_spec) < 0)
+        return -1;
     /* (free_head, num_free, num_added, cb_enabled, avail_idx_shadow | next_avail_idx,
      *  avail_wrap_counter, last_used_idx, used_wrap_counter) */
     s->free_head = (uint32_t)st[0];
@@ -942,46 +1004,9 @@ static int driver_side_init(Relay *q, PyObject *spec, int indirect)
         PyErr_SetString(PyExc_ValueError, "the C relay takes over a shadow ring with nothing in flight");
         return -1;
     }
-    s->next = PyMem_Calloc(s->num, sizeof(uint16_t));
-    s->in_use = PyMem_Calloc(s->num, 1);
-    s->count = PyMem_Calloc(s->num, sizeof(uint32_t));
-    s->writable = PyMem_Calloc(s->num, sizeof(uint64_t));
-    s->tok = PyMem_Calloc(s->num, sizeof(Token));
-    /* Writable guest segments in flight <= translated pieces in flight <= num * max(1, area_max):
-     * a direct chain takes one slot per piece, an indirect one a slot for up to area_max. */
-    uint64_t per_slot = (indirect && s->has_area && s->area_max > 1) ? s->area_max : 1;
-    uint64_t arena = (uint64_t)s->num * per_slot;
-    s->arena_addr = PyMem_Calloc(arena, sizeof(uint64_t));
-    s->arena_len = PyMem_Calloc(arena, sizeof(uint32_t));
-    s->arena_next = PyMem_Calloc(arena, sizeof(uint32_t));
-    if (!s->next || !s->in_use || !s->count || !s->writable || !s->tok || !s->arena_addr || !s->arena_len ||
-        !s->arena_next) {
-        PyErr_NoMemory();
+    if (driver_side_alloc(s, indirect) < 0)
         return -1;
-    }
-    for (uint64_t i = 0; i < arena; i++)
-        s->arena_next[i] = i + 1 < arena ? (uint32_t)(i + 1) : NO_NODE;
-    s->arena_free = 0;
-    PyObject *seq = PySequence_Fast(next, "next must be a sequence of ints");
-    if (seq == NULL)
-        return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != s->num) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "next must have one entry per ring entry");
-        return -1;
-    }
-    for (uint32_t i = 0; i < s->num; i++) {
-        unsigned long v = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
-        if (PyErr_Occurred() || v > s->num) {
-            Py_DECREF(seq);
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "free list entry out of range");
-            return -1;
-        }
-        s->next[i] = (uint16_t)v;
-    }
-    Py_DECREF(seq);
-    return 0;
+    return driver_side_free_list(s, next);
 }
 
 static int relay_clear(Relay *q)

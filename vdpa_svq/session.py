@@ -401,25 +401,9 @@ class ShadowSession:
         `guest_state` is where the guest ring stands when it was running elsewhere before.
         """
         dev = self.dev
-        layout = dev.layout
         num = shadow_num or min(dev.device.vring_num(), 256)
-        check_size(layout, num)
         indirect = dev.has(uapi.VIRTIO_RING_F_INDIRECT_DESC)
-        desc_size = desc_area_size(num)
-        sizes = [desc_size, driver_area_size(layout, num), device_area_size(layout, num)]
-        if indirect:
-            sizes.append(IndirectArea.size(num, SHADOW_INDIRECT_MAX))
-        spans = [page_align(n) for n in sizes]
-        base = self.iova.alloc(sum(spans))
-        self.shadow_mem.add_memfd_region(base, sum(spans), name=f"vdpa-svq-shadow{index}")
-        starts = [base + sum(spans[:i]) for i in range(len(spans))]
-        addrs = RingAddresses(starts[0], starts[1], starts[2])
-        # What the device may write: split's used ring; packed's descriptor ring and device event area.
-        writable = (False, False, True, False) if layout is Layout.SPLIT else (True, False, True, False)
-        with dev.device.iotlb_batch():
-            for start, span, w in zip(starts, spans, writable, strict=False):
-                perm = uapi.VHOST_ACCESS_RW if w else uapi.VHOST_ACCESS_RO
-                dev.map(start, span, self.shadow_mem.hva(start), perm)
+        addrs, indirect_area = self._place_shadow_ring(index, num, indirect)
         guest_ring = device_ring(
             guest_layout,
             self.guest_mem,
@@ -430,12 +414,12 @@ class ShadowSession:
             state=guest_state,
         )
         shadow_ring = driver_ring(
-            layout,
+            dev.layout,
             self.shadow_mem,
             num,
             addrs,
             event_idx=dev.has(uapi.VIRTIO_RING_F_EVENT_IDX),
-            indirect_area=IndirectArea(starts[3], SHADOW_INDIRECT_MAX) if indirect else None,
+            indirect_area=indirect_area,
             name=f"shadow vq{index}",
         )
         self._rings += [guest_ring, shadow_ring]
@@ -464,6 +448,31 @@ class ShadowSession:
         q = ShadowQueue(index, svq, dq, guest_kick, guest_call)
         self.queues[index] = q
         return q
+
+    def _place_shadow_ring(self, index: int, num: int, indirect: bool) -> tuple[RingAddresses, IndirectArea | None]:
+        """Memory of our own for queue `index`'s shadow ring, above guest memory, mapped for the device.
+
+        One page-aligned area per part (descriptor ring, driver area, device area, and the indirect
+        tables when negotiated), so that the device gets write access only where the spec lets it
+        write: split's used ring; packed's descriptor ring and device event area (VIRTIO 1.2 2.7, 2.8).
+        """
+        dev = self.dev
+        layout = dev.layout
+        check_size(layout, num)
+        sizes = [desc_area_size(num), driver_area_size(layout, num), device_area_size(layout, num)]
+        if indirect:
+            sizes.append(IndirectArea.size(num, SHADOW_INDIRECT_MAX))
+        spans = [page_align(n) for n in sizes]
+        base = self.iova.alloc(sum(spans))
+        self.shadow_mem.add_memfd_region(base, sum(spans), name=f"vdpa-svq-shadow{index}")
+        starts = [base + sum(spans[:i]) for i in range(len(spans))]
+        writable = (False, False, True, False) if layout is Layout.SPLIT else (True, False, True, False)
+        with dev.device.iotlb_batch():
+            for start, span, w in zip(starts, spans, writable, strict=False):
+                perm = uapi.VHOST_ACCESS_RW if w else uapi.VHOST_ACCESS_RO
+                dev.map(start, span, self.shadow_mem.hva(start), perm)
+        indirect_area = IndirectArea(starts[3], SHADOW_INDIRECT_MAX) if indirect else None
+        return RingAddresses(starts[0], starts[1], starts[2]), indirect_area
 
     def start(self) -> None:
         self.dev.start()
