@@ -35,16 +35,21 @@ migrate-test: deps venv  ## a real QEMU guest live-migrated through serve, A -> 
 demo: deps venv
 	tools/demo
 
-bench: deps venv  ## relay, vhost-user on the host, vhost-user on vhost-vdpa in the kernel bench; all into BENCHMARKS.md
+bench: deps venv  ## relay, vhost-user on the host, latency on the host, vhost-user on vhost-vdpa in the kernel bench; all into BENCHMARKS.md
 	$(PY) setup.py -q build_ext --inplace  # the C relay as it is now, not as the venv stamp last saw it
 	$(PY) -m bench.relay
 	$(PY) -m bench.vhost_user --write BENCHMARKS.md
+	$(PY) -m bench.latency --write BENCHMARKS.md
 	$(PY) tools/kbench setup
 	$(PY) -m bench.vhost_user --kernel --write BENCHMARKS.md
 
-.PHONY: bench-vhost-user bench-vhost-user-kernel
+.PHONY: bench-vhost-user bench-vhost-user-kernel bench-latency
 bench-vhost-user: deps venv  ## vhost-user: testpmd virtio-user through `vdpa-svq serve soft:net` vs DPDK's vhost PMD
 	$(PY) -m bench.vhost_user
+
+bench-latency: deps venv  ## round-trip p50/p99 and CPU per packet at fixed rates, serve vs DPDK's vhost PMD; idle CPU; into BENCHMARKS.md
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m bench.latency --write BENCHMARKS.md
 
 bench-vhost-user-kernel: deps venv  ## testpmd on /dev/vhost-vdpa-N directly vs through `vdpa-svq serve` (kbench guest)
 	$(PY) tools/kbench setup
