@@ -52,6 +52,7 @@ from vdpa_svq.ring import Layout, RingAddresses, RingState
 from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
 from vdpa_svq.session import DeviceSession, ShadowSession
 from vdpa_svq.vhost_user import messages as m
+from vdpa_svq.vhost_user.backoff import BACKOFF_MAX_S, AcceptBackoff
 from vdpa_svq.vhost_user.messages import (
     HEADER,
     MAX_FDS,
@@ -713,13 +714,16 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
+BACKOFF_WARN_AFTER = 5  # quick failures in a row before the back-off is logged (once per streak)
 SUN_PATH_MAX = 108  # struct sockaddr_un's sun_path, the terminating NUL included
 
 
 class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
-    def __init__(self, device: Device, path: str, *, impl: str = "auto", poll_us: Polling = 0) -> None:
+    def __init__(self, device: Device, path: str, *, impl: str = "auto", poll_us: Polling = 0,
+                 accept_backoff: bool = True) -> None:
+        """accept_backoff: wait before accepting again after frontends that gave up at once (backoff.py)."""
         try:
             check_polling(poll_us)
         except ValueError:
@@ -733,6 +737,7 @@ class Server:
         self.summaries: deque[ConnectionSummary] = deque(maxlen=KEPT_SUMMARIES)
         self.connections = 0  # every connection served
         self.failed = 0  # of which closed with an error
+        self.backoff = AcceptBackoff() if accept_backoff else None
         self._stop = threading.Event()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The path appears only once it accepts connections: bound and listening under a name of
@@ -779,14 +784,25 @@ class Server:
                     continue
                 sock, _ = self.listener.accept()
                 n += 1
+                began = time.monotonic()
                 summary = self.serve_connection(sock, peer=f"connection {n}")
                 if on_connection is not None:
                     on_connection(summary)
+                if self.backoff is not None:
+                    self._back_off(relayed=summary.started > 0, duration_s=time.monotonic() - began)
         finally:
             self.listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
         return self.summaries
+
+    def _back_off(self, *, relayed: bool, duration_s: float) -> None:
+        assert self.backoff is not None
+        delay = self.backoff.after(relayed=relayed, duration_s=duration_s)
+        if self.backoff.failures_in_a_row == BACKOFF_WARN_AFTER:
+            log.warning("%d frontends in a row gave up at once: waiting up to %.0f s before each next connection "
+                        "until one relays", BACKOFF_WARN_AFTER, BACKOFF_MAX_S)
+        self._stop.wait(delay)  # stop() still ends the wait at once
 
     def serve_connection(self, sock: socket.socket, *, peer: str = "frontend") -> ConnectionSummary:
         log.info("%s: frontend connected", peer)
