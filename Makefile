@@ -42,8 +42,13 @@ bench: deps venv  ## relay, vhost-user on the host, latency on the host, vhost-u
 	$(PY) -m bench.latency --write BENCHMARKS.md
 	$(PY) tools/kbench setup
 	$(PY) -m bench.vhost_user --kernel --write BENCHMARKS.md
+	$(PY) -m bench.migration --write BENCHMARKS.md
 
-.PHONY: bench-vhost-user bench-vhost-user-kernel bench-latency
+.PHONY: bench-vhost-user bench-vhost-user-kernel bench-latency bench-migration
+bench-migration: deps venv  ## live-migration downtime and total time of a real VM, serve vs QEMU's own virtio-net; into BENCHMARKS.md
+	$(PY) tools/kbench setup
+	$(PY) -m bench.migration --write BENCHMARKS.md
+
 bench-vhost-user: deps venv  ## vhost-user: testpmd virtio-user through `vdpa-svq serve soft:net` vs DPDK's vhost PMD
 	$(PY) -m bench.vhost_user
 
