@@ -2,6 +2,7 @@
 
 `soft:net` and `soft:blk` are the software loopback net device and ramdisk (vdpa_svq.softdev), for
 hosts without vDPA; `soft:net-sim` is the net one restricted to what vdpa_sim offers (split only).
+`soft:net,pairs=N` offers N queue pairs (VIRTIO_NET_F_MQ with a control queue, when N > 1).
 `vhost-user:PATH[,kind=blk]` is a vhost-user backend listening on PATH, driven as the device
 (vdpa_svq.vhost_user.device).
 
@@ -67,16 +68,42 @@ def check_node(path: str) -> None:
         raise _not_vhost_vdpa(path, f"character device {major}:{minor} is {name}")
 
 
+# Options a software device spec takes after its name (`soft:net,pairs=2`), per device.
+SOFT_OPTIONS = {"soft:net": ("pairs",), "soft:net-sim": ("pairs",), "soft:blk": ()}
+
+
+def _soft_options(spec: str) -> tuple[str, dict[str, int]]:
+    """`soft:KIND[,key=value...]` -> (soft:KIND, options); VdpaSvqError for anything else."""
+    name, *rest = spec.split(",")
+    if name not in SOFT_DEVICES:
+        raise VdpaSvqError(f"{spec}: unknown software device; choose one of {', '.join(SOFT_DEVICES)}")
+    options: dict[str, int] = {}
+    for item in rest:
+        key, eq, value = item.partition("=")
+        if key not in SOFT_OPTIONS[name]:
+            known = ", ".join(f"{k}=N" for k in SOFT_OPTIONS[name]) or "none"
+            raise VdpaSvqError(f"{spec}: {name} has no option {key!r} (options: {known})")
+        if not eq or not value.isdigit():
+            raise VdpaSvqError(f"{spec}: {key} takes a number ({key}=N), not {value!r}")
+        options[key] = int(value)
+    return name, options
+
+
 def _soft_device(spec: str) -> Device:
     from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
 
-    if spec == "soft:net":
-        return SoftNetDevice()
-    if spec == "soft:net-sim":
-        return SoftNetDevice.like_vdpa_sim(path=spec)
-    if spec == "soft:blk":
+    name, options = _soft_options(spec)
+    kwargs: dict[str, object] = {}
+    if "pairs" in options:
+        kwargs["queue_pairs"] = options["pairs"]
+    try:
+        if name == "soft:net":
+            return SoftNetDevice(path=spec, **kwargs)  # type: ignore[arg-type]
+        if name == "soft:net-sim":
+            return SoftNetDevice.like_vdpa_sim(path=spec, **kwargs)
         return SoftBlkDevice()
-    raise VdpaSvqError(f"{spec}: unknown software device; choose one of {', '.join(SOFT_DEVICES)}")
+    except ValueError as e:
+        raise VdpaSvqError(f"{spec}: {e}") from None
 
 
 def open_device(spec: str) -> Device:

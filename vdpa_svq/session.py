@@ -19,11 +19,13 @@ from typing import Any
 
 from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
 from kernel_iface.uapi import bit
+from vdpa_svq.control import CONTROL_RING_NUM, ControlQueue
 from vdpa_svq.device import Device
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop
-from vdpa_svq.memory.guest import GuestMemory, page_align
+from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay_impl import Relay, make_shadow_virtqueue
 from vdpa_svq.ring import IndirectArea, RingState, device_ring, driver_ring
@@ -379,8 +381,24 @@ class ShadowSession:
         self.shadow_mem = GuestMemory()
         self.loop = RelayLoop(poll_us=poll_us)
         self.queues: dict[int, ShadowQueue] = {}
+        self.control: ControlQueue | None = None  # the device's control queue, driven by us
         self._fds: list[int] = []
         self._rings: list[Any] = []
+
+    def add_control_queue(self, index: int) -> ControlQueue:
+        """Drive the device's control queue `index` ourselves (control.py): its ring and a command
+        page in our memory above guest memory, like a shadow ring; before start()."""
+        dev = self.dev
+        addrs, _ = self._place_shadow_ring(index, CONTROL_RING_NUM, False)
+        ring = driver_ring(dev.layout, self.shadow_mem, CONTROL_RING_NUM, addrs,
+                           event_idx=dev.has(uapi.VIRTIO_RING_F_EVENT_IDX), name=f"control vq{index}")
+        buf = self.iova.alloc(PAGE_SIZE)
+        self.shadow_mem.add_memfd_region(buf, PAGE_SIZE, name="vdpa-svq-control")
+        dev.map(buf, PAGE_SIZE, self.shadow_mem.hva(buf), uapi.VHOST_ACCESS_RW)  # the device writes the ack
+        queue = GuestQueue.open(index, ring)
+        self.control = ControlQueue(queue, self.shadow_mem, buf)
+        dev.setup_queue(index, CONTROL_RING_NUM, addrs, kick_fd=queue.kick_fd, call_fd=queue.call_fd)
+        return self.control
 
     def add_queue(
         self,
@@ -550,6 +568,9 @@ class ShadowSession:
                 # The C relay holds views of guest and shadow memory: release them before the memory.
                 for q in self.queues.values():
                     q.svq.close()
+                if self.control is not None:
+                    self.control.close()
+                    self.control = None
                 for ring in self._rings:
                     ring.close()
                 self._rings.clear()

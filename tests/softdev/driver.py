@@ -64,10 +64,14 @@ class GuestDriver:
         num: int = 16,
         slots: int = 128,
         maps: Sequence[tuple[int, int, int]] | None = None,
+        extra_features: int = 0,
     ) -> None:
-        """`maps` overrides the IOTLB mappings: (gpa, size, perm) each, default all of memory RW."""
+        """`maps` overrides the IOTLB mappings: (gpa, size, perm) each, default all of memory RW.
+        `extra_features`: device-type bits to negotiate (the device must offer them)."""
         self.dev = dev
-        self.session = DeviceSession(dev, packed=packed, event_idx=event_idx, indirect=indirect)
+        self.session = DeviceSession(
+            dev, packed=packed, event_idx=event_idx, indirect=indirect, extra_features=extra_features
+        )
         self.plan = self.plan_for(dev, packed=packed, num=num, slots=slots)
         self.pool = self.plan.pools[0]
         self.data_base = self.pool.gpa
@@ -168,14 +172,15 @@ def rx_hdr(tx_hdr: bytes) -> bytes:
 
 
 class NetDriver(GuestDriver):
-    """A virtio-net driver over GuestDriver: post RX buffers, send frames, receive them back."""
+    """A virtio-net driver over GuestDriver: post RX buffers, send frames, receive them back.
+    `pair` picks the queue pair (rx of pair p is queue 2p, tx 2p + 1: VIRTIO 1.2 5.1.2)."""
 
-    def post_rx(self, count: int = 1, *, split_hdr: bool = False, split_at: int | None = None) -> int:
+    def post_rx(self, count: int = 1, *, split_hdr: bool = False, split_at: int | None = None, pair: int = 0) -> int:
         """Post up to `count` RX buffers of SLOT bytes, in two descriptors when split_hdr (at the
         header's end) or split_at (anywhere); return how many fit in the ring."""
         if split_hdr:
             split_at = NET_HDR
-        ring = self.queues[RX].ring
+        ring = self.queues[2 * pair + RX].ring
         posted = 0
         for _ in range(count):
             if not self.pool.available:
@@ -188,10 +193,10 @@ class NetDriver(GuestDriver):
                 self.pool.put(gpa)
                 break
             posted += 1
-        self.kick(RX)
+        self.kick(2 * pair + RX)
         return posted
 
-    def send(self, frame: bytes, hdr: bytes, *, kick: bool = True, one_segment: bool = False) -> None:
+    def send(self, frame: bytes, hdr: bytes, *, kick: bool = True, one_segment: bool = False, pair: int = 0) -> None:
         """Header and frame in two descriptors, or (one_segment) in one, as DPDK's virtio PMD does."""
         assert 0 < len(frame) <= SLOT - (NET_HDR if one_segment else 0) and len(hdr) == NET_HDR
         h, f = self.pool.get(), self.pool.get()
@@ -202,13 +207,13 @@ class NetDriver(GuestDriver):
             self.mem.write(h + NET_HDR, frame)
             out = [(h, NET_HDR + len(frame))]
         try:
-            self.queues[TX].ring.add(out, (), (h, f), indirect=self.session.indirect)
+            self.queues[2 * pair + TX].ring.add(out, (), (h, f), indirect=self.session.indirect)
         except RingFull:
             self.pool.put(h)
             self.pool.put(f)
             raise
         if kick:
-            self.kick(TX)
+            self.kick(2 * pair + TX)
 
     def _rx_bytes(self, token: object, length: int) -> bytes:
         gpa = token
@@ -217,12 +222,12 @@ class NetDriver(GuestDriver):
         self.pool.put(gpa)
         return data
 
-    def recv(self, count: int) -> list[bytes]:
+    def recv(self, count: int, *, pair: int = 0) -> list[bytes]:
         """`count` received packets (virtio_net_hdr + frame), waiting for them."""
-        return [self._rx_bytes(t, n) for t, n in self.reap(RX, count)]
+        return [self._rx_bytes(t, n) for t, n in self.reap(2 * pair + RX, count)]
 
-    def recv_ready(self) -> list[bytes]:
-        return [self._rx_bytes(t, n) for t, n in self.reap_all(RX)]
+    def recv_ready(self, *, pair: int = 0) -> list[bytes]:
+        return [self._rx_bytes(t, n) for t, n in self.reap_all(2 * pair + RX)]
 
     def _free_tx(self, used: list[tuple[object, int]]) -> int:
         for token, length in used:
@@ -231,11 +236,26 @@ class NetDriver(GuestDriver):
                 self.pool.put(gpa)
         return len(used)
 
-    def complete_tx(self, count: int) -> int:
-        return self._free_tx(self.reap(TX, count))
+    def complete_tx(self, count: int, *, pair: int = 0) -> int:
+        return self._free_tx(self.reap(2 * pair + TX, count))
 
-    def complete_tx_ready(self) -> int:
-        return self._free_tx(self.reap_all(TX))
+    def complete_tx_ready(self, *, pair: int = 0) -> int:
+        return self._free_tx(self.reap_all(2 * pair + TX))
+
+    def control(self, cls: int, command: int, data: bytes = b"", *, ctrl: int | None = None) -> int:
+        """One command on the control queue (the last queue, or `ctrl`): class, command and data in
+        one readable descriptor, the ack byte in a writable one (5.1.6.5); returns the ack."""
+        qi = len(self.queues) - 1 if ctrl is None else ctrl
+        cmd, ack = self.pool.get(), self.pool.get()
+        self.mem.write(cmd, bytes([cls, command]) + data)
+        self.mem.write(ack, b"\xee")  # neither OK nor ERR: a device that wrote nothing shows
+        self.queues[qi].ring.add([(cmd, 2 + len(data))], [(ack, 1)], (cmd, ack), indirect=False)
+        self.kick(qi)
+        ((token, written),) = self.reap(qi, 1)
+        assert token == (cmd, ack) and written == 1, f"control command used with {written} bytes written"
+        self.pool.put(cmd)
+        self.pool.put(ack)
+        return self.mem.read(ack, 1)[0]
 
 
 @dataclass

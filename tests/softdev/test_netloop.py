@@ -52,9 +52,9 @@ def test_c_owns_the_rings_while_it_serves_and_any_control_call_takes_them_back(n
     if net_datapath == "py":
         assert dev._c is None
         return
-    assert dev._c.loaded  # the rings' indexes live in C now
+    assert dev._c[0].loaded  # the rings' indexes live in C now
     base = dev.get_vring_base(TX)  # a control call: the lock hands them back first
-    assert not dev._c.loaded
+    assert not dev._c[0].loaded
     # Two TX chains of two descriptors each: what C did is what GET_VRING_BASE reports.
     if packed:
         b = PackedVringBase.from_num(base)
@@ -66,7 +66,7 @@ def test_c_owns_the_rings_while_it_serves_and_any_control_call_takes_them_back(n
     assert st["tx"].read_bytes == 2 * NET_HDR + 6
     # ... and the next pass takes them again, from where Python left them.
     assert _round_trip(drv, [b"three"]) == [rx_hdr(net_hdr(0)) + b"three"]
-    assert dev._c.loaded
+    assert dev._c[0].loaded
 
 
 def _device_side(ring) -> dict:
@@ -111,7 +111,7 @@ def test_rings_c_hands_back_stand_where_the_python_datapath_leaves_them(net_data
                 drv.send(big, net_hdr(1), kick=False)
                 dev._datapath.service()
                 if datapath == "c":
-                    assert dev._c.loaded == (handed_back == "by-the-lock")
+                    assert dev._c[0].loaded == (handed_back == "by-the-lock")
                 got = drv.recv_ready()
             with dev.lock:  # takes the rings back from C
                 rings = [_device_side(q.ring) for q in dev.queues]
@@ -160,7 +160,7 @@ def test_a_chain_c_leaves_to_python_is_served_by_python_and_c_takes_over_again(n
     assert drv.dev.queue_errors() == {}
     assert _round_trip(drv, [b"after"]) == [rx_hdr(net_hdr(0)) + b"after"]
     if net_datapath == "c":
-        assert drv.dev._c.loaded
+        assert drv.dev._c[0].loaded
     assert drv.dev.stats()["rx"].chains == 2
 
 
@@ -188,7 +188,7 @@ def test_the_shadow_relay_kicks_the_soft_net_device_inline(net_datapath, impl, g
         svq = guest.shadow.queues[TX].svq
         if net_datapath == "c":
             assert isinstance(svq.device_kick, functools.partial)
-            assert svq.device_kick.func == guest.device._c.kick
+            assert svq.device_kick.func == guest.device._c[0].kick
         else:
             assert isinstance(svq.device_kick, EventfdNotifier)
         frames = [build_frame(seq, 60 + (seq * 37) % 1400) for seq in range(150)]

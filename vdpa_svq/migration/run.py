@@ -108,10 +108,15 @@ class Result:
                 "seconds": round(self.seconds, 1), "error": self.error}
 
 
+def device_spec(pairs: int) -> str:
+    """soft:net with `pairs` queue pairs (multiqueue, its control queue driven by serve, when > 1)."""
+    return "soft:net" if pairs == 1 else f"soft:net,pairs={pairs}"
+
+
 class Serve:
     """`vdpa-svq serve soft:net` in its own process (as a VMM host runs it), one per side."""
 
-    def __init__(self, name: str, workdir: Path, *, fault: bool = False) -> None:
+    def __init__(self, name: str, workdir: Path, *, fault: bool = False, pairs: int = 1) -> None:
         self.name = name
         self.socket = str(workdir / f"serve-{name}.sock")
         self.log_path = workdir / f"serve-{name}.log"
@@ -121,7 +126,7 @@ class Serve:
             env[FAULT_ENV] = "1"
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vdpa_svq.cli", "serve", "soft:net", "--socket", self.socket, "-v"],
+                [sys.executable, "-m", "vdpa_svq.cli", "serve", device_spec(pairs), "--socket", self.socket, "-v"],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.socket):
@@ -215,7 +220,8 @@ def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
     vms: list[Vm] = []
     try:
         if config.backend == "vdpa-svq":
-            serves = [Serve("A", work, fault=config.fault), Serve("B", work)]
+            serves = [Serve("A", work, fault=config.fault, pairs=config.queues),
+                      Serve("B", work, pairs=config.queues)]
             backends = [s.backend() for s in serves]
         elif config.backend == "qemu":
             base = 20000 + os.getpid() % 20000

@@ -1,11 +1,19 @@
 """SoftNetDevice: a loopback virtio-net device, like vdpa_sim_net (device id 1, vq0 RX, vq1 TX).
 
-Every frame sent on TX comes back on RX. Backpressure differs from vdpa_sim on purpose: when
+Every frame sent on TX comes back on RX of the same queue pair. Backpressure differs from vdpa_sim on purpose: when
 the RX queue has no buffer, vdpa_sim drops the frame; we leave the TX chain in the TX ring (not
 even popped) until the driver adds RX buffers, so tests see every frame, deterministically, and
 GET_VRING_BASE never has to account for chains held inside the device. A frame is dropped (TX
 completed, counted in stats) only when RX cannot take it at all: RX disabled or broken, or the
 TX chain is shorter than a virtio_net_hdr.
+
+Multiqueue (queue_pairs > 1): VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ, max_virtqueue_pairs =
+queue_pairs, and the queues of VIRTIO 1.2 5.1.2: rx0, tx0, ..., rxN-1, txN-1, then the control
+queue (netctrl.py). Which index is the control queue depends on what the driver acked: 2N with
+MQ, 2 without (N is 1 then). Until the driver sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET only the first
+pair moves frames (5.1.6.5.5: after reset the device queues packets only on receiveq1); then the
+first `virtqueue_pairs` pairs do, each its own loopback. The queues of the other pairs are left as
+they are (chains stay in their rings), as a disabled queue's would.
 """
 
 from __future__ import annotations
@@ -20,6 +28,16 @@ from vdpa_svq.cinputs import device_ring_spec, iotlb_regions, ring_area_regions
 from vdpa_svq.native import NetLoop  # the loopback in C (softdev/_netloop.c); None: the Python datapath
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
+from vdpa_svq.softdev.netctrl import (
+    CTRL_READ_MAX,
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_ERR,
+    VIRTIO_NET_OK,
+    Command,
+    parse_command,
+    vq_pairs_set,
+)
 from vdpa_svq.softdev.queue import SoftQueue
 
 RX, TX = 0, 1
@@ -40,32 +58,60 @@ SPEED_UNKNOWN = 0xFFFFFFFF
 DUPLEX_UNKNOWN = 0xFF
 
 DEFAULT_MAC = bytes.fromhex("525400000001")
+MAX_QUEUE_PAIRS = 0x8000  # VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX (5.1.4): le16 max_virtqueue_pairs, 1..0x8000
+MQ_FEATURES = 1 << uapi.VIRTIO_NET_F_MQ | 1 << uapi.VIRTIO_NET_F_CTRL_VQ
+
+
+def queue_names(queue_pairs: int, *, ctrl: bool | None = None) -> tuple[str, ...]:
+    """rx, tx, rx1, tx1, ..., and ctrl (by default when more than one pair): pair 0 keeps the
+    names of the single-pair device."""
+    pairs = [(f"rx{i}", f"tx{i}") if i else ("rx", "tx") for i in range(queue_pairs)]
+    data = tuple(name for pair in pairs for name in pair)
+    return (*data, "ctrl") if (queue_pairs > 1 if ctrl is None else ctrl) else data
 
 
 class SoftNetDevice(SoftDevice):
     DEVICE_ID = uapi.VIRTIO_ID_NET
     KIND = "net"
     QUEUE_NAMES = ("rx", "tx")
-    # No CTRL_VQ: one queue pair, no control queue to model.
+    # One queue pair: no CTRL_VQ, no control queue to model. More pairs: MQ_FEATURES, per instance.
     DEVICE_FEATURES = 1 << uapi.VIRTIO_NET_F_MAC | 1 << uapi.VIRTIO_NET_F_STATUS | 1 << uapi.VIRTIO_NET_F_MTU
 
     # What datapath=None means; the soft device tests run once per value.
     DEFAULT_DATAPATH = "auto"
 
     def __init__(
-        self, *, mac: bytes = DEFAULT_MAC, mtu: int = 1500, datapath: str | None = None, **kwargs: object
+        self,
+        *,
+        mac: bytes = DEFAULT_MAC,
+        mtu: int = 1500,
+        datapath: str | None = None,
+        queue_pairs: int = 1,
+        **kwargs: object,
     ) -> None:
         """datapath: "c" (the loopback in C, for the regular case), "py" (all in Python), or
-        "auto" (C when the extension is built)."""
+        "auto" (C when the extension is built). queue_pairs: more than 1 offers multiqueue."""
         datapath = datapath or self.DEFAULT_DATAPATH
+        if isinstance(queue_pairs, bool) or not isinstance(queue_pairs, int) or not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue pairs are 1..{MAX_QUEUE_PAIRS}, not {queue_pairs!r}")
         if len(mac) != 6:
             raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
         if datapath not in ("auto", "c", "py"):
             raise ValueError(f"datapath is auto, c or py, not {datapath!r}")
         if datapath == "c" and NetLoop is None:
             raise ValueError("datapath 'c' needs the C extension (vdpa_svq.softdev._netloop), which is not built")
-        # Before the base class makes the lock, which calls take_back_rings().
-        self._c = NetLoop(self._punt_kick) if NetLoop is not None and datapath != "py" else None
+        self.queue_pairs = queue_pairs
+        # Per instance, before the base class reads them.
+        self.QUEUE_NAMES = queue_names(queue_pairs)  # type: ignore[misc]
+        self.DEVICE_FEATURES = type(self).DEVICE_FEATURES | (MQ_FEATURES if queue_pairs > 1 else 0)  # type: ignore[misc]
+        # One C loopback per pair. Before the base class makes the lock, which calls take_back_rings().
+        self._c = (
+            [NetLoop(functools.partial(self._punt_kick, pair)) for pair in range(queue_pairs)]
+            if NetLoop is not None and datapath != "py"
+            else None
+        )
+        # Pairs moving frames: 1 until VQ_PAIRS_SET (and again after reset).
+        self.active_pairs = 1
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.mac = bytes(mac)
         self.mtu = mtu
@@ -83,59 +129,144 @@ class SoftNetDevice(SoftDevice):
         return cls(packed=False, event_idx=False, indirect=False, vring_num=256, **kwargs)  # type: ignore[arg-type]
 
     def config(self) -> bytes:
-        return _NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1, self.mtu, SPEED_UNKNOWN, DUPLEX_UNKNOWN, 0, 0, 0)
+        return _NET_CONFIG.pack(
+            self.mac, VIRTIO_NET_S_LINK_UP, self.queue_pairs, self.mtu, SPEED_UNKNOWN, DUPLEX_UNKNOWN, 0, 0, 0
+        )
+
+    # -- queue roles (5.1.2): they depend on what the driver acked ---------------------------------
+    def _pairs(self) -> int:
+        """Queue pairs the driver may set up: max_virtqueue_pairs with MQ, else 1."""
+        return self.queue_pairs if self._has(uapi.VIRTIO_NET_F_MQ) else 1
+
+    def ctrl_queue(self) -> SoftQueue | None:
+        """The control queue, when CTRL_VQ was acked: after the last pair's TX queue."""
+        if not self._has(uapi.VIRTIO_NET_F_CTRL_VQ):
+            return None
+        return self.queues[2 * self._pairs()]
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        if self.queue_pairs > 1:
+            # Name each queue for its role under these features (errors and stats say it).
+            roles = queue_names(self._pairs(), ctrl=self._has(uapi.VIRTIO_NET_F_CTRL_VQ))
+            for q in self.queues:
+                q.name = roles[q.index] if q.index < len(roles) else f"unused{q.index}"
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.active_pairs = 1
+        for q, name in zip(self.queues, self.QUEUE_NAMES, strict=True):
+            q.name = name
+
+    def _data_pairs(self) -> list[tuple[SoftQueue, SoftQueue]]:
+        """The (rx, tx) queues of the pairs that move frames now."""
+        return [(self.queues[2 * p], self.queues[2 * p + 1]) for p in range(self.active_pairs)]
 
     # -- the C datapath: who owns the rings ----------------------------------------------------------
     def service_fast(self) -> bool:
-        """With the lock held (the datapath thread): serve in C when both queues run; False when
-        the Python datapath must (a queue down, or a chain C leaves to it)."""
-        c = self._c
-        if c is None:
+        """With the lock held (the datapath thread): serve in C each pair whose two queues run;
+        False when the Python datapath must (a pair half down, a control command, or a chain C
+        leaves to it). The rings are all back in Python's hands then."""
+        loops = self._c
+        if loops is None or not self.running:
             return False
-        if not c.loaded:
-            rx, tx = self.queues[RX], self.queues[TX]
-            if not (self.running and rx.usable and tx.usable):
-                return False
-            c.attach(
-                device_ring_spec(rx.ring, ring_area_regions(rx.ring)),  # type: ignore[arg-type]
-                device_ring_spec(tx.ring, ring_area_regions(tx.ring)),  # type: ignore[arg-type]
-                iotlb_regions(self.mem.mappings),
-                (rx.call_fd, tx.call_fd),
-                self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
-            )
-        if c.service() == 0:
-            return True
-        self.take_back_rings()  # a chain for the Python datapath: it needs its rings current
+        for p, (rx, tx) in enumerate(self._data_pairs()):
+            c = loops[p]
+            if not c.loaded:
+                if not (rx.usable and tx.usable):
+                    if rx.usable or tx.usable:
+                        break  # the Python datapath drops what TX sends with RX down
+                    continue
+                c.attach(
+                    device_ring_spec(rx.ring, ring_area_regions(rx.ring)),  # type: ignore[arg-type]
+                    device_ring_spec(tx.ring, ring_area_regions(tx.ring)),  # type: ignore[arg-type]
+                    iotlb_regions(self.mem.mappings),
+                    (rx.call_fd, tx.call_fd),
+                    self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
+                )
+            if c.service() != 0:
+                break  # a chain for the Python datapath
+        else:
+            ctrl = self.ctrl_queue()
+            if ctrl is None or not ctrl.usable or not self.guard(ctrl, ctrl.ring.has_avail):  # type: ignore[union-attr]
+                return True
+        self.take_back_rings()  # the Python datapath needs every ring current
         return False
 
     def take_back_rings(self) -> None:
-        handed = self._c.detach() if self._c is not None else None
-        if handed is None:
-            return
-        states, counts = handed
-        for q, state, count in zip(self.queues, states, counts, strict=True):
-            q.ring.import_state(state)  # type: ignore[union-attr]
-            for attr, n in count.items():
-                setattr(q.stats, attr, getattr(q.stats, attr) + n)
+        for p, c in enumerate(self._c or ()):
+            handed = c.detach()
+            if handed is None:
+                continue
+            states, counts = handed
+            for q, state, count in zip(self.queues[2 * p : 2 * p + 2], states, counts, strict=True):
+                q.ring.import_state(state)  # type: ignore[union-attr]
+                for attr, n in count.items():
+                    setattr(q.stats, attr, getattr(q.stats, attr) + n)
 
     def _iotlb_changed(self) -> None:
         with self.lock:  # takes the rings back: the C copy of the mappings is stale now
             pass
 
-    def _punt_kick(self, index: int) -> None:
-        fd = self.queues[index].kick_fd
+    def _punt_kick(self, pair: int, index: int) -> None:
+        fd = self.queues[2 * pair + index].kick_fd
         if fd >= 0:
             os.eventfd_write(fd, 1)
 
     def inline_kick(self, index: int) -> Callable[[], None] | None:
-        if self._c is None:
-            return None
         self._queue("inline kick", index)
-        return functools.partial(self._c.kick, index)
+        if self._c is None or index >= 2 * self._pairs():
+            return None  # the control queue (and unused ones): the device's thread, through the eventfd
+        return functools.partial(self._c[index // 2].kick, index % 2)
 
     # -- datapath --------------------------------------------------------------------------------
     def process(self) -> bool:
-        rx, tx = self.queues[RX], self.queues[TX]
+        progress = False
+        ctrl = self.ctrl_queue()
+        if ctrl is not None:
+            progress = self._process_ctrl(ctrl)
+        for rx, tx in self._data_pairs():
+            progress |= self._process_pair(rx, tx)
+        return progress
+
+    def _process_ctrl(self, ctrl: SoftQueue) -> bool:
+        """Answer every control command there is (netctrl.py); a chain that is no command stops the queue."""
+        progress = False
+        while (chain := self.pop(ctrl)) is not None:
+            readable = sum(length for _, length in chain.readable)
+            try:
+                head = gather(self.mem, chain, CTRL_READ_MAX)
+                cmd = parse_command(ctrl.name, readable, chain.writable_bytes, head)
+            except QUEUE_FAULTS as e:
+                self.break_queue(ctrl, e)
+                break
+            ack = self._control(cmd)
+            try:
+                written = scatter(self.mem, chain, bytes([ack]))
+            except QUEUE_FAULTS as e:
+                self.break_queue(ctrl, e)
+                break
+            self.push(ctrl, chain, written, read=len(head))
+            progress = True
+        return progress
+
+    def _control(self, cmd: Command) -> int:
+        """The ack of one command: VIRTIO_NET_OK once done, VIRTIO_NET_ERR for anything else."""
+        if (
+            cmd.cls == VIRTIO_NET_CTRL_MQ
+            and cmd.command == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+            and self._has(uapi.VIRTIO_NET_F_MQ)
+        ):
+            pairs = vq_pairs_set(cmd, self.queue_pairs)
+            if pairs is None:
+                return VIRTIO_NET_ERR
+            # Frames of pairs beyond the new count stay in their rings from here on (5.1.6.5.5:
+            # no packets on receive queues past virtqueue_pairs once the command is used).
+            self.active_pairs = pairs
+            return VIRTIO_NET_OK
+        return VIRTIO_NET_ERR
+
+    def _process_pair(self, rx: SoftQueue, tx: SoftQueue) -> bool:
         progress = False
         while tx.usable and tx.ring.has_avail():  # type: ignore[union-attr]
             if rx.usable and not rx.ring.has_avail():  # type: ignore[union-attr]

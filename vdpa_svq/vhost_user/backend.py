@@ -20,6 +20,21 @@ device's config space, SET_CONFIG writes it; for a net device the bits that desc
 (MAC, MTU, STATUS) are passed through when the device offers them, and negotiated with the device
 when the frontend acks them.
 
+Multiqueue (a net device that offers VIRTIO_NET_F_MQ and CTRL_VQ, max_virtqueue_pairs = N): MQ
+and CTRL_VQ are offered to the frontend, protocol feature MQ too, and GET_QUEUE_NUM answers N,
+the pair count (QEMU's net compares it with -netdev queues=, a pair count; DPDK's vhost library
+answers pairs as well). The frontend keeps its control queue and sends each pair's vrings over
+this one socket (QEMU: one vhost_dev per pair, its messages with queue indexes 2p, 2p+1), and
+tells which pairs run with SET_VRING_ENABLE. Serve relays every pair that is configured (size,
+addresses, kick), enabled or not: pair 0 must be enabled to start, as before; a frontend that
+acked MQ with protocol feature STATUS is started at DRIVER_OK, once every pair is configured
+(a pair configured later restarts the relay with it). Which pairs move frames is the device's
+business: serve drives the device's own control queue (control.py, ShadowSession.add_control_queue)
+and sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET with the number of enabled pairs counted from pair 0,
+after each start and whenever a SET_VRING_ENABLE changes it. A disabled pair's buffers may sit in
+its shadow ring, but the device does not touch them (5.1.6.5.5), so the frontend's ring stays as it
+left it, and GET_VRING_BASE rewinds to what was used, as for any queue.
+
 Dirty log (VHOST_F_LOG_ALL + SET_LOG_BASE with LOG_SHMFD): the relay marks its own bitmap; the
 backend moves it (harvest, then OR) into the frontend's shared log every LOG_SYNC_S while a log is
 set, and always before GET_VRING_BASE answers, which is where a migrating frontend takes its last
@@ -91,6 +106,14 @@ NET_PASSTHROUGH_FEATURES = {
                               "so the frontend sees a change on its next GET_CONFIG",
 }
 NET_PASSTHROUGH = sum(bit(b) for b in NET_PASSTHROUGH_FEATURES)
+# Multiqueue: offered when the device has both; the frontend's control queue stays in the frontend,
+# serve drives the device's (see the module docstring).
+NET_MQ_FEATURES = {
+    uapi.VIRTIO_NET_F_MQ: "the device's queue pairs (max_virtqueue_pairs); QEMU's vhost-user net needs it offered",
+    uapi.VIRTIO_NET_F_CTRL_VQ: "MQ requires it (5.1.3.1); the frontend emulates its control queue itself",
+}
+NET_MQ = sum(bit(b) for b in NET_MQ_FEATURES)
+MAX_PAIRS_OFFSET = 8  # struct virtio_net_config: mac[6], status le16, max_virtqueue_pairs le16
 PROTOCOL_FEATURES = {
     ProtocolFeature.REPLY_ACK: "NEED_REPLY answered with a u64 status",
     ProtocolFeature.LOG_SHMFD: "the dirty log is a shared memory fd (SET_LOG_BASE)",
@@ -213,14 +236,21 @@ class Connection:
         self._started_at = 0.0
         dev_id = self.device.device_id()
         self.offered_features = OFFERED_FEATURES
-        if dev_id == uapi.VIRTIO_ID_NET:
-            self.offered_features |= self.device.get_features() & NET_PASSTHROUGH
         self.config_size = self.device.config_size()
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
         if not self.config_size:
             self.offered_protocol_features &= ~bit(ProtocolFeature.CONFIG)
-        self.nqueues = 2 if dev_id == uapi.VIRTIO_ID_NET else self.device.vqs_count()
+        self.net = dev_id == uapi.VIRTIO_ID_NET
+        self.max_pairs = 1
+        if self.net:
+            self.offered_features |= self.device.get_features() & NET_PASSTHROUGH
+            self.max_pairs = self._device_pairs()
+            if self.max_pairs > 1:
+                self.offered_features |= NET_MQ
+                self.offered_protocol_features |= bit(ProtocolFeature.MQ)
+        self.nqueues = 2 * self.max_pairs if self.net else self.device.vqs_count()
         self.queues = [VuQueue(i) for i in range(self.nqueues)]
+        self.pairs_set = 1  # what the device's control queue was last told (1: its state after reset)
         self._last_sync = 0.0
         self._fault_said = False  # the fault hook's warning, once
         self._retired: list[int] = []  # replaced kick fds the running relay loop still polls
@@ -323,8 +353,15 @@ class Connection:
         self.protocol_features = features
         self.summary.protocol_features = features
 
+    def _device_pairs(self) -> int:
+        """The net device's queue pairs: max_virtqueue_pairs when it offers MQ and CTRL_VQ, else 1."""
+        if self.device.get_features() & NET_MQ != NET_MQ or self.config_size < MAX_PAIRS_OFFSET + 2:
+            return 1
+        pairs = int.from_bytes(self.device.get_config(MAX_PAIRS_OFFSET, 2), "little")
+        return pairs if 1 <= pairs <= 0x8000 else 1  # out of range (5.1.4): one pair, no MQ offered
+
     def on_get_queue_num(self, msg: Message) -> bytes:
-        return m.U64.pack(self.nqueues)
+        return m.U64.pack(self.max_pairs if self.net else self.nqueues)
 
     def on_set_mem_table(self, msg: Message) -> None:
         table = msg.payload_as(m.MemTable)
@@ -471,6 +508,8 @@ class Connection:
         q.enabled = bool(st.num)
         if q.enabled:
             self._maybe_start()
+        elif self.net and q.index >= 2:
+            self._apply_pairs()  # a pair beyond the first: the device stops moving its frames
         elif self.shadow is not None:
             self._stop_relay()
 
@@ -541,7 +580,44 @@ class Connection:
         return bool(self.features & bit(uapi.VIRTIO_F_RING_PACKED))
 
     def _ready(self, q: VuQueue) -> bool:
-        return q.num > 0 and q.addr is not None and q.kicked and q.enabled and q.kick_fd is not None
+        return self._configured(q) and q.enabled
+
+    def _configured(self, q: VuQueue) -> bool:
+        return q.num > 0 and q.addr is not None and q.kicked and q.kick_fd is not None
+
+    def _mq(self) -> bool:
+        """The frontend acked multiqueue: pairs beyond the first may come."""
+        return self.max_pairs > 1 and bool(self.features & bit(uapi.VIRTIO_NET_F_MQ))
+
+    def _relayed(self) -> list[VuQueue]:
+        """The queues a relay run takes: all of them (not net), else pair 0 and every configured
+        pair (enabled or not: the device's pair count says which move frames)."""
+        if not self.net:
+            return list(self.queues)
+        pairs = range(self.max_pairs if self._mq() else 1)
+        return [q for p in pairs for q in self.queues[2 * p : 2 * p + 2]
+                if all(self._configured(x) for x in self.queues[2 * p : 2 * p + 2])]
+
+    def _enabled_pairs(self) -> int:
+        """Pairs the frontend enabled, counted from pair 0 up to the first that is not (relayed)."""
+        relayed = {q.index for q in self._relayed()}
+        pairs = 0
+        while pairs < self.max_pairs and all(
+            i in relayed and self.queues[i].enabled for i in (2 * pairs, 2 * pairs + 1)
+        ):
+            pairs += 1
+        return max(pairs, 1)
+
+    def _apply_pairs(self) -> None:
+        """Tell the device how many pairs move frames, when that changed (VQ_PAIRS_SET)."""
+        shadow = self.shadow
+        if shadow is None or shadow.control is None:
+            return
+        pairs = self._enabled_pairs()
+        if pairs != self.pairs_set:
+            shadow.control.set_queue_pairs(pairs)
+            self.pairs_set = pairs
+            log.info("%s: %d queue pair(s) enabled", self.summary.peer, pairs)
 
     def to_gpa(self, uaddr: int, length: int, what: str) -> int:
         """A frontend user address -> guest-physical, through the memory table; the whole range must fit."""
@@ -551,11 +627,24 @@ class Connection:
         raise BackendError(f"{what} at user address {uaddr:#x} (+{length:#x}) is not in the memory table")
 
     def _maybe_start(self) -> None:
-        if self.shadow is not None or self.mem is None or not all(self._ready(q) for q in self.queues):
+        if self.shadow is not None:
+            running = set(self.shadow.queues)
+            if {q.index for q in self._relayed()} <= running:
+                self._apply_pairs()
+                return
+            self._stop_relay()  # a pair configured since the start: relay it too
+        relayed = self._relayed()
+        # Net: pair 0 configured and enabled; the other pairs come along configured. Else every queue.
+        needed = relayed[:2] if self.net else relayed
+        if self.mem is None or not needed or needed[0].index != 0 or not all(self._ready(q) for q in needed):
             return
+        if self._mq() and self.protocol_features & bit(ProtocolFeature.STATUS) and not (
+            self.status & uapi.VIRTIO_CONFIG_S_DRIVER_OK
+        ):
+            return  # the frontend says when every pair is configured (QEMU: DRIVER_OK after the last)
         layout = Layout.PACKED if self._packed() else Layout.SPLIT
         plan = []
-        for q in self.queues:
+        for q in relayed:
             assert q.addr is not None
             name = f"queue {q.index}"
             addrs = RingAddresses(
@@ -565,7 +654,8 @@ class Connection:
             )
             plan.append((q, addrs))
         span = max(r.end for r in self.mem)
-        self.session.extra_features = self.features & NET_PASSTHROUGH  # the session outlives this connection
+        # The session outlives this connection: its extra features are set for each start.
+        self.session.extra_features = self.features & NET_PASSTHROUGH | (NET_MQ if self._mq() else 0)
         self.session.negotiate()
         shadow = ShadowSession(self.session, self.mem, impl=self.impl, poll_us=self.poll_us,
                                dirty=True if span <= MAX_LOGGED_SPAN else None)
@@ -581,11 +671,14 @@ class Connection:
                     guest_call_fd=q.call_fd,
                     guest_state=q.state,
                 )
+            if self._mq():
+                shadow.add_control_queue(2 * self.max_pairs)  # after the data queues (5.1.2)
             shadow.start()
         except BaseException:
             shadow.close()
             raise
         self.shadow = shadow
+        self.pairs_set = 1
         self._started_at = time.monotonic()
         self.summary.started += 1
         self.summary.guest_layout = layout.value
@@ -594,8 +687,9 @@ class Connection:
             log.warning("%s: LOG_ALL: guest-physical space of %#x bytes is too sparse to log", self.summary.peer, span)
         log.info("%s: relaying %d queues, guest %s rings -> shadow %s rings", self.summary.peer,
                  len(plan), layout.value, self.session.layout.value)
-        for q in self.queues:
+        for q in relayed:
             signal_eventfd(q.kick_fd)  # buffers made available before the relay ran
+        self._apply_pairs()
 
     def _stop_relay(self) -> None:
         """Stop relaying (ShadowSession.hand_back): keep where each ring restarts, count, sync the log."""
