@@ -134,7 +134,7 @@ class ShadowVirtqueue:
         finally:
             # What the device made used together reaches the guest together: a merged receive
             # buffer's parts (VIRTIO_NET_F_MRG_RXBUF) must all be visible when the driver sees the
-            # first (5.1.6.4.2); the device published them at once, one publish per pass keeps that.
+            # first (5.1.6.4.1); the device published them at once, one publish per pass keeps that.
             # Also on the way out of a fault: what was returned before it stays returned.
             for addr, length in self.guest.publish_used():
                 self._mark(addr, length)

@@ -452,7 +452,7 @@ class PackedDeviceRing:
     def stage_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
         """Write `chain`'s used descriptor, not yet visible to the driver: publish_used() shows
         every staged one at once (a merged receive buffer's parts must be seen together,
-        5.1.6.4.2). The driver reads used descriptors in ring order, so all but the first staged
+        5.1.6.4.1). The driver reads used descriptors in ring order, so all but the first staged
         one get their flags now; the first one's flags, written last, publish them all.
         Returns the spans written, for the dirty log."""
         slot = self.next_used_idx

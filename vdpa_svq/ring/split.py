@@ -414,7 +414,7 @@ class SplitDeviceRing:
 
     def stage_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
         """Write `chain`'s used element, not yet visible to the driver: publish_used() shows every
-        staged one at once (a merged receive buffer's parts must be seen together, 5.1.6.4.2).
+        staged one at once (a merged receive buffer's parts must be seen together, 5.1.6.4.1).
         Returns the spans written, for the dirty log."""
         slot = (self.used_idx + self._staged) % self.num
         USED_ELEM.pack_into(self._a.used, USED_RING + 8 * slot, chain.id, written)

@@ -7,6 +7,10 @@
  *
  * The loopback: every TX frame comes back on RX with num_buffers = 1; a TX chain stays in its ring
  * while RX has no buffer; a frame shorter than the virtio-net header is dropped (TX completed).
+ * With MRG_RXBUF negotiated, a frame that fits its first RX buffer is the same (num_buffers 1);
+ * one that needs more buffers (num_buffers > 1, held until there are enough) is punted: the
+ * Python datapath (net.py:_deliver_merged) takes it. Linux sizes its mergeable buffers for an MTU
+ * frame, so what comes here is a GSO frame or a jumbo one.
  *
  * Only the regular case runs here. A chain the Python datapath would fault on (a ring rule broken,
  * an IOVA its IOTLB does not map or does not allow, an indirect chain without INDIRECT_DESC, a
@@ -41,6 +45,7 @@ typedef struct {
     PyObject_HEAD
     int loaded;
     int indirect_ok;
+    int mrg_rxbuf; /* VIRTIO_NET_F_MRG_RXBUF negotiated: a frame bigger than its RX buffer is punted */
     MemTable mem;        /* the IOTLB as attach saw it: iova -> host, with permissions */
     MemTable areas[2];   /* each ring's three areas, as the Python ring translated them at start */
     DeviceSide q[2];     /* NET_RX, NET_TX */
@@ -145,7 +150,8 @@ static int netloop_gather(NetLoop *n, const Chain *c, const uint8_t **frame, siz
 }
 
 /* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter), with
- * num_buffers = 1 in its header: without MRG_RXBUF the device MUST set it so (5.1.6.4.1).
+ * num_buffers = 1 in its header: without MRG_RXBUF the device MUST set it so (5.1.6.4.1); with it,
+ * only a frame that fits this one buffer gets here.
  * Bytes written, or -1 to punt (the Python datapath then writes the same bytes up to its fault). */
 static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame, size_t len)
 {
@@ -264,6 +270,10 @@ static int netloop_process(NetLoop *n)
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
+            /* With MRG_RXBUF it goes on in the next buffers (or waits for them): the Python
+             * datapath's part. A buffer shorter than a header breaks RX there, with its reason. */
+            if (n->mrg_rxbuf && (rc->writable_bytes < len || rc->writable_bytes < NET_HDR_SIZE))
+                goto punt;
             netloop_prefetch(n, rx, 1, ahead - 1);
             /* Into several RX segments, a frame read in place could be overwritten by the first
              * before the next reads it (a driver may hand the same memory to TX and RX): copy it
@@ -334,20 +344,20 @@ static int netloop_service(NetLoop *n)
     }
 }
 
-/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): the specs as the C
- * relay's guest spec (cinputs.device_ring_spec), whose regions are the ring's three areas as
- * the Python ring holds them (translated when the ring started, as a device does at DRIVER_OK);
- * regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
+/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False): the
+ * specs as the C relay's guest spec (cinputs.device_ring_spec), whose regions are the ring's three
+ * areas as the Python ring holds them (translated when the ring started, as a device does at
+ * DRIVER_OK); regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
 static PyObject *netloop_attach(NetLoop *n, PyObject *args)
 {
     PyObject *specs[2], *regions;
-    int indirect_ok;
+    int indirect_ok, mrg_rxbuf = 0;
     if (n->loaded) {
         PyErr_SetString(PyExc_RuntimeError, "NetLoop is attached already");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!O(ii)p", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
-                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok))
+    if (!PyArg_ParseTuple(args, "O!O!O(ii)p|p", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
+                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok, &mrg_rxbuf))
         return NULL;
     if (mem_table_init(&n->mem, regions) < 0)
         goto fail;
@@ -369,6 +379,7 @@ static PyObject *netloop_attach(NetLoop *n, PyObject *args)
         }
     }
     n->indirect_ok = indirect_ok;
+    n->mrg_rxbuf = mrg_rxbuf;
     memset(n->st, 0, sizeof n->st);
     n->loaded = 1;
     Py_RETURN_NONE;
@@ -484,7 +495,8 @@ static PyObject *netloop_get_loaded(NetLoop *n, void *Py_UNUSED(closure)) { retu
 
 static PyMethodDef netloop_methods[] = {
     {"attach", (PyCFunction)netloop_attach, METH_VARARGS,
-     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): take over the rings."},
+     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False): take over the "
+     "rings."},
     {"detach", (PyCFunction)netloop_detach, METH_NOARGS,
      "Give the rings back: ((rx_state, tx_state), (rx_counts, tx_counts)), or None."},
     {"service", (PyCFunction)netloop_service_py, METH_NOARGS,

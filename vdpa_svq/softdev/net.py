@@ -3,13 +3,17 @@
 Every frame sent on TX comes back on RX. Backpressure differs from vdpa_sim on purpose: when
 the RX queue has no buffer, vdpa_sim drops the frame; we leave the TX chain in the TX ring (not
 even popped) until the driver adds RX buffers, so tests see every frame, deterministically, and
-GET_VRING_BASE never has to account for chains held inside the device. A frame is dropped (TX
-completed, counted in stats) only when RX cannot take it at all: RX disabled or broken, or the
-TX chain is shorter than a virtio_net_hdr.
+GET_VRING_BASE never has to account for chains held inside the device. With MRG_RXBUF a frame
+may need several RX buffers: until that many are there, its TX chain and the RX buffers popped
+to count them go back to their rings (unpop), and the frame waits whole. A frame is dropped (TX
+completed, counted in stats) only when RX cannot take it at all: RX disabled or broken, the TX
+chain shorter than a virtio_net_hdr, or (MRG_RXBUF) longer than every RX buffer the ring can
+hold together.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import struct
@@ -17,7 +21,9 @@ from collections.abc import Callable
 
 from kernel_iface import uapi
 from vdpa_svq.cinputs import device_ring_spec, iotlb_regions, ring_area_regions
+from vdpa_svq.errors import GuestRingError
 from vdpa_svq.native import NetLoop  # the loopback in C (softdev/_netloop.c); None: the Python datapath
+from vdpa_svq.ring import Chain
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.queue import SoftQueue
@@ -42,12 +48,25 @@ DUPLEX_UNKNOWN = 0xFF
 DEFAULT_MAC = bytes.fromhex("525400000001")
 
 
+class Delivery(enum.Enum):
+    """What became of a TX frame on its way to RX."""
+
+    DELIVERED = "delivered"
+    DROPPED = "dropped"  # TX completed, the frame lost (counted in the TX stats)
+    HELD = "held"  # too few RX buffers yet: the TX chain goes back to its ring, to come again
+
+
 class SoftNetDevice(SoftDevice):
     DEVICE_ID = uapi.VIRTIO_ID_NET
     KIND = "net"
     QUEUE_NAMES = ("rx", "tx")
     # No CTRL_VQ: one queue pair, no control queue to model.
-    DEVICE_FEATURES = 1 << uapi.VIRTIO_NET_F_MAC | 1 << uapi.VIRTIO_NET_F_STATUS | 1 << uapi.VIRTIO_NET_F_MTU
+    DEVICE_FEATURES = (
+        1 << uapi.VIRTIO_NET_F_MAC
+        | 1 << uapi.VIRTIO_NET_F_STATUS
+        | 1 << uapi.VIRTIO_NET_F_MTU
+        | 1 << uapi.VIRTIO_NET_F_MRG_RXBUF  # a frame may span RX buffers (_deliver_merged)
+    )
 
     # What datapath=None means; the soft device tests run once per value.
     DEFAULT_DATAPATH = "auto"
@@ -102,6 +121,7 @@ class SoftNetDevice(SoftDevice):
                 iotlb_regions(self.mem.mappings),
                 (rx.call_fd, tx.call_fd),
                 self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
+                self._has(uapi.VIRTIO_NET_F_MRG_RXBUF),
             )
         if c.service() == 0:
             return True
@@ -153,19 +173,25 @@ class SoftNetDevice(SoftDevice):
             except QUEUE_FAULTS as e:
                 self.break_queue(tx, e)
                 break
-            if not self._deliver(rx, packet):
+            outcome = self._deliver(rx, packet)
+            if outcome is Delivery.HELD:
+                tx.ring.unpop(chain)  # type: ignore[union-attr]  # back in its ring until RX buffers arrive
+                break
+            if outcome is Delivery.DROPPED:
                 tx.stats.dropped += 1
             self.push(tx, chain, 0, read=len(packet))
             progress = True
         return progress
 
-    def _deliver(self, rx: SoftQueue, packet: bytes) -> bool:
-        """Copy one TX packet (header + frame) into the next RX buffer; False if it was dropped."""
+    def _deliver(self, rx: SoftQueue, packet: bytes) -> Delivery:
+        """Copy one TX packet (header + frame) into the next RX buffer(s)."""
         if len(packet) < NET_HDR_SIZE:
-            return False
+            return Delivery.DROPPED
+        if self._has(uapi.VIRTIO_NET_F_MRG_RXBUF):
+            return self._deliver_merged(rx, packet)
         chain = self.pop(rx)
         if chain is None:
-            return False
+            return Delivery.DROPPED
         # Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1); the rest of the
         # header is the sender's (no offloads are offered, so it carries nothing to undo).
         hdr = packet[:_NUM_BUFFERS_OFF] + struct.pack("<H", 1)
@@ -174,6 +200,66 @@ class SoftNetDevice(SoftDevice):
             written = scatter(self.mem, chain, hdr + packet[NET_HDR_SIZE:])
         except QUEUE_FAULTS as e:
             self.break_queue(rx, e)
-            return False
+            return Delivery.DROPPED
         self.push(rx, chain, written)
-        return True
+        return Delivery.DELIVERED
+
+    def _deliver_merged(self, rx: SoftQueue, packet: bytes) -> Delivery:
+        """VIRTIO_NET_F_MRG_RXBUF (5.1.6.4.1): the frame fills as many RX buffers as it needs, in
+        ring order, each but the last to its full length; num_buffers in the first one's header
+        says how many; all are used together. Held (every buffer put back) until enough are there."""
+        chains = self._take_rx_buffers(rx, len(packet))
+        if not isinstance(chains, list):
+            return chains
+        data = packet[:_NUM_BUFFERS_OFF] + struct.pack("<H", len(chains)) + packet[NET_HDR_SIZE:]
+        used: list[tuple[Chain, int]] = []
+        done = 0
+        try:
+            for chain in chains:
+                n = scatter(self.mem, chain, memoryview(data)[done:])
+                used.append((chain, n))
+                done += n
+        except QUEUE_FAULTS as e:
+            self.break_queue(rx, e)
+            return Delivery.DROPPED
+        self._push_together(rx, used)
+        return Delivery.DELIVERED
+
+    def _take_rx_buffers(self, rx: SoftQueue, size: int) -> list[Chain] | Delivery:
+        """Pop RX buffers until they hold `size` bytes: the chains, or HELD with every one put back
+        (more may come), or DROPPED (RX broke, or the whole descriptor table is not enough)."""
+        chains: list[Chain] = []
+        room = descs = 0
+        while room < size:
+            chain = self.pop(rx)
+            if chain is None:
+                if not rx.usable:
+                    return Delivery.DROPPED
+                # Every descriptor of the ring in our hands and still short: no buffer can come.
+                held = descs < rx.ring.num  # type: ignore[union-attr]
+                for c in reversed(chains):
+                    rx.ring.unpop(c)  # type: ignore[union-attr]
+                return Delivery.HELD if held else Delivery.DROPPED
+            if chain.writable_bytes < NET_HDR_SIZE:
+                # 5.1.6.3.1: with MRG_RXBUF, the driver MUST make every buffer at least a header long.
+                reason = f"RX buffer of {chain.writable_bytes} bytes with MRG_RXBUF, shorter than a virtio_net_hdr"
+                self.break_queue(rx, GuestRingError(rx.name, reason, chain.id))
+                return Delivery.DROPPED
+            chains.append(chain)
+            room += chain.writable_bytes
+            descs += chain.ndescs
+        return chains
+
+    def _push_together(self, rx: SoftQueue, used: list[tuple[Chain, int]]) -> None:
+        """Use the RX buffers of one frame so that the driver sees them all at once (5.1.6.4.1)."""
+        ring = rx.ring
+        assert ring is not None
+
+        def stage_and_publish() -> None:
+            for chain, written in used:
+                ring.stage_used(chain, written)
+            ring.publish_used()
+
+        self.guard(rx, stage_and_publish)
+        rx.stats.chains += len(used)
+        rx.stats.written_bytes += sum(written for _, written in used)
