@@ -10,7 +10,8 @@
  * With MRG_RXBUF negotiated, a frame that fits its first RX buffer is the same (num_buffers 1);
  * one that needs more buffers (num_buffers > 1, held until there are enough) is punted: the
  * Python datapath (net.py:_deliver_merged) takes it. Linux sizes its mergeable buffers for an MTU
- * frame, so what comes here is a GSO frame or a jumbo one.
+ * frame, so what comes here is a GSO frame or a jumbo one. Likewise a header RX cannot take as it
+ * is (net.py:_offload_for_rx: a checksum to complete, a GSO frame to drop) is punted.
  *
  * Only the regular case runs here. A chain the Python datapath would fault on (a ring rule broken,
  * an IOVA its IOTLB does not map or does not allow, an indirect chain without INDIRECT_DESC, a
@@ -32,10 +33,14 @@
 
 enum { NET_RX = 0, NET_TX = 1, NET_HDR_SIZE = 12, NET_NUM_BUFFERS_OFF = 10 };
 /* The longest TX packet the device takes (net.py's NET_MAX_PACKET): header + the largest IP
- * datagram with an Ethernet header and one VLAN tag. No GSO is offered, so nothing legitimate is
- * longer; a longer chain is dropped unread, and the staging buffer never grows past twice this. */
+ * datagram with an Ethernet header and one VLAN tag. A GSO frame is no longer (net.py says why),
+ * so nothing legitimate is; a longer chain is dropped unread, and the staging buffer never grows
+ * past twice this. */
 enum { NET_MAX_PACKET = NET_HDR_SIZE + 65535 + 18 };
 enum { NETLOOP_IDLE = 0, NETLOOP_PUNT = 1 };
+/* net.py's RX_TAKES_* (attach's rx_takes), and the virtio_net_hdr values they are about (5.1.6). */
+enum { RX_TAKES_CSUM = 1, RX_TAKES_TSO4 = 2, RX_TAKES_TSO6 = 4, RX_TAKES_ECN = 8 };
+enum { HDR_GSO_NONE = 0, HDR_GSO_TCPV4 = 1, HDR_GSO_TCPV6 = 4, HDR_GSO_ECN = 0x80 };
 
 typedef struct {
     unsigned long long chains, read_bytes, written_bytes, kicks, calls, dropped;
@@ -46,6 +51,7 @@ typedef struct {
     int loaded;
     int indirect_ok;
     int mrg_rxbuf; /* VIRTIO_NET_F_MRG_RXBUF negotiated: a frame bigger than its RX buffer is punted */
+    int rx_takes;  /* RX_TAKES_*: the offloads RX acked (a header it cannot take as it is is punted) */
     MemTable mem;        /* the IOTLB as attach saw it: iova -> host, with permissions */
     MemTable areas[2];   /* each ring's three areas, as the Python ring translated them at start */
     DeviceSide q[2];     /* NET_RX, NET_TX */
@@ -176,6 +182,20 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame,
     return (int64_t)done;
 }
 
+/* mirrors net.py:SoftNetDevice._offload_for_rx: whether RX takes this header as it is (else the
+ * Python datapath completes the checksum, or drops the GSO frame). */
+static int netloop_header_passes(const NetLoop *n, const uint8_t *hdr)
+{
+    uint8_t flags = hdr[0], gso_type = hdr[1];
+    if (gso_type != HDR_GSO_NONE) {
+        uint8_t gso = gso_type & (uint8_t)~HDR_GSO_ECN;
+        int takes = (gso == HDR_GSO_TCPV4 && (n->rx_takes & RX_TAKES_TSO4)) ||
+                    (gso == HDR_GSO_TCPV6 && (n->rx_takes & RX_TAKES_TSO6));
+        return takes && (!(gso_type & HDR_GSO_ECN) || (n->rx_takes & RX_TAKES_ECN));
+    }
+    return flags == 0 || (n->rx_takes & RX_TAKES_CSUM);
+}
+
 /* Ask for the line in exclusive state: the RX buffer's lines are in the driver's CPU cache,
  * shared at best, and a store would wait for that copy to be invalidated. __builtin_prefetch(p, 1)
  * is a plain read prefetch unless the target has PRFCHW; PREFETCHW decodes as a NOP where absent. */
@@ -267,6 +287,8 @@ static int netloop_process(NetLoop *n)
         if (netloop_gather(n, tc, &frame, &len) < 0)
             goto punt;
         if (len >= NET_HDR_SIZE) {
+            if (!netloop_header_passes(n, frame))
+                goto punt;
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
@@ -344,20 +366,22 @@ static int netloop_service(NetLoop *n)
     }
 }
 
-/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False): the
- * specs as the C relay's guest spec (cinputs.device_ring_spec), whose regions are the ring's three
- * areas as the Python ring holds them (translated when the ring started, as a device does at
- * DRIVER_OK); regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
+/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False,
+ * rx_takes=0): the specs as the C relay's guest spec (cinputs.device_ring_spec), whose regions
+ * are the ring's three areas as the Python ring holds them (translated when the ring started, as
+ * a device does at DRIVER_OK); regions: the IOTLB, as (iova, size, buffer, perm), for the
+ * buffers; mrg_rxbuf: VIRTIO_NET_F_MRG_RXBUF negotiated; rx_takes: net.py's RX_TAKES_* bits. */
 static PyObject *netloop_attach(NetLoop *n, PyObject *args)
 {
     PyObject *specs[2], *regions;
-    int indirect_ok, mrg_rxbuf = 0;
+    int indirect_ok, mrg_rxbuf = 0, rx_takes = 0;
     if (n->loaded) {
         PyErr_SetString(PyExc_RuntimeError, "NetLoop is attached already");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!O(ii)p|p", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
-                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok, &mrg_rxbuf))
+    if (!PyArg_ParseTuple(args, "O!O!O(ii)p|pi", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
+                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok, &mrg_rxbuf,
+                          &rx_takes))
         return NULL;
     if (mem_table_init(&n->mem, regions) < 0)
         goto fail;
@@ -380,6 +404,7 @@ static PyObject *netloop_attach(NetLoop *n, PyObject *args)
     }
     n->indirect_ok = indirect_ok;
     n->mrg_rxbuf = mrg_rxbuf;
+    n->rx_takes = rx_takes;
     memset(n->st, 0, sizeof n->st);
     n->loaded = 1;
     Py_RETURN_NONE;
@@ -495,8 +520,8 @@ static PyObject *netloop_get_loaded(NetLoop *n, void *Py_UNUSED(closure)) { retu
 
 static PyMethodDef netloop_methods[] = {
     {"attach", (PyCFunction)netloop_attach, METH_VARARGS,
-     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False): take over the "
-     "rings."},
+     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False, rx_takes=0): "
+     "take over the rings."},
     {"detach", (PyCFunction)netloop_detach, METH_NOARGS,
      "Give the rings back: ((rx_state, tx_state), (rx_counts, tx_counts)), or None."},
     {"service", (PyCFunction)netloop_service_py, METH_NOARGS,

@@ -35,8 +35,9 @@ VIRTIO_NET_S_LINK_UP = 1
 NET_HDR_SIZE = 12
 _NUM_BUFFERS_OFF = 10
 # The longest TX packet taken: header + the largest IP datagram with an Ethernet header and one
-# VLAN tag. No GSO is offered, so nothing legitimate is longer; a longer chain is dropped unread
-# (not gathered into memory a peer could make as large as it likes). _netloop.c: the same.
+# VLAN tag. A GSO frame is no longer (Linux's virtio_net keeps GSO frames within 64 KiB,
+# GSO_LEGACY_MAX_SIZE, headers included), so nothing legitimate is; a longer chain is dropped
+# unread (not gathered into memory a peer could make as large as it likes). _netloop.c: the same.
 NET_MAX_PACKET = NET_HDR_SIZE + 65535 + 18
 # struct virtio_net_config up to supported_hash_types: mac[6], status le16, max_virtqueue_pairs le16,
 # mtu le16, speed le32, duplex u8, rss_max_key_size u8, rss_max_indirection_table_length le16,
@@ -46,6 +47,50 @@ SPEED_UNKNOWN = 0xFFFFFFFF
 DUPLEX_UNKNOWN = 0xFF
 
 DEFAULT_MAC = bytes.fromhex("525400000001")
+
+# The offloads a loopback can honestly offer, as veth does: what the sender left undone (a partial
+# checksum, a TCP segment of up to 64 KiB) reaches the receiver undone, in the header, when the
+# receiver acked taking it so (the GUEST_ bit); otherwise the device does the checksum itself
+# (_offload_for_rx), and drops a GSO frame (it does not segment).
+OFFLOAD_FEATURES = (
+    1 << uapi.VIRTIO_NET_F_CSUM
+    | 1 << uapi.VIRTIO_NET_F_GUEST_CSUM
+    | 1 << uapi.VIRTIO_NET_F_HOST_TSO4
+    | 1 << uapi.VIRTIO_NET_F_HOST_TSO6
+    | 1 << uapi.VIRTIO_NET_F_HOST_ECN
+    | 1 << uapi.VIRTIO_NET_F_GUEST_TSO4
+    | 1 << uapi.VIRTIO_NET_F_GUEST_TSO6
+    | 1 << uapi.VIRTIO_NET_F_GUEST_ECN
+)
+# struct virtio_net_hdr's flags and gso_type values (5.1.6).
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+# What RX must have acked to take a GSO frame as one, by gso_type (without the ECN bit).
+_GSO_RX_FEATURE = {
+    VIRTIO_NET_HDR_GSO_TCPV4: uapi.VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_HDR_GSO_TCPV6: uapi.VIRTIO_NET_F_GUEST_TSO6,
+}
+# For NetLoop.attach: which offloads RX takes (the C datapath punts a header it cannot pass as is).
+RX_TAKES_CSUM, RX_TAKES_TSO4, RX_TAKES_TSO6, RX_TAKES_ECN = 1, 2, 4, 8
+
+
+def complete_checksum(frame: bytes, start: int, offset: int) -> bytes | None:
+    """The frame with its partial checksum done, as a NIC does for NEEDS_CSUM (5.1.6.2): the
+    ones' complement sum of frame[start:] (the field holds the pseudo-header sum) stored
+    complemented at start + offset. None when the field lies outside the frame."""
+    field = start + offset
+    if field + 2 > len(frame):
+        return None
+    data = frame[start:] + b"\0" * ((len(frame) - start) & 1)
+    # RFC 1071: the sum is the same in either byte order, so native 16-bit words will do.
+    total = sum(memoryview(data).cast("H"))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = ~total & 0xFFFF or 0xFFFF  # 0 is "no checksum" to UDP; 0xFFFF is the same sum
+    return frame[:field] + struct.pack("=H", csum) + frame[field + 2 :]
 
 
 class Delivery(enum.Enum):
@@ -66,6 +111,7 @@ class SoftNetDevice(SoftDevice):
         | 1 << uapi.VIRTIO_NET_F_STATUS
         | 1 << uapi.VIRTIO_NET_F_MTU
         | 1 << uapi.VIRTIO_NET_F_MRG_RXBUF  # a frame may span RX buffers (_deliver_merged)
+        | OFFLOAD_FEATURES
     )
 
     # What datapath=None means; the soft device tests run once per value.
@@ -122,6 +168,7 @@ class SoftNetDevice(SoftDevice):
                 (rx.call_fd, tx.call_fd),
                 self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
                 self._has(uapi.VIRTIO_NET_F_MRG_RXBUF),
+                self._rx_takes(),
             )
         if c.service() == 0:
             return True
@@ -187,13 +234,17 @@ class SoftNetDevice(SoftDevice):
         """Copy one TX packet (header + frame) into the next RX buffer(s)."""
         if len(packet) < NET_HDR_SIZE:
             return Delivery.DROPPED
+        offloaded = self._offload_for_rx(packet)
+        if offloaded is None:
+            return Delivery.DROPPED
+        packet = offloaded
         if self._has(uapi.VIRTIO_NET_F_MRG_RXBUF):
             return self._deliver_merged(rx, packet)
         chain = self.pop(rx)
         if chain is None:
             return Delivery.DROPPED
         # Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1); the rest of the
-        # header is the sender's (no offloads are offered, so it carries nothing to undo).
+        # header is the sender's, as _offload_for_rx left it.
         hdr = packet[:_NUM_BUFFERS_OFF] + struct.pack("<H", 1)
         try:
             # A too-small RX buffer gets the frame truncated: there is no MRG_RXBUF to spread it.
@@ -203,6 +254,41 @@ class SoftNetDevice(SoftDevice):
             return Delivery.DROPPED
         self.push(rx, chain, written)
         return Delivery.DELIVERED
+
+    def _offload_for_rx(self, packet: bytes) -> bytes | None:
+        """The packet as RX may take it (5.1.6.4.1), or None to drop it. A GSO frame goes as one
+        GSO frame, header as is, when RX acked its GUEST_TSO bit (and GUEST_ECN for the ECN bit);
+        else it is dropped: a loopback does not segment, and the spec (5.1.3.1) lets a driver
+        ack HOST_TSO4 without GUEST_TSO4, so refusing that at FEATURES_OK would refuse a valid
+        driver. A partial checksum (NEEDS_CSUM) goes as is when RX acked GUEST_CSUM, else the
+        device completes it and RX gets flags 0 (the device MUST set them so without GUEST_CSUM)."""
+        flags, gso_type = packet[0], packet[1]
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            wanted = _GSO_RX_FEATURE.get(gso_type & ~VIRTIO_NET_HDR_GSO_ECN)
+            if wanted is None or not self._has(wanted):
+                return None
+            if gso_type & VIRTIO_NET_HDR_GSO_ECN and not self._has(uapi.VIRTIO_NET_F_GUEST_ECN):
+                return None
+            return packet
+        if flags == 0 or self._has(uapi.VIRTIO_NET_F_GUEST_CSUM):
+            return packet
+        frame = packet[NET_HDR_SIZE:]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            start, offset = struct.unpack_from("<HH", packet, 6)
+            done = complete_checksum(frame, start, offset)
+            if done is None:
+                return None
+            frame = done
+        return b"\0" + packet[1:NET_HDR_SIZE] + frame
+
+    def _rx_takes(self) -> int:
+        """The RX_TAKES_* bits for NetLoop.attach."""
+        return (
+            RX_TAKES_CSUM * self._has(uapi.VIRTIO_NET_F_GUEST_CSUM)
+            | RX_TAKES_TSO4 * self._has(uapi.VIRTIO_NET_F_GUEST_TSO4)
+            | RX_TAKES_TSO6 * self._has(uapi.VIRTIO_NET_F_GUEST_TSO6)
+            | RX_TAKES_ECN * self._has(uapi.VIRTIO_NET_F_GUEST_ECN)
+        )
 
     def _deliver_merged(self, rx: SoftQueue, packet: bytes) -> Delivery:
         """VIRTIO_NET_F_MRG_RXBUF (5.1.6.4.1): the frame fills as many RX buffers as it needs, in

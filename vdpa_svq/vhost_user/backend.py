@@ -91,6 +91,14 @@ NET_PASSTHROUGH_FEATURES = {
                               "so the frontend sees a change on its next GET_CONFIG",
     uapi.VIRTIO_NET_F_MRG_RXBUF: "a frame may span RX buffers, one used element each: the relay returns a "
                                  "pass's used elements with one publish, so the guest sees them together",
+    uapi.VIRTIO_NET_F_CSUM: "TX headers may ask for a checksum (NEEDS_CSUM): header fields the relay never reads",
+    uapi.VIRTIO_NET_F_GUEST_CSUM: "RX headers may carry a partial checksum: written by the device, not the relay",
+    uapi.VIRTIO_NET_F_HOST_TSO4: "TX frames up to 64 KiB with gso_type TCPV4: longer chains, relayed like any",
+    uapi.VIRTIO_NET_F_HOST_TSO6: "TX frames up to 64 KiB with gso_type TCPV6: longer chains, relayed like any",
+    uapi.VIRTIO_NET_F_HOST_ECN: "the ECN bit of a TX gso_type: a header field",
+    uapi.VIRTIO_NET_F_GUEST_TSO4: "RX frames up to 64 KiB (TCPV4 GSO) in the guest's buffers: used lengths relayed",
+    uapi.VIRTIO_NET_F_GUEST_TSO6: "RX frames up to 64 KiB (TCPV6 GSO) in the guest's buffers: used lengths relayed",
+    uapi.VIRTIO_NET_F_GUEST_ECN: "the ECN bit of an RX gso_type: a header field",
 }
 NET_PASSTHROUGH = sum(bit(b) for b in NET_PASSTHROUGH_FEATURES)
 PROTOCOL_FEATURES = {
