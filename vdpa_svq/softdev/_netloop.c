@@ -8,10 +8,9 @@
  * The loopback: every TX frame comes back on RX with num_buffers = 1; a TX chain stays in its ring
  * while RX has no buffer; a frame shorter than the virtio-net header is dropped (TX completed).
  * With MRG_RXBUF negotiated, a frame that fits its first RX buffer is the same (num_buffers 1);
- * one that needs more buffers (num_buffers > 1, held until there are enough) is punted: the
- * Python datapath (net.py:_deliver_merged) takes it. Linux sizes its mergeable buffers for an MTU
- * frame, so what comes here is a GSO frame or a jumbo one. Likewise a header RX cannot take as it
- * is (net.py:_offload_for_rx: a checksum to complete, a GSO frame to drop) is punted.
+ * one that needs more buffers is spread over them (netloop_deliver_merged), or waits whole until
+ * there are enough. A header RX cannot take as it is (net.py:_offload_for_rx: a checksum to
+ * complete, a GSO frame to drop) is punted.
  *
  * Only the regular case runs here. A chain the Python datapath would fault on (a ring rule broken,
  * an IOVA its IOTLB does not map or does not allow, an indirect chain without INDIRECT_DESC, a
@@ -61,6 +60,8 @@ typedef struct {
     PyObject *punt_kick; /* punt_kick(index): the Python datapath's kick, when this one cannot serve */
     uint8_t *pkt;        /* one frame on its way from TX to RX */
     size_t pkt_cap;
+    Chain *more;         /* a merged frame's RX buffers after the first (chain[NET_RX]) */
+    uint32_t more_cap;
 } NetLoop;
 
 static void netloop_unload(NetLoop *n)
@@ -156,10 +157,10 @@ static int netloop_gather(NetLoop *n, const Chain *c, const uint8_t **frame, siz
 }
 
 /* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter), with
- * num_buffers = 1 in its header: without MRG_RXBUF the device MUST set it so (5.1.6.4.1); with it,
- * only a frame that fits this one buffer gets here.
+ * num_buffers = 1 in its header when set_num_buffers: without MRG_RXBUF the device MUST set it so
+ * (5.1.6.4.1), and with it a frame that fits one buffer has 1 too.
  * Bytes written, or -1 to punt (the Python datapath then writes the same bytes up to its fault). */
-static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame, size_t len)
+static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame, size_t len, int set_num_buffers)
 {
     static const uint8_t num_buffers_le[2] = {1, 0};
     size_t done = 0;
@@ -174,7 +175,7 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame,
         if (dst == NULL)
             return -1;
         memmove(dst, frame + done, k); /* a driver may hand the same memory to TX and RX */
-        for (size_t o = NET_NUM_BUFFERS_OFF; o < NET_NUM_BUFFERS_OFF + 2 && done < NET_HDR_SIZE; o++)
+        for (size_t o = NET_NUM_BUFFERS_OFF; set_num_buffers && o < NET_NUM_BUFFERS_OFF + 2 && done < NET_HDR_SIZE; o++)
             if (done <= o && o < done + k)
                 dst[o - done] = num_buffers_le[o - NET_NUM_BUFFERS_OFF];
         done += k;
@@ -259,6 +260,98 @@ static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
     guest_push_used(g, &t, written, spans);
 }
 
+/* Slot i of the chains a merged frame takes after its first, made as needed; NULL: no memory. */
+static Chain *netloop_more_chain(NetLoop *n, uint32_t i)
+{
+    if (i >= n->more_cap) {
+        uint32_t cap = n->more_cap ? n->more_cap * 2 : 8;
+        Chain *p = PyMem_Realloc(n->more, (size_t)cap * sizeof(Chain));
+        if (p == NULL)
+            return NULL;
+        memset(p + n->more_cap, 0, (size_t)(cap - n->more_cap) * sizeof(Chain));
+        n->more = p;
+        n->more_cap = cap;
+    }
+    Chain *c = &n->more[i];
+    if (c->segs == NULL) {
+        c->segs = PyMem_Calloc(64, sizeof(Seg));
+        if (c->segs == NULL)
+            return NULL;
+        c->cap = 64;
+    }
+    return c;
+}
+
+enum { MRG_DELIVERED, MRG_DROPPED, MRG_HELD, MRG_PUNT };
+
+/* mirrors net.py:SoftNetDevice._deliver_merged (with _take_rx_buffers and _push_together), for a
+ * frame longer than its first RX buffer `rc` (popped already; rx0: the RX mark before it): the
+ * next buffers popped until they hold it, the frame written across them in ring order, each but
+ * the last to its full length, num_buffers in the first header, and their used elements
+ * published at once (5.1.6.4.1). MRG_HELD (too few yet), MRG_DROPPED (every descriptor of the
+ * ring is not enough) and MRG_PUNT (for the Python datapath) leave every RX buffer in its ring. */
+static int netloop_deliver_merged(NetLoop *n, const Chain *rc, const PopMark *rx0, const uint8_t *frame, size_t len)
+{
+    DeviceSide *rx = &n->q[NET_RX];
+    uint64_t room = rc->writable_bytes, descs = rc->ndescs;
+    uint32_t more = 0;
+    int outcome = MRG_DELIVERED;
+    while (room < len) {
+        Chain *c = netloop_more_chain(n, more);
+        int r = c == NULL ? -1 : guest_pop(rx, c);
+        if (r == 0) {
+            outcome = descs < rx->num ? MRG_HELD : MRG_DROPPED;
+            break;
+        }
+        if (r < 0) {
+            outcome = MRG_PUNT;
+            break;
+        }
+        more++;
+        if ((c->indirect && !n->indirect_ok) || c->writable_bytes < NET_HDR_SIZE) {
+            outcome = MRG_PUNT;
+            break;
+        }
+        room += c->writable_bytes;
+        descs += c->ndescs;
+    }
+    /* Out of the TX buffer first (a driver may hand the same memory to TX and RX), and
+     * num_buffers into the copy's header. */
+    if (outcome == MRG_DELIVERED && frame != n->pkt && netloop_stage(n, 0, frame, len) < 0)
+        outcome = MRG_PUNT;
+    if (outcome == MRG_DELIVERED) {
+        n->pkt[NET_NUM_BUFFERS_OFF] = (uint8_t)(more + 1);
+        n->pkt[NET_NUM_BUFFERS_OFF + 1] = (uint8_t)((more + 1) >> 8);
+        size_t done = 0;
+        for (uint32_t i = 0; i <= more && outcome == MRG_DELIVERED; i++) {
+            int64_t w = netloop_scatter(n, i ? &n->more[i - 1] : rc, n->pkt + done, len - done, 0);
+            if (w < 0)
+                outcome = MRG_PUNT;
+            else
+                done += (size_t)w;
+        }
+    }
+    if (outcome != MRG_DELIVERED) {
+        for (uint32_t i = 0; i < more; i++)
+            rx->in_flight[n->more[i].id] = 0;
+        unpop(rx, rx0, rc, 1);
+        return outcome;
+    }
+    size_t done = 0;
+    Piece spans[1];
+    for (uint32_t i = 0; i <= more; i++) {
+        const Chain *c = i ? &n->more[i - 1] : rc;
+        size_t w = c->writable_bytes < len - done ? c->writable_bytes : len - done;
+        Token t = {.id = c->id, .ndescs = c->ndescs, .writable_bytes = c->writable_bytes};
+        guest_stage_used(rx, &t, (uint32_t)w, spans);
+        done += w;
+    }
+    guest_publish_used(rx, spans);
+    n->st[NET_RX].chains += more + 1;
+    n->st[NET_RX].written_bytes += len;
+    return MRG_DELIVERED;
+}
+
 /* mirrors net.py:SoftNetDevice.process: 1 if a frame moved, 0 if none, NETLOOP_PUNT + 1 to punt. */
 static int netloop_process(NetLoop *n)
 {
@@ -292,10 +385,21 @@ static int netloop_process(NetLoop *n)
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
-            /* With MRG_RXBUF it goes on in the next buffers (or waits for them): the Python
-             * datapath's part. A buffer shorter than a header breaks RX there, with its reason. */
-            if (n->mrg_rxbuf && (rc->writable_bytes < len || rc->writable_bytes < NET_HDR_SIZE))
-                goto punt;
+            if (n->mrg_rxbuf && rc->writable_bytes < NET_HDR_SIZE)
+                goto punt; /* the driver broke 5.1.6.3.1: the Python datapath says so, breaking RX */
+            if (n->mrg_rxbuf && rc->writable_bytes < len) {
+                int r = netloop_deliver_merged(n, rc, &rx0, frame, len);
+                rx_popped = 0; /* used, or back in its ring */
+                if (r == MRG_PUNT)
+                    goto punt;
+                if (r == MRG_HELD) {
+                    unpop(tx, &tx0, tc, 1); /* the frame waits whole in the TX ring */
+                    break;
+                }
+                if (r == MRG_DROPPED)
+                    n->st[NET_TX].dropped++;
+                goto tx_done;
+            }
             netloop_prefetch(n, rx, 1, ahead - 1);
             /* Into several RX segments, a frame read in place could be overwritten by the first
              * before the next reads it (a driver may hand the same memory to TX and RX): copy it
@@ -305,7 +409,7 @@ static int netloop_process(NetLoop *n)
                     goto punt;
                 frame = n->pkt;
             }
-            written = netloop_scatter(n, rc, frame, len);
+            written = netloop_scatter(n, rc, frame, len, 1);
             if (written < 0)
                 goto punt;
             netloop_push(rx, rc, (uint32_t)written);
@@ -314,6 +418,7 @@ static int netloop_process(NetLoop *n)
         } else {
             n->st[NET_TX].dropped++;
         }
+    tx_done:
         netloop_push(tx, tc, 0);
         n->st[NET_TX].chains++;
         n->st[NET_TX].read_bytes += len;
@@ -512,6 +617,9 @@ static void netloop_dealloc(NetLoop *n)
     netloop_clear(n);
     for (int i = 0; i < 2; i++)
         PyMem_Free(n->chain[i].segs);
+    for (uint32_t i = 0; i < n->more_cap; i++)
+        PyMem_Free(n->more[i].segs);
+    PyMem_Free(n->more);
     PyMem_Free(n->pkt);
     Py_TYPE(n)->tp_free((PyObject *)n);
 }
