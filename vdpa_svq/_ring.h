@@ -540,13 +540,6 @@ static int publish_used_split(DeviceSide *g, Piece spans[1])
     return 1;
 }
 
-/* mirrors split.py:SplitDeviceRing.unpop */
-static void unpop_split(DeviceSide *g, const Chain *c)
-{
-    g->in_flight[c->id] = 0;
-    g->last_avail_idx--;
-}
-
 /* mirrors split.py:SplitDeviceRing.notify_area: flags and avail_event, i.e. the whole used ring. */
 static Piece notify_area_split(const DeviceSide *g)
 {
@@ -722,17 +715,6 @@ static int publish_used_packed(DeviceSide *g, Piece spans[1])
     return 1;
 }
 
-/* mirrors packed.py:PackedDeviceRing.unpop */
-static void unpop_packed(DeviceSide *g, const Chain *c)
-{
-    g->in_flight[c->id] = 0;
-    if (g->next_avail_idx < c->ndescs) {
-        g->next_avail_idx += g->num;
-        g->avail_wrap_counter ^= 1;
-    }
-    g->next_avail_idx -= c->ndescs;
-}
-
 /* mirrors packed.py:PackedDeviceRing.notify_area: the device event structure. */
 static Piece notify_area_packed(const DeviceSide *g)
 {
@@ -805,13 +787,6 @@ static inline int guest_push_used(DeviceSide *g, const Token *t, uint32_t writte
 {
     int n = guest_stage_used(g, t, written, spans);
     return n + guest_publish_used(g, spans + n);
-}
-static inline void guest_unpop(DeviceSide *g, const Chain *c)
-{
-    if (g->packed)
-        unpop_packed(g, c);
-    else
-        unpop_split(g, c);
 }
 static inline Piece guest_notify_area(const DeviceSide *g)
 {
