@@ -693,22 +693,32 @@ static Py_ssize_t svq_forward_used(Relay *q)
     Py_ssize_t moved = 0;
     Token t = {0};
     uint32_t written = 0;
-    Piece spans[2];
+    Piece spans[1];
+    int failed = 0;
     for (;;) {
         int r = shadow_get_used(&q->shadow, &t, &written);
-        if (r < 0)
-            return -1;
-        if (r == 0)
+        if (r <= 0) {
+            failed = r < 0;
             break;
-        if (svq_log_written(q, &t, written) < 0)
-            return -1;
-        int n = guest_push_used(&q->guest, &t, written, spans);
-        for (int i = 0; i < n; i++)
-            if (svq_mark(q, spans[i].addr, spans[i].len) < 0)
-                return -1;
+        }
+        if (svq_log_written(q, &t, written) < 0) {
+            failed = 1;
+            break;
+        }
+        guest_stage_used(&q->guest, &t, written, spans);
         q->stats.bytes_written += written;
         moved++;
+        if (svq_mark(q, spans[0].addr, spans[0].len) < 0) {
+            failed = 1;
+            break;
+        }
     }
+    /* What the device made used together reaches the guest together; also on the way out of a
+     * fault (relay.py says why). Marked either way: the guest sees the new used index. */
+    if (guest_publish_used(&q->guest, spans) && svq_mark(q, spans[0].addr, spans[0].len) < 0)
+        return -1;
+    if (failed)
+        return -1;
     q->stats.returned += moved;
     if (moved && guest_need_notify(&q->guest)) {
         q->stats.guest_calls++;

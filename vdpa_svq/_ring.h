@@ -370,11 +370,15 @@ typedef struct {
     uint8_t *in_flight; /* heads (split) / buffer ids (packed) popped and not yet used */
     /* split */
     uint16_t last_avail_idx, used_idx, signalled_used;
+    uint16_t staged; /* used elements written after used->idx, not yet published */
     uint32_t used_event_off, avail_event_off;
     /* packed */
     uint32_t next_avail_idx, next_used_idx;
     int avail_wrap_counter, used_wrap_counter;
     uint64_t used_since_signal;
+    int first_staged; /* a used descriptor waits for its flags: publish_used writes them last */
+    uint32_t first_staged_slot;
+    uint16_t first_staged_flags;
 } DeviceSide;
 
 static int guest_fail(DeviceSide *g, long long index, const char *fmt, ...)
@@ -506,23 +510,34 @@ static int pop_split(DeviceSide *g, Chain *c)
     return 1;
 }
 
-/* mirrors split.py:SplitDeviceRing.push_used: the ring spans written go to spans[] (dirty log). */
-static int push_used_split(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
+/* mirrors split.py:SplitDeviceRing.stage_used: the element written, not yet visible to the driver
+ * (publish_used_split shows every staged one at once); its span goes to spans[0] (dirty log). */
+static int stage_used_split(DeviceSide *g, const Token *t, uint32_t written, Piece spans[1])
 {
-    uint32_t slot = g->used_idx % g->num;
+    uint32_t slot = (uint16_t)(g->used_idx + g->staged) % g->num;
     uint8_t *elem = g->device + USED_RING + USED_ELEM_SIZE * slot;
     st32(elem, t->id);
     st32(elem + 4, written);
     g->in_flight[t->id] = 0;
-    /* The element must be visible before used->idx covers it (2.7.14). */
-    wmb();
-    g->used_idx++;
-    st16(g->device + USED_IDX, g->used_idx);
+    g->staged++;
     spans[0].addr = g->device_addr + USED_RING + USED_ELEM_SIZE * slot;
     spans[0].len = USED_ELEM_SIZE;
-    spans[1].addr = g->device_addr + USED_IDX;
-    spans[1].len = 2;
-    return 2;
+    return 1;
+}
+
+/* mirrors split.py:SplitDeviceRing.publish_used: one used->idx store for every staged element. */
+static int publish_used_split(DeviceSide *g, Piece spans[1])
+{
+    if (!g->staged)
+        return 0;
+    /* The elements must be visible before used->idx covers them (2.7.14). */
+    wmb();
+    g->used_idx += g->staged;
+    g->staged = 0;
+    st16(g->device + USED_IDX, g->used_idx);
+    spans[0].addr = g->device_addr + USED_IDX;
+    spans[0].len = 2;
+    return 1;
 }
 
 /* mirrors split.py:SplitDeviceRing.notify_area: flags and avail_event, i.e. the whole used ring. */
@@ -655,17 +670,25 @@ static inline uint16_t used_flags_packed(int wrap)
     return wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
 }
 
-/* mirrors packed.py:PackedDeviceRing.push_used: any completion order is fine. */
-static int push_used_packed(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
+/* mirrors packed.py:PackedDeviceRing.stage_used: the used descriptor written, not yet visible to
+ * the driver: all but the first staged one get their flags now, the first one's wait for
+ * publish_used_packed. Its span goes to spans[0] (dirty log). */
+static int stage_used_packed(DeviceSide *g, const Token *t, uint32_t written, Piece spans[1])
 {
     uint32_t slot = g->next_used_idx;
     uint8_t *d = g->desc + (size_t)slot * DESC_SIZE;
     st32(d + DESC_LEN_OFF, written);
     st16(d + DESC_ID_OFF, t->id);
-    /* id and len must be visible before the flags turn the descriptor into a used one. */
-    wmb();
     uint16_t flags = used_flags_packed(g->used_wrap_counter) | (t->writable_bytes ? VRING_DESC_F_WRITE : 0);
-    st16(d + DESC_FLAGS_OFF, flags);
+    if (!g->first_staged) {
+        g->first_staged = 1;
+        g->first_staged_slot = slot;
+        g->first_staged_flags = flags;
+    } else {
+        /* id and len must be visible before the flags turn the descriptor into a used one. */
+        wmb();
+        st16(d + DESC_FLAGS_OFF, flags);
+    }
     g->in_flight[t->id] = 0;
     g->next_used_idx += t->ndescs;
     if (g->next_used_idx >= g->num) {
@@ -674,6 +697,20 @@ static int push_used_packed(DeviceSide *g, const Token *t, uint32_t written, Pie
     }
     g->used_since_signal += t->ndescs;
     spans[0].addr = g->desc_addr + (uint64_t)slot * DESC_SIZE;
+    spans[0].len = DESC_SIZE;
+    return 1;
+}
+
+/* mirrors packed.py:PackedDeviceRing.publish_used: the first staged descriptor's flags, last. */
+static int publish_used_packed(DeviceSide *g, Piece spans[1])
+{
+    if (!g->first_staged)
+        return 0;
+    g->first_staged = 0;
+    /* Every staged id, len and later flags must be visible before the first flags expose them. */
+    wmb();
+    st16(g->desc + (size_t)g->first_staged_slot * DESC_SIZE + DESC_FLAGS_OFF, g->first_staged_flags);
+    spans[0].addr = g->desc_addr + (uint64_t)g->first_staged_slot * DESC_SIZE;
     spans[0].len = DESC_SIZE;
     return 1;
 }
@@ -737,9 +774,19 @@ static inline int guest_has_avail(const DeviceSide *g)
     return g->packed ? has_avail_packed(g) : has_avail_split(g);
 }
 static inline int guest_pop(DeviceSide *g, Chain *c) { return g->packed ? pop_packed(g, c) : pop_split(g, c); }
+static inline int guest_stage_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[1])
+{
+    return g->packed ? stage_used_packed(g, t, written, spans) : stage_used_split(g, t, written, spans);
+}
+static inline int guest_publish_used(DeviceSide *g, Piece spans[1])
+{
+    return g->packed ? publish_used_packed(g, spans) : publish_used_split(g, spans);
+}
+/* mirrors split.py/packed.py push_used: stage and publish one; up to 2 spans written. */
 static inline int guest_push_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[2])
 {
-    return g->packed ? push_used_packed(g, t, written, spans) : push_used_split(g, t, written, spans);
+    int n = guest_stage_used(g, t, written, spans);
+    return n + guest_publish_used(g, spans + n);
 }
 static inline Piece guest_notify_area(const DeviceSide *g)
 {
@@ -802,6 +849,8 @@ static int device_side_setup(DeviceSide *g, MemTable *mem, MemTable *areas, PyOb
         g->used_event_off = AVAIL_RING + 2 * g->num;
         g->avail_event_off = USED_RING + 8 * g->num;
     }
+    g->staged = 0;
+    g->first_staged = 0;
     g->in_flight = PyMem_Calloc(g->num, 1);
     if (g->in_flight == NULL) {
         PyErr_NoMemory();

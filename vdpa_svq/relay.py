@@ -123,13 +123,21 @@ class ShadowVirtqueue:
     def forward_used(self) -> int:
         """Return every used shadow buffer to the guest, log what was written; interrupt if needed."""
         moved = 0
-        while (r := self.shadow.get_used()) is not None:
-            chain, written = r
-            self._log_written(chain, written)
-            for addr, length in self.guest.push_used(chain, written):
+        try:
+            while (r := self.shadow.get_used()) is not None:
+                chain, written = r
+                self._log_written(chain, written)
+                for addr, length in self.guest.stage_used(chain, written):
+                    self._mark(addr, length)
+                self.stats.bytes_written += written
+                moved += 1
+        finally:
+            # What the device made used together reaches the guest together: a merged receive
+            # buffer's parts (VIRTIO_NET_F_MRG_RXBUF) must all be visible when the driver sees the
+            # first (5.1.6.4.1); the device published them at once, one publish per pass keeps that.
+            # Also on the way out of a fault: what was returned before it stays returned.
+            for addr, length in self.guest.publish_used():
                 self._mark(addr, length)
-            self.stats.bytes_written += written
-            moved += 1
         self.stats.returned += moved
         if moved and self.guest.need_notify():
             self.stats.guest_calls += 1

@@ -360,6 +360,7 @@ class PackedDeviceRing:
         self.next_used_idx = next_used_idx
         self.used_wrap_counter = used_wrap_counter & 1
         self._used_since_signal = 0  # slots marked used since the last interrupt decision
+        self._first_staged: tuple[int, int] | None = None  # (slot, flags) publish_used() writes last
         self._in_flight = bytearray(num)  # buffer ids popped and not yet used
 
     def export_state(self) -> PackedDeviceExport:
@@ -446,13 +447,24 @@ class PackedDeviceRing:
 
         Returns the (address, length) spans of ring memory this wrote, for the dirty log.
         """
+        return self.stage_used(chain, written) + self.publish_used()
+
+    def stage_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
+        """Write `chain`'s used descriptor, not yet visible to the driver: publish_used() shows
+        every staged one at once (a merged receive buffer's parts must be seen together,
+        5.1.6.4.1). The driver reads used descriptors in ring order, so all but the first staged
+        one get their flags now; the first one's flags, written last, publish them all.
+        Returns the spans written, for the dirty log."""
         slot = self.next_used_idx
         desc = self._a.desc
         _LEN_ID.pack_into(desc, slot * DESC_SIZE + _DESC_LEN_OFF, written, chain.id)
-        # id and len must be visible before the flags turn the descriptor into a used one.
-        wmb()
         flags = _used_flags(self.used_wrap_counter) | (VRING_DESC_F_WRITE if chain.writable_bytes else 0)
-        self._a.set_flags(slot, flags)
+        if self._first_staged is None:
+            self._first_staged = (slot, flags)
+        else:
+            # id and len must be visible before the flags turn the descriptor into a used one.
+            wmb()
+            self._a.set_flags(slot, flags)
         self._in_flight[chain.id] = 0
         self.next_used_idx += chain.ndescs
         if self.next_used_idx >= self.num:
@@ -460,6 +472,26 @@ class PackedDeviceRing:
             self.used_wrap_counter ^= 1
         self._used_since_signal += chain.ndescs
         return ((self.addrs.desc + slot * DESC_SIZE, DESC_SIZE),)
+
+    def publish_used(self) -> tuple[tuple[int, int], ...]:
+        """Make every staged used descriptor visible: the first one's flags, after all the rest."""
+        if self._first_staged is None:
+            return ()
+        slot, flags = self._first_staged
+        self._first_staged = None
+        # Every staged id, len and later flags must be visible before the first flags expose them.
+        wmb()
+        self._a.set_flags(slot, flags)
+        return ((self.addrs.desc + slot * DESC_SIZE, DESC_SIZE),)
+
+    def unpop(self, chain: Chain) -> None:
+        """Put back the chain pop() returned last, as if never popped (the device could not use it
+        now: a receive buffer too few for a frame). Chains go back in the reverse of their pops."""
+        self._in_flight[chain.id] = 0
+        self.next_avail_idx -= chain.ndescs
+        if self.next_avail_idx < 0:
+            self.next_avail_idx += self.num
+            self.avail_wrap_counter ^= 1
 
     def notify_area(self) -> tuple[int, int]:
         """The ring memory enable_notify()/disable_notify() write (the device event structure)."""

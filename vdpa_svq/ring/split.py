@@ -326,6 +326,7 @@ class SplitDeviceRing:
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.used_idx = used_idx & 0xFFFF
         self.signalled_used = self.used_idx
+        self._staged = 0  # used elements written after used->idx, not yet published
         self._in_flight = bytearray(num)  # heads popped and not yet used
 
     def export_state(self) -> SplitDeviceExport:
@@ -409,14 +410,34 @@ class SplitDeviceRing:
 
         Returns the (address, length) spans of ring memory this wrote, for the dirty log.
         """
-        slot = self.used_idx % self.num
+        return self.stage_used(chain, written) + self.publish_used()
+
+    def stage_used(self, chain: Chain, written: int) -> tuple[tuple[int, int], ...]:
+        """Write `chain`'s used element, not yet visible to the driver: publish_used() shows every
+        staged one at once (a merged receive buffer's parts must be seen together, 5.1.6.4.1).
+        Returns the spans written, for the dirty log."""
+        slot = (self.used_idx + self._staged) % self.num
         USED_ELEM.pack_into(self._a.used, USED_RING + 8 * slot, chain.id, written)
         self._in_flight[chain.id] = 0
-        # The element must be visible before used->idx covers it (2.7.14).
+        self._staged += 1
+        return ((self.addrs.device + USED_RING + 8 * slot, 8),)
+
+    def publish_used(self) -> tuple[tuple[int, int], ...]:
+        """Make every staged used element visible with one used->idx store; the spans written."""
+        if not self._staged:
+            return ()
+        # The elements must be visible before used->idx covers them (2.7.14).
         wmb()
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.used_idx = (self.used_idx + self._staged) & 0xFFFF
+        self._staged = 0
         self._a.used16[USED_IDX // 2] = self.used_idx
-        return ((self.addrs.device + USED_RING + 8 * slot, 8), (self.addrs.device + USED_IDX, 2))
+        return ((self.addrs.device + USED_IDX, 2),)
+
+    def unpop(self, chain: Chain) -> None:
+        """Put back the chain pop() returned last, as if never popped (the device could not use it
+        now: a receive buffer too few for a frame). Chains go back in the reverse of their pops."""
+        self._in_flight[chain.id] = 0
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
 
     def notify_area(self) -> tuple[int, int]:
         """The ring memory enable_notify()/disable_notify() write (flags and avail_event)."""

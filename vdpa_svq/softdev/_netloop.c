@@ -7,6 +7,10 @@
  *
  * The loopback: every TX frame comes back on RX with num_buffers = 1; a TX chain stays in its ring
  * while RX has no buffer; a frame shorter than the virtio-net header is dropped (TX completed).
+ * With MRG_RXBUF negotiated, a frame that fits its first RX buffer is the same (num_buffers 1);
+ * one that needs more buffers is spread over them (netloop_deliver_merged), or waits whole until
+ * there are enough. A header RX cannot take as it is (net.py:_offload_for_rx: a checksum to
+ * complete, a GSO frame to drop) is punted.
  *
  * Only the regular case runs here. A chain the Python datapath would fault on (a ring rule broken,
  * an IOVA its IOTLB does not map or does not allow, an indirect chain without INDIRECT_DESC, a
@@ -28,10 +32,14 @@
 
 enum { NET_RX = 0, NET_TX = 1, NET_HDR_SIZE = 12, NET_NUM_BUFFERS_OFF = 10 };
 /* The longest TX packet the device takes (net.py's NET_MAX_PACKET): header + the largest IP
- * datagram with an Ethernet header and one VLAN tag. No GSO is offered, so nothing legitimate is
- * longer; a longer chain is dropped unread, and the staging buffer never grows past twice this. */
+ * datagram with an Ethernet header and one VLAN tag. A GSO frame is no longer (net.py says why),
+ * so nothing legitimate is; a longer chain is dropped unread, and the staging buffer never grows
+ * past twice this. */
 enum { NET_MAX_PACKET = NET_HDR_SIZE + 65535 + 18 };
 enum { NETLOOP_IDLE = 0, NETLOOP_PUNT = 1 };
+/* net.py's RX_TAKES_* (attach's rx_takes), and the virtio_net_hdr values they are about (5.1.6). */
+enum { RX_TAKES_CSUM = 1, RX_TAKES_TSO4 = 2, RX_TAKES_TSO6 = 4, RX_TAKES_ECN = 8 };
+enum { HDR_GSO_NONE = 0, HDR_GSO_TCPV4 = 1, HDR_GSO_TCPV6 = 4, HDR_GSO_ECN = 0x80 };
 
 typedef struct {
     unsigned long long chains, read_bytes, written_bytes, kicks, calls, dropped;
@@ -41,6 +49,8 @@ typedef struct {
     PyObject_HEAD
     int loaded;
     int indirect_ok;
+    int mrg_rxbuf; /* VIRTIO_NET_F_MRG_RXBUF negotiated: a frame bigger than its RX buffer is punted */
+    int rx_takes;  /* RX_TAKES_*: the offloads RX acked (a header it cannot take as it is is punted) */
     MemTable mem;        /* the IOTLB as attach saw it: iova -> host, with permissions */
     MemTable areas[2];   /* each ring's three areas, as the Python ring translated them at start */
     DeviceSide q[2];     /* NET_RX, NET_TX */
@@ -50,6 +60,8 @@ typedef struct {
     PyObject *punt_kick; /* punt_kick(index): the Python datapath's kick, when this one cannot serve */
     uint8_t *pkt;        /* one frame on its way from TX to RX */
     size_t pkt_cap;
+    Chain *more;         /* a merged frame's RX buffers after the first (chain[NET_RX]) */
+    uint32_t more_cap;
 } NetLoop;
 
 static void netloop_unload(NetLoop *n)
@@ -145,9 +157,10 @@ static int netloop_gather(NetLoop *n, const Chain *c, const uint8_t **frame, siz
 }
 
 /* The frame into the RX chain's writable segments, truncated to what fits (chainio.scatter), with
- * num_buffers = 1 in its header: without MRG_RXBUF the device MUST set it so (5.1.6.4.1).
+ * num_buffers = 1 in its header when set_num_buffers: without MRG_RXBUF the device MUST set it so
+ * (5.1.6.4.1), and with it a frame that fits one buffer has 1 too.
  * Bytes written, or -1 to punt (the Python datapath then writes the same bytes up to its fault). */
-static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame, size_t len)
+static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame, size_t len, int set_num_buffers)
 {
     static const uint8_t num_buffers_le[2] = {1, 0};
     size_t done = 0;
@@ -162,12 +175,26 @@ static int64_t netloop_scatter(NetLoop *n, const Chain *c, const uint8_t *frame,
         if (dst == NULL)
             return -1;
         memmove(dst, frame + done, k); /* a driver may hand the same memory to TX and RX */
-        for (size_t o = NET_NUM_BUFFERS_OFF; o < NET_NUM_BUFFERS_OFF + 2 && done < NET_HDR_SIZE; o++)
+        for (size_t o = NET_NUM_BUFFERS_OFF; set_num_buffers && o < NET_NUM_BUFFERS_OFF + 2 && done < NET_HDR_SIZE; o++)
             if (done <= o && o < done + k)
                 dst[o - done] = num_buffers_le[o - NET_NUM_BUFFERS_OFF];
         done += k;
     }
     return (int64_t)done;
+}
+
+/* mirrors net.py:SoftNetDevice._offload_for_rx: whether RX takes this header as it is (else the
+ * Python datapath completes the checksum, or drops the GSO frame). */
+static int netloop_header_passes(const NetLoop *n, const uint8_t *hdr)
+{
+    uint8_t flags = hdr[0], gso_type = hdr[1];
+    if (gso_type != HDR_GSO_NONE) {
+        uint8_t gso = gso_type & (uint8_t)~HDR_GSO_ECN;
+        int takes = (gso == HDR_GSO_TCPV4 && (n->rx_takes & RX_TAKES_TSO4)) ||
+                    (gso == HDR_GSO_TCPV6 && (n->rx_takes & RX_TAKES_TSO6));
+        return takes && (!(gso_type & HDR_GSO_ECN) || (n->rx_takes & RX_TAKES_ECN));
+    }
+    return flags == 0 || (n->rx_takes & RX_TAKES_CSUM);
 }
 
 /* Ask for the line in exclusive state: the RX buffer's lines are in the driver's CPU cache,
@@ -233,6 +260,98 @@ static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
     guest_push_used(g, &t, written, spans);
 }
 
+/* Slot i of the chains a merged frame takes after its first, made as needed; NULL: no memory. */
+static Chain *netloop_more_chain(NetLoop *n, uint32_t i)
+{
+    if (i >= n->more_cap) {
+        uint32_t cap = n->more_cap ? n->more_cap * 2 : 8;
+        Chain *p = PyMem_Realloc(n->more, (size_t)cap * sizeof(Chain));
+        if (p == NULL)
+            return NULL;
+        memset(p + n->more_cap, 0, (size_t)(cap - n->more_cap) * sizeof(Chain));
+        n->more = p;
+        n->more_cap = cap;
+    }
+    Chain *c = &n->more[i];
+    if (c->segs == NULL) {
+        c->segs = PyMem_Calloc(64, sizeof(Seg));
+        if (c->segs == NULL)
+            return NULL;
+        c->cap = 64;
+    }
+    return c;
+}
+
+enum { MRG_DELIVERED, MRG_DROPPED, MRG_HELD, MRG_PUNT };
+
+/* mirrors net.py:SoftNetDevice._deliver_merged (with _take_rx_buffers and _push_together), for a
+ * frame longer than its first RX buffer `rc` (popped already; rx0: the RX mark before it): the
+ * next buffers popped until they hold it, the frame written across them in ring order, each but
+ * the last to its full length, num_buffers in the first header, and their used elements
+ * published at once (5.1.6.4.1). MRG_HELD (too few yet), MRG_DROPPED (every descriptor of the
+ * ring is not enough) and MRG_PUNT (for the Python datapath) leave every RX buffer in its ring. */
+static int netloop_deliver_merged(NetLoop *n, const Chain *rc, const PopMark *rx0, const uint8_t *frame, size_t len)
+{
+    DeviceSide *rx = &n->q[NET_RX];
+    uint64_t room = rc->writable_bytes, descs = rc->ndescs;
+    uint32_t more = 0;
+    int outcome = MRG_DELIVERED;
+    while (room < len) {
+        Chain *c = netloop_more_chain(n, more);
+        int r = c == NULL ? -1 : guest_pop(rx, c);
+        if (r == 0) {
+            outcome = descs < rx->num ? MRG_HELD : MRG_DROPPED;
+            break;
+        }
+        if (r < 0) {
+            outcome = MRG_PUNT;
+            break;
+        }
+        more++;
+        if ((c->indirect && !n->indirect_ok) || c->writable_bytes < NET_HDR_SIZE) {
+            outcome = MRG_PUNT;
+            break;
+        }
+        room += c->writable_bytes;
+        descs += c->ndescs;
+    }
+    /* Out of the TX buffer first (a driver may hand the same memory to TX and RX), and
+     * num_buffers into the copy's header. */
+    if (outcome == MRG_DELIVERED && frame != n->pkt && netloop_stage(n, 0, frame, len) < 0)
+        outcome = MRG_PUNT;
+    if (outcome == MRG_DELIVERED) {
+        n->pkt[NET_NUM_BUFFERS_OFF] = (uint8_t)(more + 1);
+        n->pkt[NET_NUM_BUFFERS_OFF + 1] = (uint8_t)((more + 1) >> 8);
+        size_t done = 0;
+        for (uint32_t i = 0; i <= more && outcome == MRG_DELIVERED; i++) {
+            int64_t w = netloop_scatter(n, i ? &n->more[i - 1] : rc, n->pkt + done, len - done, 0);
+            if (w < 0)
+                outcome = MRG_PUNT;
+            else
+                done += (size_t)w;
+        }
+    }
+    if (outcome != MRG_DELIVERED) {
+        for (uint32_t i = 0; i < more; i++)
+            rx->in_flight[n->more[i].id] = 0;
+        unpop(rx, rx0, rc, 1);
+        return outcome;
+    }
+    size_t done = 0;
+    Piece spans[1];
+    for (uint32_t i = 0; i <= more; i++) {
+        const Chain *c = i ? &n->more[i - 1] : rc;
+        size_t w = c->writable_bytes < len - done ? c->writable_bytes : len - done;
+        Token t = {.id = c->id, .ndescs = c->ndescs, .writable_bytes = c->writable_bytes};
+        guest_stage_used(rx, &t, (uint32_t)w, spans);
+        done += w;
+    }
+    guest_publish_used(rx, spans);
+    n->st[NET_RX].chains += more + 1;
+    n->st[NET_RX].written_bytes += len;
+    return MRG_DELIVERED;
+}
+
 /* mirrors net.py:SoftNetDevice.process: 1 if a frame moved, 0 if none, NETLOOP_PUNT + 1 to punt. */
 static int netloop_process(NetLoop *n)
 {
@@ -261,9 +380,26 @@ static int netloop_process(NetLoop *n)
         if (netloop_gather(n, tc, &frame, &len) < 0)
             goto punt;
         if (len >= NET_HDR_SIZE) {
+            if (!netloop_header_passes(n, frame))
+                goto punt;
             if (guest_pop(rx, rc) != 1 || (rc->indirect && !n->indirect_ok))
                 goto punt;
             rx_popped = 1;
+            if (n->mrg_rxbuf && rc->writable_bytes < NET_HDR_SIZE)
+                goto punt; /* the driver broke 5.1.6.3.1: the Python datapath says so, breaking RX */
+            if (n->mrg_rxbuf && rc->writable_bytes < len) {
+                int r = netloop_deliver_merged(n, rc, &rx0, frame, len);
+                rx_popped = 0; /* used, or back in its ring */
+                if (r == MRG_PUNT)
+                    goto punt;
+                if (r == MRG_HELD) {
+                    unpop(tx, &tx0, tc, 1); /* the frame waits whole in the TX ring */
+                    break;
+                }
+                if (r == MRG_DROPPED)
+                    n->st[NET_TX].dropped++;
+                goto tx_done;
+            }
             netloop_prefetch(n, rx, 1, ahead - 1);
             /* Into several RX segments, a frame read in place could be overwritten by the first
              * before the next reads it (a driver may hand the same memory to TX and RX): copy it
@@ -273,7 +409,7 @@ static int netloop_process(NetLoop *n)
                     goto punt;
                 frame = n->pkt;
             }
-            written = netloop_scatter(n, rc, frame, len);
+            written = netloop_scatter(n, rc, frame, len, 1);
             if (written < 0)
                 goto punt;
             netloop_push(rx, rc, (uint32_t)written);
@@ -282,6 +418,7 @@ static int netloop_process(NetLoop *n)
         } else {
             n->st[NET_TX].dropped++;
         }
+    tx_done:
         netloop_push(tx, tc, 0);
         n->st[NET_TX].chains++;
         n->st[NET_TX].read_bytes += len;
@@ -334,20 +471,22 @@ static int netloop_service(NetLoop *n)
     }
 }
 
-/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): the specs as the C
- * relay's guest spec (cinputs.device_ring_spec), whose regions are the ring's three areas as
- * the Python ring holds them (translated when the ring started, as a device does at DRIVER_OK);
- * regions: the IOTLB, as (iova, size, buffer, perm), for the buffers. */
+/* attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False,
+ * rx_takes=0): the specs as the C relay's guest spec (cinputs.device_ring_spec), whose regions
+ * are the ring's three areas as the Python ring holds them (translated when the ring started, as
+ * a device does at DRIVER_OK); regions: the IOTLB, as (iova, size, buffer, perm), for the
+ * buffers; mrg_rxbuf: VIRTIO_NET_F_MRG_RXBUF negotiated; rx_takes: net.py's RX_TAKES_* bits. */
 static PyObject *netloop_attach(NetLoop *n, PyObject *args)
 {
     PyObject *specs[2], *regions;
-    int indirect_ok;
+    int indirect_ok, mrg_rxbuf = 0, rx_takes = 0;
     if (n->loaded) {
         PyErr_SetString(PyExc_RuntimeError, "NetLoop is attached already");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!O(ii)p", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
-                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok))
+    if (!PyArg_ParseTuple(args, "O!O!O(ii)p|pi", &PyTuple_Type, &specs[NET_RX], &PyTuple_Type, &specs[NET_TX],
+                          &regions, &n->call_fd[NET_RX], &n->call_fd[NET_TX], &indirect_ok, &mrg_rxbuf,
+                          &rx_takes))
         return NULL;
     if (mem_table_init(&n->mem, regions) < 0)
         goto fail;
@@ -369,6 +508,8 @@ static PyObject *netloop_attach(NetLoop *n, PyObject *args)
         }
     }
     n->indirect_ok = indirect_ok;
+    n->mrg_rxbuf = mrg_rxbuf;
+    n->rx_takes = rx_takes;
     memset(n->st, 0, sizeof n->st);
     n->loaded = 1;
     Py_RETURN_NONE;
@@ -476,6 +617,9 @@ static void netloop_dealloc(NetLoop *n)
     netloop_clear(n);
     for (int i = 0; i < 2; i++)
         PyMem_Free(n->chain[i].segs);
+    for (uint32_t i = 0; i < n->more_cap; i++)
+        PyMem_Free(n->more[i].segs);
+    PyMem_Free(n->more);
     PyMem_Free(n->pkt);
     Py_TYPE(n)->tp_free((PyObject *)n);
 }
@@ -484,7 +628,8 @@ static PyObject *netloop_get_loaded(NetLoop *n, void *Py_UNUSED(closure)) { retu
 
 static PyMethodDef netloop_methods[] = {
     {"attach", (PyCFunction)netloop_attach, METH_VARARGS,
-     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok): take over the rings."},
+     "attach(rx_spec, tx_spec, regions, (rx_call_fd, tx_call_fd), indirect_ok, mrg_rxbuf=False, rx_takes=0): "
+     "take over the rings."},
     {"detach", (PyCFunction)netloop_detach, METH_NOARGS,
      "Give the rings back: ((rx_state, tx_state), (rx_counts, tx_counts)), or None."},
     {"service", (PyCFunction)netloop_service_py, METH_NOARGS,

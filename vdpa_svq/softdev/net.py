@@ -3,9 +3,12 @@
 Every frame sent on TX comes back on RX of the same queue pair. Backpressure differs from vdpa_sim on purpose: when
 the RX queue has no buffer, vdpa_sim drops the frame; we leave the TX chain in the TX ring (not
 even popped) until the driver adds RX buffers, so tests see every frame, deterministically, and
-GET_VRING_BASE never has to account for chains held inside the device. A frame is dropped (TX
-completed, counted in stats) only when RX cannot take it at all: RX disabled or broken, or the
-TX chain is shorter than a virtio_net_hdr.
+GET_VRING_BASE never has to account for chains held inside the device. With MRG_RXBUF a frame
+may need several RX buffers: until that many are there, its TX chain and the RX buffers popped
+to count them go back to their rings (unpop), and the frame waits whole. A frame is dropped (TX
+completed, counted in stats) only when RX cannot take it at all: RX disabled or broken, the TX
+chain shorter than a virtio_net_hdr, or (MRG_RXBUF) longer than every RX buffer the ring can
+hold together.
 
 Multiqueue (queue_pairs > 1): VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ, max_virtqueue_pairs =
 queue_pairs, and the queues of VIRTIO 1.2 5.1.2: rx0, tx0, ..., rxN-1, txN-1, then the control
@@ -18,6 +21,7 @@ they are (chains stay in their rings), as a disabled queue's would.
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import struct
@@ -25,7 +29,9 @@ from collections.abc import Callable
 
 from kernel_iface import uapi
 from vdpa_svq.cinputs import device_ring_spec, iotlb_regions, ring_area_regions
+from vdpa_svq.errors import GuestRingError
 from vdpa_svq.native import NetLoop  # the loopback in C (softdev/_netloop.c); None: the Python datapath
+from vdpa_svq.ring import Chain
 from vdpa_svq.softdev.base import QUEUE_FAULTS, SoftDevice
 from vdpa_svq.softdev.chainio import gather, scatter
 from vdpa_svq.softdev.netctrl import (
@@ -47,8 +53,9 @@ VIRTIO_NET_S_LINK_UP = 1
 NET_HDR_SIZE = 12
 _NUM_BUFFERS_OFF = 10
 # The longest TX packet taken: header + the largest IP datagram with an Ethernet header and one
-# VLAN tag. No GSO is offered, so nothing legitimate is longer; a longer chain is dropped unread
-# (not gathered into memory a peer could make as large as it likes). _netloop.c: the same.
+# VLAN tag. A GSO frame is no longer (Linux's virtio_net keeps GSO frames within 64 KiB,
+# GSO_LEGACY_MAX_SIZE, headers included), so nothing legitimate is; a longer chain is dropped
+# unread (not gathered into memory a peer could make as large as it likes). _netloop.c: the same.
 NET_MAX_PACKET = NET_HDR_SIZE + 65535 + 18
 # struct virtio_net_config up to supported_hash_types: mac[6], status le16, max_virtqueue_pairs le16,
 # mtu le16, speed le32, duplex u8, rss_max_key_size u8, rss_max_indirection_table_length le16,
@@ -69,13 +76,71 @@ def queue_names(queue_pairs: int, *, ctrl: bool | None = None) -> tuple[str, ...
     data = tuple(name for pair in pairs for name in pair)
     return (*data, "ctrl") if (queue_pairs > 1 if ctrl is None else ctrl) else data
 
+# The offloads a loopback can honestly offer, as veth does: what the sender left undone (a partial
+# checksum, a TCP segment of up to 64 KiB) reaches the receiver undone, in the header, when the
+# receiver acked taking it so (the GUEST_ bit); otherwise the device does the checksum itself
+# (_offload_for_rx), and drops a GSO frame (it does not segment).
+OFFLOAD_FEATURES = (
+    1 << uapi.VIRTIO_NET_F_CSUM
+    | 1 << uapi.VIRTIO_NET_F_GUEST_CSUM
+    | 1 << uapi.VIRTIO_NET_F_HOST_TSO4
+    | 1 << uapi.VIRTIO_NET_F_HOST_TSO6
+    | 1 << uapi.VIRTIO_NET_F_HOST_ECN
+    | 1 << uapi.VIRTIO_NET_F_GUEST_TSO4
+    | 1 << uapi.VIRTIO_NET_F_GUEST_TSO6
+    | 1 << uapi.VIRTIO_NET_F_GUEST_ECN
+)
+# struct virtio_net_hdr's flags and gso_type values (5.1.6).
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+# What RX must have acked to take a GSO frame as one, by gso_type (without the ECN bit).
+_GSO_RX_FEATURE = {
+    VIRTIO_NET_HDR_GSO_TCPV4: uapi.VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_HDR_GSO_TCPV6: uapi.VIRTIO_NET_F_GUEST_TSO6,
+}
+# For NetLoop.attach: which offloads RX takes (the C datapath punts a header it cannot pass as is).
+RX_TAKES_CSUM, RX_TAKES_TSO4, RX_TAKES_TSO6, RX_TAKES_ECN = 1, 2, 4, 8
+
+
+def complete_checksum(frame: bytes, start: int, offset: int) -> bytes | None:
+    """The frame with its partial checksum done, as a NIC does for NEEDS_CSUM (5.1.6.2): the
+    ones' complement sum of frame[start:] (the field holds the pseudo-header sum) stored
+    complemented at start + offset. None when the field lies outside the frame."""
+    field = start + offset
+    if field + 2 > len(frame):
+        return None
+    data = frame[start:] + b"\0" * ((len(frame) - start) & 1)
+    # RFC 1071: the sum is the same in either byte order, so native 16-bit words will do.
+    total = sum(memoryview(data).cast("H"))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    csum = ~total & 0xFFFF or 0xFFFF  # 0 is "no checksum" to UDP; 0xFFFF is the same sum
+    return frame[:field] + struct.pack("=H", csum) + frame[field + 2 :]
+
+
+class Delivery(enum.Enum):
+    """What became of a TX frame on its way to RX."""
+
+    DELIVERED = "delivered"
+    DROPPED = "dropped"  # TX completed, the frame lost (counted in the TX stats)
+    HELD = "held"  # too few RX buffers yet: the TX chain goes back to its ring, to come again
+
 
 class SoftNetDevice(SoftDevice):
     DEVICE_ID = uapi.VIRTIO_ID_NET
     KIND = "net"
     QUEUE_NAMES = ("rx", "tx")
     # One queue pair: no CTRL_VQ, no control queue to model. More pairs: MQ_FEATURES, per instance.
-    DEVICE_FEATURES = 1 << uapi.VIRTIO_NET_F_MAC | 1 << uapi.VIRTIO_NET_F_STATUS | 1 << uapi.VIRTIO_NET_F_MTU
+    DEVICE_FEATURES = (
+        1 << uapi.VIRTIO_NET_F_MAC
+        | 1 << uapi.VIRTIO_NET_F_STATUS
+        | 1 << uapi.VIRTIO_NET_F_MTU
+        | 1 << uapi.VIRTIO_NET_F_MRG_RXBUF  # a frame may span RX buffers (_deliver_merged)
+        | OFFLOAD_FEATURES
+    )
 
     # What datapath=None means; the soft device tests run once per value.
     DEFAULT_DATAPATH = "auto"
@@ -183,6 +248,8 @@ class SoftNetDevice(SoftDevice):
                     iotlb_regions(self.mem.mappings),
                     (rx.call_fd, tx.call_fd),
                     self._has(uapi.VIRTIO_RING_F_INDIRECT_DESC),
+                    self._has(uapi.VIRTIO_NET_F_MRG_RXBUF),
+                    self._rx_takes(),
                 )
             if c.service() != 0:
                 break  # a chain for the Python datapath
@@ -284,27 +351,132 @@ class SoftNetDevice(SoftDevice):
             except QUEUE_FAULTS as e:
                 self.break_queue(tx, e)
                 break
-            if not self._deliver(rx, packet):
+            outcome = self._deliver(rx, packet)
+            if outcome is Delivery.HELD:
+                tx.ring.unpop(chain)  # type: ignore[union-attr]  # back in its ring until RX buffers arrive
+                break
+            if outcome is Delivery.DROPPED:
                 tx.stats.dropped += 1
             self.push(tx, chain, 0, read=len(packet))
             progress = True
         return progress
 
-    def _deliver(self, rx: SoftQueue, packet: bytes) -> bool:
-        """Copy one TX packet (header + frame) into the next RX buffer; False if it was dropped."""
+    def _deliver(self, rx: SoftQueue, packet: bytes) -> Delivery:
+        """Copy one TX packet (header + frame) into the next RX buffer(s)."""
         if len(packet) < NET_HDR_SIZE:
-            return False
+            return Delivery.DROPPED
+        offloaded = self._offload_for_rx(packet)
+        if offloaded is None:
+            return Delivery.DROPPED
+        packet = offloaded
+        if self._has(uapi.VIRTIO_NET_F_MRG_RXBUF):
+            return self._deliver_merged(rx, packet)
         chain = self.pop(rx)
         if chain is None:
-            return False
+            return Delivery.DROPPED
         # Without MRG_RXBUF the device MUST set num_buffers to 1 (5.1.6.4.1); the rest of the
-        # header is the sender's (no offloads are offered, so it carries nothing to undo).
+        # header is the sender's, as _offload_for_rx left it.
         hdr = packet[:_NUM_BUFFERS_OFF] + struct.pack("<H", 1)
         try:
             # A too-small RX buffer gets the frame truncated: there is no MRG_RXBUF to spread it.
             written = scatter(self.mem, chain, hdr + packet[NET_HDR_SIZE:])
         except QUEUE_FAULTS as e:
             self.break_queue(rx, e)
-            return False
+            return Delivery.DROPPED
         self.push(rx, chain, written)
-        return True
+        return Delivery.DELIVERED
+
+    def _offload_for_rx(self, packet: bytes) -> bytes | None:
+        """The packet as RX may take it (5.1.6.4.1), or None to drop it. A GSO frame goes as one
+        GSO frame, header as is, when RX acked its GUEST_TSO bit (and GUEST_ECN for the ECN bit);
+        else it is dropped: a loopback does not segment, and the spec (5.1.3.1) lets a driver
+        ack HOST_TSO4 without GUEST_TSO4, so refusing that at FEATURES_OK would refuse a valid
+        driver. A partial checksum (NEEDS_CSUM) goes as is when RX acked GUEST_CSUM, else the
+        device completes it and RX gets flags 0 (the device MUST set them so without GUEST_CSUM)."""
+        flags, gso_type = packet[0], packet[1]
+        if gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            wanted = _GSO_RX_FEATURE.get(gso_type & ~VIRTIO_NET_HDR_GSO_ECN)
+            if wanted is None or not self._has(wanted):
+                return None
+            if gso_type & VIRTIO_NET_HDR_GSO_ECN and not self._has(uapi.VIRTIO_NET_F_GUEST_ECN):
+                return None
+            return packet
+        if flags == 0 or self._has(uapi.VIRTIO_NET_F_GUEST_CSUM):
+            return packet
+        frame = packet[NET_HDR_SIZE:]
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            start, offset = struct.unpack_from("<HH", packet, 6)
+            done = complete_checksum(frame, start, offset)
+            if done is None:
+                return None
+            frame = done
+        return b"\0" + packet[1:NET_HDR_SIZE] + frame
+
+    def _rx_takes(self) -> int:
+        """The RX_TAKES_* bits for NetLoop.attach."""
+        return (
+            RX_TAKES_CSUM * self._has(uapi.VIRTIO_NET_F_GUEST_CSUM)
+            | RX_TAKES_TSO4 * self._has(uapi.VIRTIO_NET_F_GUEST_TSO4)
+            | RX_TAKES_TSO6 * self._has(uapi.VIRTIO_NET_F_GUEST_TSO6)
+            | RX_TAKES_ECN * self._has(uapi.VIRTIO_NET_F_GUEST_ECN)
+        )
+
+    def _deliver_merged(self, rx: SoftQueue, packet: bytes) -> Delivery:
+        """VIRTIO_NET_F_MRG_RXBUF (5.1.6.4.1): the frame fills as many RX buffers as it needs, in
+        ring order, each but the last to its full length; num_buffers in the first one's header
+        says how many; all are used together. Held (every buffer put back) until enough are there."""
+        chains = self._take_rx_buffers(rx, len(packet))
+        if not isinstance(chains, list):
+            return chains
+        data = packet[:_NUM_BUFFERS_OFF] + struct.pack("<H", len(chains)) + packet[NET_HDR_SIZE:]
+        used: list[tuple[Chain, int]] = []
+        done = 0
+        try:
+            for chain in chains:
+                n = scatter(self.mem, chain, memoryview(data)[done:])
+                used.append((chain, n))
+                done += n
+        except QUEUE_FAULTS as e:
+            self.break_queue(rx, e)
+            return Delivery.DROPPED
+        self._push_together(rx, used)
+        return Delivery.DELIVERED
+
+    def _take_rx_buffers(self, rx: SoftQueue, size: int) -> list[Chain] | Delivery:
+        """Pop RX buffers until they hold `size` bytes: the chains, or HELD with every one put back
+        (more may come), or DROPPED (RX broke, or the whole descriptor table is not enough)."""
+        chains: list[Chain] = []
+        room = descs = 0
+        while room < size:
+            chain = self.pop(rx)
+            if chain is None:
+                if not rx.usable:
+                    return Delivery.DROPPED
+                # Every descriptor of the ring in our hands and still short: no buffer can come.
+                held = descs < rx.ring.num  # type: ignore[union-attr]
+                for c in reversed(chains):
+                    rx.ring.unpop(c)  # type: ignore[union-attr]
+                return Delivery.HELD if held else Delivery.DROPPED
+            if chain.writable_bytes < NET_HDR_SIZE:
+                # 5.1.6.3.1: with MRG_RXBUF, the driver MUST make every buffer at least a header long.
+                reason = f"RX buffer of {chain.writable_bytes} bytes with MRG_RXBUF, shorter than a virtio_net_hdr"
+                self.break_queue(rx, GuestRingError(rx.name, reason, chain.id))
+                return Delivery.DROPPED
+            chains.append(chain)
+            room += chain.writable_bytes
+            descs += chain.ndescs
+        return chains
+
+    def _push_together(self, rx: SoftQueue, used: list[tuple[Chain, int]]) -> None:
+        """Use the RX buffers of one frame so that the driver sees them all at once (5.1.6.4.1)."""
+        ring = rx.ring
+        assert ring is not None
+
+        def stage_and_publish() -> None:
+            for chain, written in used:
+                ring.stage_used(chain, written)
+            ring.publish_used()
+
+        self.guard(rx, stage_and_publish)
+        rx.stats.chains += len(used)
+        rx.stats.written_bytes += sum(written for _, written in used)

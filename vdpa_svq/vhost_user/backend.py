@@ -96,14 +96,25 @@ GUEST_FEATURES = {
 }
 OFFERED_FEATURES = sum(bit(b) for b in GUEST_FEATURES)
 # virtio-net bits passed through to the frontend when the device offers them, and negotiated with
-# the device (DeviceSession.extra_features) when the frontend acks them. Each only describes a
-# config space field, which the frontend reads with GET_CONFIG: none changes the ring format, the
-# header, or the number of queues, so the relay is the same with or without them.
+# the device (DeviceSession.extra_features) when the frontend acks them. None changes the ring
+# format or the number of queues, and the header is 12 bytes with VERSION_1 whatever they say;
+# the relay copies buffers' addresses and used lengths, never a header, so it is the same with or
+# without them. Each row says what the bit changes instead.
 NET_PASSTHROUGH_FEATURES = {
     uapi.VIRTIO_NET_F_MAC: "config.mac is the device's address (the one it filters on, e.g. vdpa_sim)",
     uapi.VIRTIO_NET_F_MTU: "config.mtu is the device's maximum MTU (advice to the driver, who sizes its buffers)",
     uapi.VIRTIO_NET_F_STATUS: "config.status has the link state; config interrupts are not forwarded, "
                               "so the frontend sees a change on its next GET_CONFIG",
+    uapi.VIRTIO_NET_F_MRG_RXBUF: "a frame may span RX buffers, one used element each: the relay returns a "
+                                 "pass's used elements with one publish, so the guest sees them together",
+    uapi.VIRTIO_NET_F_CSUM: "TX headers may ask for a checksum (NEEDS_CSUM): header fields the relay never reads",
+    uapi.VIRTIO_NET_F_GUEST_CSUM: "RX headers may carry a partial checksum: written by the device, not the relay",
+    uapi.VIRTIO_NET_F_HOST_TSO4: "TX frames up to 64 KiB with gso_type TCPV4: longer chains, relayed like any",
+    uapi.VIRTIO_NET_F_HOST_TSO6: "TX frames up to 64 KiB with gso_type TCPV6: longer chains, relayed like any",
+    uapi.VIRTIO_NET_F_HOST_ECN: "the ECN bit of a TX gso_type: a header field",
+    uapi.VIRTIO_NET_F_GUEST_TSO4: "RX frames up to 64 KiB (TCPV4 GSO) in the guest's buffers: used lengths relayed",
+    uapi.VIRTIO_NET_F_GUEST_TSO6: "RX frames up to 64 KiB (TCPV6 GSO) in the guest's buffers: used lengths relayed",
+    uapi.VIRTIO_NET_F_GUEST_ECN: "the ECN bit of an RX gso_type: a header field",
 }
 NET_PASSTHROUGH = sum(bit(b) for b in NET_PASSTHROUGH_FEATURES)
 # Multiqueue: offered when the device has both; the frontend's control queue stays in the frontend,
