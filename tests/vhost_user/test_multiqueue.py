@@ -8,6 +8,7 @@ VQ_PAIRS_SET enables pairs, and SET_STATUS DRIVER_OK after the last pair.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -18,6 +19,7 @@ from kernel_iface.uapi import bit
 from tests.vhost_user.client import UADDR_OFFSET, new_eventfd, recv_reply, send
 from tests.vhost_user.conftest import RunningServer
 from vdpa_svq.devices import open_device
+from vdpa_svq.errors import GuestRingError
 from vdpa_svq.guest.net import RX_BUFFER, NetDriver
 from vdpa_svq.guest.plan import plan_layout
 from vdpa_svq.memory.guest import GuestMemory
@@ -179,3 +181,31 @@ def test_two_pairs_in_qemus_order_and_vq_pairs_set_reaches_the_device(mq_server,
         fe.close()
     mq_server.wait_connections(1)
     assert mq_server.server.summaries[-1].error is None
+
+
+def test_a_device_queue_that_stopped_is_named_in_serves_log(mq_server, caplog):
+    """A device that stops using one queue's buffers (VIRTIO 1.2 2.1.2: DEVICE_NEEDS_RESET for a
+    device that can no longer serve; soft:net breaks the one queue with the reason) leaves the
+    relay forwarding and kicking into nothing; serve cannot see it in its own counters. When the
+    relay stops, serve logs what the device says: the broken queue with its reason, the pairs it
+    was moving frames on, and its per-queue counters (here pair 1's TX: no chain used)."""
+    dev = mq_server.device
+    fe = MqFrontend(mq_server.connect(), Layout.PACKED)
+    try:
+        with caplog.at_level(logging.INFO, logger="vdpa_svq.vhost_user"):
+            fe.start(enabled_pairs=1)
+            fe.enable_pair(1, True)
+            fe.roundtrip(0, b"pair 0 before")
+            with dev.lock:
+                dev.break_queue(dev.queues[3], GuestRingError("tx1", "injected"))
+            assert fe.drivers[1].send(b"pair 1 into a stopped queue")
+            fe.drivers[1].flush()
+            fe.roundtrip(0, b"pair 0 goes on")
+            assert fe.drivers[1].reap() == []
+            fe.sock.close()
+            mq_server.wait_connections(1)
+    finally:
+        fe.close()
+    assert "device queue 3 stopped: tx1: guest broke the ring: injected" in caplog.text
+    assert "device: 2 queue pair(s) moving frames" in caplog.text
+    assert "device tx1: 0 chains" in caplog.text

@@ -278,7 +278,7 @@ def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
             v.quit()
         for s in serves:
             s.stop()
-            result.serve[s.name] = s.log().splitlines()[-40:]
+            result.serve[s.name] = s.log().splitlines()[-80:]  # a connection: ~20 lines at -v
         result.seconds = time.monotonic() - t0
         if own_dir and result.ok:
             shutil.rmtree(work, ignore_errors=True)

@@ -708,6 +708,7 @@ class Connection:
         if shadow is None:
             return
         self.shadow = None
+        self._log_device_state()
         try:
             # The device is stopped before the last used buffers are taken and the last marks
             # harvested: a device still running could write an RX buffer after the final sync, and
@@ -735,6 +736,26 @@ class Connection:
             for fd in self._retired:
                 os.close(fd)
             self._retired.clear()
+
+    def _log_device_state(self) -> None:
+        """What the device itself says when a relay run stops, before it is quiesced (a device in
+        this process: soft:*): broken queues with the reason, a dead datapath, its per-queue
+        counters (-v). A relay whose device stopped using buffers shows why here."""
+        device = self.device
+        errors = getattr(device, "queue_errors", None)
+        if errors is None:
+            return
+        for i, reason in errors().items():
+            log.error("%s: device queue %d stopped: %s", self.summary.peer, i, reason)
+        died = getattr(device, "datapath_error", None)
+        if died is not None:
+            log.error("%s: the device's datapath died: %r", self.summary.peer, died)
+        pairs = getattr(device, "active_pairs", None)
+        if pairs is not None:
+            log.info("%s: device: %d queue pair(s) moving frames", self.summary.peer, pairs)
+        for name, st in device.stats().items():
+            log.info("%s: device %s: %d chains, %d kicks, %d calls, %d dropped", self.summary.peer, name,
+                     st.chains, st.kicks, st.calls, st.dropped)
 
     # -- dirty log ------------------------------------------------------------------------------
     def _logging(self) -> bool:
