@@ -21,6 +21,11 @@
  * when it comes later than the cap, the spin was wasted, so the window halves (to 0: no polling).
  * Steady traffic grows the window until the pump polls without a break, as with a hand-tuned
  * poll_us; an idle queue costs one window's spin, then nothing.
+ *
+ * An adaptive phase also has to pay for itself (spin_credit, pump.py says why): it spins idle only
+ * on credit, which each poll round earns at POLL_PAYBACK times the time it spent relaying, up to
+ * the window. Under load the pump polls without a break; sparse traffic, or a peer starved of the
+ * CPU we spin on, runs the credit out and the pump goes back to notifications.
  */
 #include "_relay.h"
 
@@ -55,15 +60,24 @@ typedef struct {
     unsigned long long window_grows, window_shrinks;
 } Pump;
 
-/* The adaptive window's first step, and the rule (module function adapt_window, for its test). */
-/* mirrors pump.py:ADAPT_START_NS and pump.py:adapt_window */
+/* The adaptive window's first step (and a phase's first credit), the phase's payback, and the
+ * rules (module functions adapt_window and spin_credit, for their tests). */
+/* mirrors pump.py:ADAPT_START_NS, pump.py:POLL_PAYBACK, pump.py:adapt_window and pump.py:spin_credit */
 #define ADAPT_START_NS 10000ull
+#define POLL_PAYBACK 4ull
 
 static uint64_t adapt_window(uint64_t window, uint64_t gap, uint64_t cap)
 {
     if (gap < cap) /* a window this much longer would have caught the wake-up: grow */
         return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap) : (window * 2 < cap ? window * 2 : cap);
     return window / 2 < ADAPT_START_NS ? 0 : window / 2; /* idle longer than the cap: the spin was waste */
+}
+
+static uint64_t spin_credit(uint64_t left, uint64_t busy, uint64_t window)
+{
+    /* busy is a poll round's time and left at most a window: no overflow */
+    uint64_t credit = left + POLL_PAYBACK * busy;
+    return credit < window ? credit : window;
 }
 
 static uint64_t now_ns(void)
@@ -125,11 +139,12 @@ static int pump_for_each(Pump *p, int (*work)(Relay *))
     return 0;
 }
 
-/* mirrors pump.py:Pump.poll: a polling phase, then the re-arm */
-static int pump_poll(Pump *p, uint64_t poll_ns)
+/* mirrors pump.py:Pump.poll: a polling phase, then the re-arm; adaptive: credit is not NO_CREDIT */
+#define NO_CREDIT UINT64_MAX
+static int pump_poll(Pump *p, uint64_t poll_ns, uint64_t credit)
 {
     p->poll_phases++;
-    uint64_t deadline = now_ns() + poll_ns;
+    uint64_t deadline = now_ns() + (credit == NO_CREDIT ? poll_ns : credit);
     while (!pump_stopping(p)) {
         if (!pump_any_work(p)) {
             int found = 0;
@@ -150,9 +165,13 @@ static int pump_poll(Pump *p, uint64_t poll_ns)
                 break;
         }
         p->poll_rounds++;
+        uint64_t start = now_ns();
         if (pump_for_each(p, svq_poll_once) < 0)
             return -1;
-        deadline = now_ns() + poll_ns;
+        uint64_t now = now_ns();
+        if (credit != NO_CREDIT) /* what is left of the credit, and what this round earned */
+            credit = spin_credit(deadline > start ? deadline - start : 0, now - start, poll_ns);
+        deadline = now + (credit == NO_CREDIT ? poll_ns : credit);
     }
     return pump_for_each(p, svq_rearm);
 }
@@ -195,6 +214,7 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         n = epoll_wait(p->epfd, events, 32, 1000);
         Py_END_ALLOW_THREADS
+        uint64_t woke = now_ns(); /* the wake-up's work, from here, earns a first credit */
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -222,15 +242,19 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         }
         if (!worked)
             continue;
-        uint64_t window = (uint64_t)poll_us * 1000;
-        if (cap) {
-            window = adapt_window(p->window_ns, now_ns() - idle_since, cap);
+        uint64_t now = now_ns();
+        if (!cap) {
+            if (poll_us && pump_poll(p, (uint64_t)poll_us * 1000, NO_CREDIT) < 0)
+                goto fail;
+        } else {
+            uint64_t window = adapt_window(p->window_ns, now - idle_since, cap);
             p->window_grows += window > p->window_ns;
             p->window_shrinks += window < p->window_ns;
             p->window_ns = window;
+            uint64_t first = ADAPT_START_NS < window ? ADAPT_START_NS : window;
+            if (window > 0 && pump_poll(p, window, spin_credit(first, now - woke, window)) < 0)
+                goto fail;
         }
-        if (window > 0 && pump_poll(p, window) < 0)
-            goto fail;
         idle_since = now_ns();
     }
     p->running = 0;
@@ -422,4 +446,12 @@ PyObject *py_adapt_window(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "KKK", &window, &gap, &cap))
         return NULL;
     return PyLong_FromUnsignedLongLong(adapt_window(window, gap, cap));
+}
+
+PyObject *py_spin_credit(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long left, busy, window;
+    if (!PyArg_ParseTuple(args, "KKK", &left, &busy, &window))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(spin_credit(left, busy, window));
 }

@@ -39,6 +39,8 @@ int relay_hung_up(Relay *q, int kick);
 extern PyTypeObject PumpType; /* vdpa_svq._relay.Pump */
 /* adapt_window(window_ns, gap_ns, cap_ns): the adaptive window's rule, for its test. */
 PyObject *py_adapt_window(PyObject *module, PyObject *args);
+/* spin_credit(left_ns, busy_ns, window_ns): an adaptive polling phase's credit, for its test. */
+PyObject *py_spin_credit(PyObject *module, PyObject *args);
 
 #pragma GCC visibility pop
 

@@ -18,6 +18,15 @@ window, since a longer one would have caught it; a wake-up later than the cap ha
 polling), since the spin was waste. Steady traffic grows the window until the pump polls without
 a break; an idle queue costs one window's spin, then nothing.
 
+The window alone would spin through any gap shorter than the cap: at 10k packets/s (a packet every
+100 µs) a whole CPU for a few µs of work a packet, and where the peers need this CPU (more polling
+threads than CPUs) the spin takes it from the very threads that would bring the next packet. So an
+adaptive phase also has to pay for itself (spin_credit): it may spin idle only on credit, which
+each poll round earns at POLL_PAYBACK times the time the round spent relaying, up to the window.
+Under load the rounds earn more than the gaps cost, and the pump polls without a break; sparse
+traffic runs out of credit within a gap and goes back to notifications (one wake-up a burst
+instead of a CPU); a starved peer brings no work, so the credit runs out and the pump sleeps.
+
 Names follow the C (pump_run is Pump.run, svq_rearm is ShadowVirtqueue.rearm, ...), so that each
 C function can say which of these it mirrors.
 """
@@ -34,7 +43,11 @@ from dataclasses import dataclass
 from vdpa_svq.errors import DeviceRingError, GuestRingError
 from vdpa_svq.relay import ShadowVirtqueue
 
-ADAPT_START_NS = 10_000  # the adaptive window's first step
+ADAPT_START_NS = 10_000  # the adaptive window's first step, and an adaptive phase's first credit
+# An adaptive polling phase spins idle for at most this many times the time it spent relaying (plus
+# its first credit): it stops before the spin costs more than a few wake-ups would have (a wake-up,
+# both sides' syscalls and the scheduler's, costs about what relaying a small burst does).
+POLL_PAYBACK = 4
 
 # Why a relay stops when one of its fds is not a working eventfd any more.
 HUNG_UP = {
@@ -48,6 +61,12 @@ def adapt_window(window: int, gap: int, cap: int) -> int:
     if gap < cap:  # a window this much longer would have caught the wake-up: grow
         return min(ADAPT_START_NS, cap) if window == 0 else min(window * 2, cap)
     return 0 if window // 2 < ADAPT_START_NS else window // 2  # idle longer than the cap: the spin was waste
+
+
+def spin_credit(left: int, busy: int, window: int) -> int:
+    """How long (ns) an adaptive polling phase may spin idle from now: the credit `left` when a poll
+    round found work, plus what the round earned (POLL_PAYBACK times its `busy` ns), at most the window."""
+    return min(window, left + POLL_PAYBACK * busy)
 
 
 @dataclass
@@ -115,7 +134,9 @@ class Pump:
         try:
             while not self._stop:
                 worked = False
-                for fd, events in self._epoll.poll(1.0):
+                ready = self._epoll.poll(1.0)
+                woke = time.monotonic_ns()  # the wake-up's work, from here, earns a first credit
+                for fd, events in ready:
                     if self._stop:
                         break
                     src = self.sources.get(fd)
@@ -135,14 +156,17 @@ class Pump:
                     worked |= src.which != "callable"
                 if not worked:
                     continue
-                window = poll_us * 1000
-                if cap:
-                    window = adapt_window(self.window_ns, time.monotonic_ns() - idle_since, cap)
+                now = time.monotonic_ns()
+                if not cap:
+                    if poll_us:
+                        self.poll(poll_us * 1000)
+                else:
+                    window = adapt_window(self.window_ns, now - idle_since, cap)
                     self.window_grows += window > self.window_ns
                     self.window_shrinks += window < self.window_ns
                     self.window_ns = window
-                if window > 0:
-                    self.poll(window)
+                    if window > 0:
+                        self.poll(window, spin_credit(min(ADAPT_START_NS, window), now - woke, window))
                 idle_since = time.monotonic_ns()
         finally:
             self.running = False
@@ -166,11 +190,13 @@ class Pump:
             if relay.error is None:
                 work(relay)
 
-    def poll(self, poll_ns: int) -> None:
+    def poll(self, poll_ns: int, credit: int | None = None) -> None:
         """A polling phase: poll every ring, notifications off, until nothing came for poll_ns; then
-        re-arm them (which relays whatever raced in between the last poll and the re-enable)."""
+        re-arm them (which relays whatever raced in between the last poll and the re-enable).
+        Adaptive (a first `credit` given, poll_ns the learnt window): until nothing came for as
+        long as the phase's credit allows (spin_credit)."""
         self.poll_phases += 1
-        deadline = time.monotonic_ns() + poll_ns
+        deadline = time.monotonic_ns() + (poll_ns if credit is None else credit)
         while not self._stop:
             if not self.any_work():
                 # Idle: spin, yielding the CPU at each turn (and the GIL with it): where the device's
@@ -184,8 +210,12 @@ class Pump:
                 if not found:
                     break
             self.poll_rounds += 1
+            start = time.monotonic_ns()
             self.for_each(ShadowVirtqueue.poll_once)
-            deadline = time.monotonic_ns() + poll_ns
+            now = time.monotonic_ns()
+            if credit is not None:  # what is left of the credit, and what this round earned
+                credit = spin_credit(max(deadline - start, 0), now - start, poll_ns)
+            deadline = now + (poll_ns if credit is None else credit)
         self.for_each(ShadowVirtqueue.rearm)
 
     def drop(self, src: PumpSource) -> None:
