@@ -31,6 +31,8 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
         loop = s.relay_loop
         learnt = (f", polling window learnt: {loop['poll_window_ns'] / 1000:.0f} µs"
                   if loop.get("window_grows") or loop.get("window_shrinks") else "")
+        if loop.get("contended_phases"):
+            learnt += f", {loop['contended_phases']} phases stopped for a CPU other threads wanted"
         click.echo(f"  relay loop: {loop.get('wakeups', 0)} wake-ups, {loop.get('poll_rounds', 0)} polling rounds "
                    f"in {loop.get('poll_phases', 0)} polling phases{learnt}")
     if s.log_syncs:
