@@ -1,5 +1,5 @@
 """Round-trip latency and CPU per packet at fixed offered rates, and idle CPU: `vdpa-svq serve soft:net`
-(default settings, and --poll-us auto) beside DPDK's vhost PMD forwarding back (issue 15).
+(default settings: adaptive polling, and --poll-us 0) beside DPDK's vhost PMD forwarding back (issue 15).
 
     python -m bench.latency [--rates 10000,100000,1000000] [--seconds 3] [--slices 2] [--write BENCHMARKS.md]
 
@@ -34,7 +34,7 @@ from vdpa_svq.guest.net import NetDriver
 from vdpa_svq.ring import Layout
 
 SERVE = "vdpa-svq serve soft:net"
-SERVE_VARIANTS = ";--poll-us auto"  # the serve rows beside DPDK's (--serve)
+SERVE_VARIANTS = ";--poll-us 0"  # the serve rows beside DPDK's (--serve)
 FRAME = 64
 SEQS = 1 << 16  # frames built in advance, one per sequence number mod SEQS (far more than can be in flight)
 WARMUP = 0.3  # seconds of traffic at the rate before the counted window
@@ -307,8 +307,8 @@ over the pooled round trips of a cell.
   writes it made (TX, and RX after reposting a buffer) per packet sent, each one a wake-up for a
   backend that sleeps; DPDK's PMD polls and asks for none.
 - "dpdk-vhost": a testpmd with DPDK's vhost PMD, io forwarding back (lcore 1). "{serve}": the shadow
-  virtqueues (C relay) in front of the software loopback device, notifications only (`--poll-us 0`);
-  "--poll-us auto": adaptive polling. serve is not pinned (the frontend has CPU 0).
+  virtqueues (C relay) in front of the software loopback device, with the default adaptive polling
+  (`--poll-us auto`); "--poll-us 0": notifications only. serve is not pinned (the frontend has CPU 0).
 - Not measured: rates above what the Python frontend can offer (the most it reached is below; rows
   asking for more measure the frontend, and need a native frontend, e.g. testpmd's txonly with
   timestamps), a guest's interrupt path (the frontend never sleeps), a real device (soft:net loops back

@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="testpmd --burst: packets per burst, and so in flight after --tx-first (default 32)")
     ap.add_argument("--peer-mac", default=None, help="first burst's destination (vdpa_sim filters on its MAC)")
     ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
-    ap.add_argument("--serve", default=";--poll-us auto;--poll-us 50 --cpus 1",
+    ap.add_argument("--serve", default=";--poll-us 0;--poll-us 50 --cpus 1",
                     help="the rows of serve in front of DEV: " + VARIANTS_HELP)
     ap.add_argument("--via-dpdk", default="", help="the rows of serve in front of DPDK's vhost PMD (as "
                     "vhost-user:PATH): " + VARIANTS_HELP + "; 'none' for no such row")
     ap.add_argument("--kernel", action="store_true", help="passthrough vs serve, in the kernel bench")
-    ap.add_argument("--impls", default="c,c/poll=auto,c/poll=2000/cpus=1,py",
+    ap.add_argument("--impls", default="c,c/poll=0,c/poll=2000/cpus=1,py",
                     help="--kernel: serve variants to measure: a relay (c, py), '/poll=US' for --poll-us US, "
-                         "'/cpus=LIST' for --cpus LIST (default c,c/poll=auto,c/poll=2000/cpus=1,py)")
+                         "'/cpus=LIST' for --cpus LIST (default c,c/poll=0,c/poll=2000/cpus=1,py)")
     ap.add_argument("--timeout", type=float, default=480.0, help="--kernel: bound for boot + the whole guest run")
     ap.add_argument("--kernel-guest", action="store_true", help=argparse.SUPPRESS)  # inside the guest
     ap.add_argument("--json", help=argparse.SUPPRESS)  # --kernel-guest: where the host reads the rates
@@ -207,11 +207,10 @@ io forwarding after a first burst; {slices} interleaved slices of {seconds:g} s 
 - "dpdk-vhost": the frontend straight to DPDK's vhost PMD (a second testpmd forwarding back): the ceiling.
   The two forwarding lcores have a CPU each.
 - "vdpa-svq serve {device}": vdpa-svq's shadow virtqueues (C relay) with the default settings
-  (notifications only, `--poll-us 0`) in front of the built-in
+  (adaptive polling, `--poll-us auto`: polls while polling pays, see pump.py) in front of the built-in
   software loopback device, whose datapath runs in C (vdpa_svq/softdev/_netloop.c) in the relay's own thread: the
   relay's kick is served inline, so one thread moves each frame guest -> shadow -> device -> shadow -> guest.
-- "... --poll-us auto": the same with adaptive polling (the relay loop learns a polling window from
-  the traffic, see loop.py).
+- "... --poll-us 0": the same with notifications only (no polling).
 - "... --poll-us 50 --cpus 1": polling tuned by hand, pinned to CPU 1, the CPU the DPDK backend's
   forwarding lcore has in the first row (the frontend's forwarding lcore is on CPU 0 in every row).
 - "serve CPU µs/packet": serve's CPU time (user + system, all threads) over the counted forwarding, per
@@ -235,10 +234,10 @@ is the point. Device: vdpa_sim net (loopback, split rings only), {device}.
   (`--vdev net_virtio_user0,path={device},queues=1,packed_vq=0`): the kernel's vhost-vdpa, no shadow virtqueue.
 - "vdpa-svq serve --impl X": the same testpmd over vhost-user (split rings) to `vdpa-svq serve {device}`,
   whose shadow virtqueues (relay X) drive the device; the C relay runs in the C loop (no Python per wake-up),
-  "--poll-us auto": adaptive polling (a polling window learnt from the traffic, up to 2 ms).
+  with the default adaptive polling (`--poll-us auto`: polls while polling pays, see pump.py).
   "--poll-us US": after each burst the relay keeps notifications off and polls the rings for US µs
   (yielding the vCPU while idle, so that vdpa_sim's kthread still gets it) before sleeping again; 0:
-  notifications only (the default). Under TCG everything in the guest runs tens of times slower than on the host, so
+  notifications only. Under TCG everything in the guest runs tens of times slower than on the host, so
   2000 µs is 50 µs in host time. "--cpus 1": the serve process on vCPU 1, away from testpmd's polling lcore.
 - "vdpa_sim worker" / "vdpa-svq serve": vCPU time per received packet of vdpa_sim's kernel worker and of
   the whole serve process (/proc, user + system); "vCPUs busy": the share of each vCPU that was not idle
