@@ -78,15 +78,17 @@ typedef struct {
 static uint64_t adapt_window(uint64_t window, uint64_t gap, uint64_t cap)
 {
     if (gap < cap) /* a window this much longer would have caught the wake-up: grow */
-        return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap) : (window * 2 < cap ? window * 2 : cap);
+        return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap)
+                           : (window < cap && window < cap - window ? window * 2 : cap); /* min(2w, cap), no overflow */
     return window / 2 < ADAPT_START_NS ? 0 : window / 2; /* idle longer than the cap: the spin was waste */
 }
 
 static uint64_t spin_credit(uint64_t left, uint64_t busy, uint64_t window)
 {
-    /* busy is a poll round's time and left at most a window: no overflow */
-    uint64_t credit = left + POLL_PAYBACK * busy;
-    return credit < window ? credit : window;
+    if (left >= window)
+        return window;
+    uint64_t room = window - left; /* min(window, left + POLL_PAYBACK * busy), with no overflow */
+    return busy > room / POLL_PAYBACK ? window : left + POLL_PAYBACK * busy;
 }
 
 static int contended(uint64_t switches, uint64_t phase_ns) { return switches > phase_ns / CONTENDED_NS; }
@@ -95,8 +97,9 @@ static uint64_t contention_pause(uint64_t pause, int was_contended)
 {
     if (!was_contended)
         return 0;
-    pause = pause * 2 > PAUSE_MIN_NS ? pause * 2 : PAUSE_MIN_NS; /* pause <= PAUSE_MAX_NS: no overflow */
-    return pause < PAUSE_MAX_NS ? pause : PAUSE_MAX_NS;
+    if (pause >= PAUSE_MAX_NS / 2) /* min(max(pause * 2, PAUSE_MIN_NS), PAUSE_MAX_NS), with no overflow */
+        return PAUSE_MAX_NS;
+    return pause * 2 > PAUSE_MIN_NS ? pause * 2 : PAUSE_MIN_NS;
 }
 
 /* mirrors pump.py:involuntary_switches */

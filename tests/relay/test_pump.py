@@ -454,6 +454,20 @@ def test_the_contention_pause_rule(impl, pause, was_contended, expected):
     assert CONTENTION_PAUSE[impl](pause, was_contended) == expected
 
 
+U64 = st.integers(0, 2**64 - 1)
+
+
+@given(a=U64, b=U64, c=U64, flag=st.booleans())
+@settings(max_examples=500, deadline=None)
+def test_the_c_rules_are_the_python_rules(a, b, c, flag):
+    """_pump.c mirrors pump.py: the four rules agree on any 64-bit input (the C's arithmetic
+    saturates where it would overflow; the Python's never does)."""
+    assert _relay.adapt_window(a, b, c) == pump.adapt_window(a, b, c)
+    assert _relay.spin_credit(a, b, c) == pump.spin_credit(a, b, c)
+    assert _relay.contended(a, b) is pump.contended(a, b)
+    assert _relay.contention_pause(a, flag) == pump.contention_pause(a, flag)
+
+
 def run_phase(credit_rule, window: int, first_busy: int, rounds: list[tuple[int, int]]) -> tuple[int, int]:
     """A polling phase as the pump runs it, on paper: rounds of (idle gap before the work, time the
     work took), bridged while the gap fits the credit. (Rounds bridged, idle ns spun: the gaps
