@@ -60,15 +60,16 @@ def backend(kind: str, device: str, sock: str, tag: str, impl: str = "auto",
             timeout: float = 60.0, extra: tuple[str, ...] = (), tree: str | None = None) -> subprocess.Popen:
     """A backend listening on `sock`: DPDK's vhost PMD, or serve (from the checkout `tree`, if given:
     to compare a branch with another in one interleaved run)."""
-    env = None
+    env, cwd = None, None
     if kind == "dpdk-vhost":
         cmd = ["dpdk-testpmd", "-l", "0,1", *EAL, f"--file-prefix=be-{tag}",
                "--vdev", f"net_vhost0,iface={sock},queues=1", "--", *TESTPMD_ARGS]
     else:
         cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--impl", impl, *extra]
-        if tree is not None:
-            env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if tree is not None:  # python -m looks in the working directory first
+            cwd = os.path.abspath(tree)
+            env = {**os.environ, "PYTHONPATH": cwd}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     _wait_socket(sock, proc, timeout)
     return proc
 
