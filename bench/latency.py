@@ -1,5 +1,5 @@
 """Round-trip latency and CPU per packet at fixed offered rates, and idle CPU: `vdpa-svq serve soft:net`
-(default settings, and --poll-us auto) beside DPDK's vhost PMD forwarding back (issue 15).
+(default settings: adaptive polling, and --poll-us 0) beside DPDK's vhost PMD forwarding back (issue 15).
 
     python -m bench.latency [--rates 10000,100000,1000000] [--seconds 3] [--slices 2] [--write BENCHMARKS.md]
 
@@ -27,19 +27,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from bench.vhost_user import CpuMeter, backend, machine, stop, write_section
+from bench.vhost_user import VARIANTS_HELP, CpuMeter, backend, machine, serve_variants, stop, write_section
 from tests.vhost_user.client import VhostUserFrontend
 from vdpa_svq.guest.frames import ETH_HEADER, FRAME_HEADER, build_frame
 from vdpa_svq.guest.net import NetDriver
 from vdpa_svq.ring import Layout
 
 SERVE = "vdpa-svq serve soft:net"
-# (row label, backend kind, extra serve arguments)
-BACKENDS = [
-    ("dpdk-vhost", "dpdk-vhost", ()),
-    (SERVE, "serve", ()),
-    (f"{SERVE} --poll-us auto", "serve", ("--poll-us", "auto")),
-]
+SERVE_VARIANTS = ";--poll-us 0"  # the serve rows beside DPDK's (--serve)
 FRAME = 64
 SEQS = 1 << 16  # frames built in advance, one per sequence number mod SEQS (far more than can be in flight)
 WARMUP = 0.3  # seconds of traffic at the rate before the counted window
@@ -163,10 +158,10 @@ def open_frontend(sock: str, layout: Layout) -> tuple[VhostUserFrontend, NetDriv
         raise
 
 
-def run_cell(kind: str, extra: tuple[str, ...], sock: str, tag: str, layout: Layout, frames: list[bytes],
-             rate: float, seconds: float, cell: Cell) -> float:
+def run_cell(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag: str, layout: Layout,
+             frames: list[bytes], rate: float, seconds: float, cell: Cell) -> float:
     """One backend, one frontend, one rate; returns the frontend's idle poll turn (µs)."""
-    proc = backend(kind, "soft:net", sock, tag, extra=extra)
+    proc = backend(kind, "soft:net", sock, tag, extra=extra, tree=tree)
     try:
         fe, drv = open_frontend(sock, layout)
         affinity = os.sched_getaffinity(0)
@@ -186,11 +181,11 @@ def run_cell(kind: str, extra: tuple[str, ...], sock: str, tag: str, layout: Lay
         stop(proc)
 
 
-def idle_cpu(kind: str, extra: tuple[str, ...], sock: str, tag: str, layout: Layout, frames: list[bytes],
-             seconds: float) -> float:
+def idle_cpu(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag: str, layout: Layout,
+             frames: list[bytes], seconds: float) -> float:
     """Share of a CPU the backend used with the frontend connected and silent for `seconds`, after a
     short burst of traffic (so that an adaptive poller has something to forget)."""
-    proc = backend(kind, "soft:net", sock, tag, extra=extra)
+    proc = backend(kind, "soft:net", sock, tag, extra=extra, tree=tree)
     try:
         fe, drv = open_frontend(sock, layout)
         try:
@@ -227,41 +222,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=2, help="interleaved passes over every (rate, backend)")
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--layout", choices=["split", "packed"], default="split")
+    ap.add_argument("--serve", default=SERVE_VARIANTS, help="the rows of serve: " + VARIANTS_HELP)
     ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
     args = ap.parse_args(argv)
+    backends = [("dpdk-vhost", "dpdk-vhost", (), None)] + [
+        (label, "serve", extra, tree) for label, extra, tree in serve_variants(args.serve, SERVE)]
     command = " ".join(["python -m bench.latency", *(sys.argv[1:] if argv is None else argv)])
     layout = Layout.PACKED if args.layout == "packed" else Layout.SPLIT
     rates = [float(r) for r in args.rates.split(",") if r]
     mach = machine()
     print(f"{mach}; building frames", file=sys.stderr, flush=True)
     frames = [build_frame(k, FRAME) for k in range(SEQS)]
-    cells = {(rate, label): Cell() for rate in rates for label, _, _ in BACKENDS}
+    cells = {(rate, label): Cell() for rate in rates for label, *_ in backends}
     turns: list[float] = []
     idle: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="vdpa-svq-latency-") as tmp:
         for n in range(args.slices):
             for rate in rates:
-                for i, (label, kind, extra) in enumerate(BACKENDS):
+                for i, (label, kind, extra, tree) in enumerate(backends):
                     tag = f"{os.getpid()}-{n}-{int(rate)}-{i}"
                     c = cells[(rate, label)]
                     before = (c.sent, c.returned, len(c.rtts))
-                    turns.append(run_cell(kind, extra, os.path.join(tmp, f"{tag}.sock"), tag, layout, frames,
+                    turns.append(run_cell(kind, extra, tree, os.path.join(tmp, f"{tag}.sock"), tag, layout, frames,
                                           rate, args.seconds, c))
                     sent, back = c.sent - before[0], c.returned - before[1]
                     new = sorted(c.rtts[before[2]:])
                     print(f"slice {n}: {rate:>9,.0f} pps  {label:40} offered {sent / args.seconds:>9,.0f} "
                           f"back {back / args.seconds:>9,.0f}  p50 {pct(new, 0.5):7.1f} µs  "
                           f"p99 {pct(new, 0.99):7.1f} µs", file=sys.stderr, flush=True)
-        for i, (label, kind, extra) in enumerate(BACKENDS):
+        for i, (label, kind, extra, tree) in enumerate(backends):
             tag = f"{os.getpid()}-idle-{i}"
-            idle[label] = idle_cpu(kind, extra, os.path.join(tmp, f"{tag}.sock"), tag, layout, frames,
+            idle[label] = idle_cpu(kind, extra, tree, os.path.join(tmp, f"{tag}.sock"), tag, layout, frames,
                                    args.idle_seconds)
             print(f"idle: {label:40} {idle[label] * 100:.2f}% of a CPU", file=sys.stderr, flush=True)
     lines = ["| offered pps (asked) | backend | offered pps (reached) | returned pps | RTT p50 µs | RTT p99 µs "
              "| backend CPU µs/packet | frontend µs/packet | kicks/packet |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rate in rates:
-        for label, _, _ in BACKENDS:
+        for label, *_ in backends:
             c = cells[(rate, label)]
             rtts = sorted(c.rtts)
             per = max(1, c.returned)
@@ -309,8 +307,8 @@ over the pooled round trips of a cell.
   writes it made (TX, and RX after reposting a buffer) per packet sent, each one a wake-up for a
   backend that sleeps; DPDK's PMD polls and asks for none.
 - "dpdk-vhost": a testpmd with DPDK's vhost PMD, io forwarding back (lcore 1). "{serve}": the shadow
-  virtqueues (C relay) in front of the software loopback device, notifications only (`--poll-us 0`);
-  "--poll-us auto": adaptive polling. serve is not pinned (the frontend has CPU 0).
+  virtqueues (C relay) in front of the software loopback device, with the default adaptive polling
+  (`--poll-us auto`); "--poll-us 0": notifications only. serve is not pinned (the frontend has CPU 0).
 - Not measured: rates above what the Python frontend can offer (the most it reached is below; rows
   asking for more measure the frontend, and need a native frontend, e.g. testpmd's txonly with
   timestamps), a guest's interrupt path (the frontend never sleeps), a real device (soft:net loops back

@@ -21,6 +21,15 @@
  * when it comes later than the cap, the spin was wasted, so the window halves (to 0: no polling).
  * Steady traffic grows the window until the pump polls without a break, as with a hand-tuned
  * poll_us; an idle queue costs one window's spin, then nothing.
+ *
+ * An adaptive phase also has to pay for itself (spin_credit, pump.py says why): it spins idle only
+ * on credit, which each poll round earns at POLL_PAYBACK times the time it spent relaying, up to
+ * the window. Under load the pump polls without a break; sparse traffic, or a peer starved of the
+ * CPU we spin on, runs the credit out and the pump goes back to notifications. A phase that took
+ * the CPU from runnable threads (contended: more involuntary context switches than one per
+ * CONTENDED_NS) sets the window to 0 and pauses polling (contention_pause): where busy threads
+ * outnumber CPUs, spinning delays the very threads that bring the work, and each yield loses the
+ * CPU for a whole scheduler slice.
  */
 #include "_relay.h"
 
@@ -29,6 +38,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,18 +62,51 @@ typedef struct {
     unsigned long long wakeups, poll_rounds, poll_phases;
     /* Adaptive polling: the current window, and how often it grew and shrank. */
     uint64_t window_ns;
-    unsigned long long window_grows, window_shrinks;
+    unsigned long long window_grows, window_shrinks, contended_phases;
 } Pump;
 
-/* The adaptive window's first step, and the rule (module function adapt_window, for its test). */
-/* mirrors pump.py:ADAPT_START_NS and pump.py:adapt_window */
+/* The adaptive window's first step (and a phase's first credit), the phase's payback, and the
+ * rules (module functions adapt_window and spin_credit, for their tests). */
+/* mirrors pump.py:ADAPT_START_NS, POLL_PAYBACK, CONTENDED_NS, PAUSE_MIN_NS, PAUSE_MAX_NS, adapt_window,
+ * spin_credit, contended and contention_pause */
 #define ADAPT_START_NS 10000ull
+#define POLL_PAYBACK 4ull
+#define CONTENDED_NS 10000000ull
+#define PAUSE_MIN_NS 10000000ull
+#define PAUSE_MAX_NS 1000000000ull
 
 static uint64_t adapt_window(uint64_t window, uint64_t gap, uint64_t cap)
 {
     if (gap < cap) /* a window this much longer would have caught the wake-up: grow */
-        return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap) : (window * 2 < cap ? window * 2 : cap);
+        return window == 0 ? (ADAPT_START_NS < cap ? ADAPT_START_NS : cap)
+                           : (window < cap && window < cap - window ? window * 2 : cap); /* min(2w, cap), no overflow */
     return window / 2 < ADAPT_START_NS ? 0 : window / 2; /* idle longer than the cap: the spin was waste */
+}
+
+static uint64_t spin_credit(uint64_t left, uint64_t busy, uint64_t window)
+{
+    if (left >= window)
+        return window;
+    uint64_t room = window - left; /* min(window, left + POLL_PAYBACK * busy), with no overflow */
+    return busy > room / POLL_PAYBACK ? window : left + POLL_PAYBACK * busy;
+}
+
+static int contended(uint64_t switches, uint64_t phase_ns) { return switches > phase_ns / CONTENDED_NS; }
+
+static uint64_t contention_pause(uint64_t pause, int was_contended)
+{
+    if (!was_contended)
+        return 0;
+    if (pause >= PAUSE_MAX_NS / 2) /* min(max(pause * 2, PAUSE_MIN_NS), PAUSE_MAX_NS), with no overflow */
+        return PAUSE_MAX_NS;
+    return pause * 2 > PAUSE_MIN_NS ? pause * 2 : PAUSE_MIN_NS;
+}
+
+/* mirrors pump.py:involuntary_switches */
+static uint64_t involuntary_switches(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_THREAD, &ru) == 0 ? (uint64_t)ru.ru_nivcsw : 0;
 }
 
 static uint64_t now_ns(void)
@@ -125,11 +168,14 @@ static int pump_for_each(Pump *p, int (*work)(Relay *))
     return 0;
 }
 
-/* mirrors pump.py:Pump.poll: a polling phase, then the re-arm */
-static int pump_poll(Pump *p, uint64_t poll_ns)
+/* mirrors pump.py:Pump.poll: a polling phase, then the re-arm; adaptive: credit is not NO_CREDIT.
+ * -1 on an error, else whether the phase was contended. */
+#define NO_CREDIT UINT64_MAX
+static int pump_poll(Pump *p, uint64_t poll_ns, uint64_t credit)
 {
     p->poll_phases++;
-    uint64_t deadline = now_ns() + poll_ns;
+    uint64_t began = now_ns(), switches = involuntary_switches();
+    uint64_t deadline = began + (credit == NO_CREDIT ? poll_ns : credit);
     while (!pump_stopping(p)) {
         if (!pump_any_work(p)) {
             int found = 0;
@@ -150,11 +196,17 @@ static int pump_poll(Pump *p, uint64_t poll_ns)
                 break;
         }
         p->poll_rounds++;
+        uint64_t start = now_ns();
         if (pump_for_each(p, svq_poll_once) < 0)
             return -1;
-        deadline = now_ns() + poll_ns;
+        uint64_t now = now_ns();
+        if (credit != NO_CREDIT) /* what is left of the credit, and what this round earned */
+            credit = spin_credit(deadline > start ? deadline - start : 0, now - start, poll_ns);
+        deadline = now + (credit == NO_CREDIT ? poll_ns : credit);
     }
-    return pump_for_each(p, svq_rearm);
+    if (pump_for_each(p, svq_rearm) < 0)
+        return -1;
+    return contended(involuntary_switches() - switches, now_ns() - began);
 }
 
 /* A source that is not a working eventfd any more (hung up, in error, read() gave no counter):
@@ -184,6 +236,7 @@ static PyObject *pump_run(Pump *p, PyObject *args)
     }
     uint64_t cap = (uint64_t)adaptive_max_us * 1000;
     uint64_t idle_since = now_ns(); /* when the pump last stopped working (for the adaptive gap) */
+    uint64_t pause = 0, paused_until = 0; /* after contended phases: no polling until then */
     if (p->running) {
         PyErr_SetString(PyExc_RuntimeError, "the pump is already running");
         return NULL;
@@ -195,6 +248,7 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         n = epoll_wait(p->epfd, events, 32, 1000);
         Py_END_ALLOW_THREADS
+        uint64_t woke = now_ns(); /* the wake-up's work, from here, earns a first credit */
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -222,15 +276,29 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         }
         if (!worked)
             continue;
-        uint64_t window = (uint64_t)poll_us * 1000;
-        if (cap) {
-            window = adapt_window(p->window_ns, now_ns() - idle_since, cap);
+        uint64_t now = now_ns();
+        if (!cap) {
+            if (poll_us && pump_poll(p, (uint64_t)poll_us * 1000, NO_CREDIT) < 0)
+                goto fail;
+        } else if (now >= paused_until) {
+            uint64_t window = adapt_window(p->window_ns, now - idle_since, cap);
             p->window_grows += window > p->window_ns;
             p->window_shrinks += window < p->window_ns;
             p->window_ns = window;
+            if (window > 0) {
+                uint64_t first = ADAPT_START_NS < window ? ADAPT_START_NS : window;
+                int was_contended = pump_poll(p, window, spin_credit(first, now - woke, window));
+                if (was_contended < 0)
+                    goto fail;
+                pause = contention_pause(pause, was_contended);
+                if (was_contended) { /* the spin took the CPU from runnable threads: pause */
+                    p->contended_phases++;
+                    p->window_shrinks++;
+                    p->window_ns = 0;
+                    paused_until = now_ns() + pause;
+                }
+            }
         }
-        if (window > 0 && pump_poll(p, window) < 0)
-            goto fail;
         idle_since = now_ns();
     }
     p->running = 0;
@@ -380,9 +448,10 @@ static void pump_dealloc(Pump *p)
 /* mirrors pump.py:Pump.stats */
 static PyObject *pump_get_stats(Pump *p, void *Py_UNUSED(closure))
 {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "wakeups", p->wakeups, "poll_phases", p->poll_phases,
                          "poll_rounds", p->poll_rounds, "poll_window_ns", (unsigned long long)p->window_ns,
-                         "window_grows", p->window_grows, "window_shrinks", p->window_shrinks);
+                         "window_grows", p->window_grows, "window_shrinks", p->window_shrinks,
+                         "contended_phases", p->contended_phases);
 }
 
 static PyMethodDef pump_methods[] = {
@@ -398,7 +467,8 @@ static PyMethodDef pump_methods[] = {
 
 static PyGetSetDef pump_getset[] = {
     {"stats", (getter)pump_get_stats, NULL,
-     "{'wakeups', 'poll_phases', 'poll_rounds', 'poll_window_ns', 'window_grows', 'window_shrinks'}", NULL},
+     "{'wakeups', 'poll_phases', 'poll_rounds', 'poll_window_ns', 'window_grows', 'window_shrinks', "
+     "'contended_phases'}", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -422,4 +492,29 @@ PyObject *py_adapt_window(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "KKK", &window, &gap, &cap))
         return NULL;
     return PyLong_FromUnsignedLongLong(adapt_window(window, gap, cap));
+}
+
+PyObject *py_contended(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long switches, phase;
+    if (!PyArg_ParseTuple(args, "KK", &switches, &phase))
+        return NULL;
+    return PyBool_FromLong(contended(switches, phase));
+}
+
+PyObject *py_contention_pause(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long pause;
+    int was_contended;
+    if (!PyArg_ParseTuple(args, "Kp", &pause, &was_contended))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(contention_pause(pause, was_contended));
+}
+
+PyObject *py_spin_credit(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    unsigned long long left, busy, window;
+    if (!PyArg_ParseTuple(args, "KKK", &left, &busy, &window))
+        return NULL;
+    return PyLong_FromUnsignedLongLong(spin_credit(left, busy, window));
 }

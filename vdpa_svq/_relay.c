@@ -1380,6 +1380,12 @@ static PyMethodDef module_methods[] = {
     {"harvest", harvest, METH_O, "harvest(bitmap) -> bytes: the bits, and the bitmap cleared, atomically."},
     {"adapt_window", py_adapt_window, METH_VARARGS,
      "adapt_window(window_ns, gap_ns, cap_ns) -> the adaptive pump's next polling window."},
+    {"spin_credit", py_spin_credit, METH_VARARGS,
+     "spin_credit(left_ns, busy_ns, window_ns) -> how long an adaptive polling phase may still spin idle."},
+    {"contended", py_contended, METH_VARARGS,
+     "contended(switches, phase_ns) -> whether a polling phase competed for its CPU with runnable threads."},
+    {"contention_pause", py_contention_pause, METH_VARARGS,
+     "contention_pause(pause_ns, was_contended) -> how long polling pauses after a polling phase."},
     {NULL, NULL, 0, NULL},
 };
 

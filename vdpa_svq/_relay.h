@@ -39,6 +39,12 @@ int relay_hung_up(Relay *q, int kick);
 extern PyTypeObject PumpType; /* vdpa_svq._relay.Pump */
 /* adapt_window(window_ns, gap_ns, cap_ns): the adaptive window's rule, for its test. */
 PyObject *py_adapt_window(PyObject *module, PyObject *args);
+/* spin_credit(left_ns, busy_ns, window_ns): an adaptive polling phase's credit, for its test. */
+PyObject *py_spin_credit(PyObject *module, PyObject *args);
+/* contended(switches, phase_ns): whether a polling phase competed for its CPU, for its test. */
+PyObject *py_contended(PyObject *module, PyObject *args);
+/* contention_pause(pause_ns, was_contended): how long polling pauses after a phase, for its test. */
+PyObject *py_contention_pause(PyObject *module, PyObject *args);
 
 #pragma GCC visibility pop
 

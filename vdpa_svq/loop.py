@@ -100,10 +100,11 @@ class RelayLoop:
     @property
     def stats(self) -> dict[str, int]:
         """wakeups (eventfd wake-ups handled), and with polling: poll_phases, poll_rounds; adaptive:
-        poll_window_ns (the window learnt so far), window_grows, window_shrinks."""
+        poll_window_ns (the window learnt so far), window_grows, window_shrinks, contended_phases
+        (phases that competed for the CPU, each of which stopped the polling)."""
         if self._pump is None:
             return {"wakeups": 0, "poll_phases": 0, "poll_rounds": 0, "poll_window_ns": 0,
-                    "window_grows": 0, "window_shrinks": 0}
+                    "window_grows": 0, "window_shrinks": 0, "contended_phases": 0}
         return dict(self._pump.stats)
 
     def start(self) -> None:

@@ -18,6 +18,24 @@ window, since a longer one would have caught it; a wake-up later than the cap ha
 polling), since the spin was waste. Steady traffic grows the window until the pump polls without
 a break; an idle queue costs one window's spin, then nothing.
 
+The window alone would spin through any gap shorter than the cap: at 10k packets/s (a packet every
+100 µs) a whole CPU for a few µs of work a packet, and where the peers need this CPU (more polling
+threads than CPUs) the spin takes it from the very threads that would bring the next packet. So an
+adaptive phase also has to pay for itself (spin_credit): it may spin idle only on credit, which
+each poll round earns at POLL_PAYBACK times the time the round spent relaying, up to the window.
+Under load the rounds earn more than the gaps cost, and the pump polls without a break; sparse
+traffic runs out of credit within a gap and goes back to notifications (one wake-up a burst
+instead of a CPU); a starved peer brings no work, so the credit runs out and the pump sleeps.
+
+Nor may it spin where the CPU is wanted: the idle spin yields at each turn, and a yield that hands
+the CPU to another thread (as does a preemption) counts as an involuntary context switch of ours.
+A phase that saw more of those than one per CONTENDED_NS of its length (contended) competed with
+runnable threads, on a machine with more busy threads than CPUs: there each of our spins delays the
+threads that would bring the work, and each yield loses the CPU for a whole scheduler slice, where a
+sleeper woken by a notification would run at once. So the window falls to 0 and polling pauses
+(notifications only) for a while (contention_pause: 10 ms, doubling while the next try is contended
+too, up to 1 s); an uncontended phase ends the pauses.
+
 Names follow the C (pump_run is Pump.run, svq_rearm is ShadowVirtqueue.rearm, ...), so that each
 C function can say which of these it mirrors.
 """
@@ -26,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import select
 import time
 from collections.abc import Callable
@@ -34,7 +53,15 @@ from dataclasses import dataclass
 from vdpa_svq.errors import DeviceRingError, GuestRingError
 from vdpa_svq.relay import ShadowVirtqueue
 
-ADAPT_START_NS = 10_000  # the adaptive window's first step
+ADAPT_START_NS = 10_000  # the adaptive window's first step, and an adaptive phase's first credit
+# An adaptive polling phase spins idle for at most this many times the time it spent relaying (plus
+# its first credit): it stops before the spin costs more than a few wake-ups would have (a wake-up,
+# both sides' syscalls and the scheduler's, costs about what relaying a small burst does).
+POLL_PAYBACK = 4
+# A polling phase is contended when the CPU went to other threads more often than once per this
+# long (a quiet machine preempts a long phase now and then; a crowded one at every yield).
+CONTENDED_NS = 10_000_000
+PAUSE_MIN_NS, PAUSE_MAX_NS = 10_000_000, 1_000_000_000  # no polling for this long after a contended phase
 
 # Why a relay stops when one of its fds is not a working eventfd any more.
 HUNG_UP = {
@@ -48,6 +75,29 @@ def adapt_window(window: int, gap: int, cap: int) -> int:
     if gap < cap:  # a window this much longer would have caught the wake-up: grow
         return min(ADAPT_START_NS, cap) if window == 0 else min(window * 2, cap)
     return 0 if window // 2 < ADAPT_START_NS else window // 2  # idle longer than the cap: the spin was waste
+
+
+def spin_credit(left: int, busy: int, window: int) -> int:
+    """How long (ns) an adaptive polling phase may spin idle from now: the credit `left` when a poll
+    round found work, plus what the round earned (POLL_PAYBACK times its `busy` ns), at most the window."""
+    return min(window, left + POLL_PAYBACK * busy)
+
+
+def contended(switches: int, phase_ns: int) -> bool:
+    """Whether a polling phase of phase_ns, in which the thread was switched out involuntarily
+    `switches` times, competed for its CPU with runnable threads."""
+    return switches > phase_ns // CONTENDED_NS
+
+
+def contention_pause(pause: int, was_contended: bool) -> int:
+    """How long (ns) to poll no more after a polling phase, given the pause after the previous one:
+    none after an uncontended phase; after a contended one, twice the last pause, within the bounds."""
+    return min(max(pause * 2, PAUSE_MIN_NS), PAUSE_MAX_NS) if was_contended else 0
+
+
+def involuntary_switches() -> int:
+    """This thread's involuntary context switches so far (a yield that ran another thread, a preemption)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
 
 
 @dataclass
@@ -72,7 +122,7 @@ class Pump:
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._stop_fd, select.EPOLLIN)
         self.wakeups = self.poll_phases = self.poll_rounds = 0
-        self.window_ns = self.window_grows = self.window_shrinks = 0
+        self.window_ns = self.window_grows = self.window_shrinks = self.contended_phases = 0
 
     # -- sources ------------------------------------------------------------------------------
     def add_relay(self, fd: int, relay: ShadowVirtqueue, which: str) -> None:
@@ -99,7 +149,7 @@ class Pump:
     def stats(self) -> dict[str, int]:
         return {"wakeups": self.wakeups, "poll_phases": self.poll_phases, "poll_rounds": self.poll_rounds,
                 "poll_window_ns": self.window_ns, "window_grows": self.window_grows,
-                "window_shrinks": self.window_shrinks}
+                "window_shrinks": self.window_shrinks, "contended_phases": self.contended_phases}
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, poll_us: int = 0, adaptive_max_us: int = 0) -> None:
@@ -111,11 +161,14 @@ class Pump:
             raise RuntimeError("the pump is already running")
         cap = adaptive_max_us * 1000
         idle_since = time.monotonic_ns()  # when the pump last stopped working (for the adaptive gap)
+        pause, paused_until = 0, 0  # after contended phases: no polling until then
         self.running = True
         try:
             while not self._stop:
                 worked = False
-                for fd, events in self._epoll.poll(1.0):
+                ready = self._epoll.poll(1.0)
+                woke = time.monotonic_ns()  # the wake-up's work, from here, earns a first credit
+                for fd, events in ready:
                     if self._stop:
                         break
                     src = self.sources.get(fd)
@@ -135,14 +188,23 @@ class Pump:
                     worked |= src.which != "callable"
                 if not worked:
                     continue
-                window = poll_us * 1000
-                if cap:
-                    window = adapt_window(self.window_ns, time.monotonic_ns() - idle_since, cap)
+                now = time.monotonic_ns()
+                if not cap:
+                    if poll_us:
+                        self.poll(poll_us * 1000)
+                elif now >= paused_until:
+                    window = adapt_window(self.window_ns, now - idle_since, cap)
                     self.window_grows += window > self.window_ns
                     self.window_shrinks += window < self.window_ns
                     self.window_ns = window
-                if window > 0:
-                    self.poll(window)
+                    if window > 0:
+                        was_contended = self.poll(window, spin_credit(min(ADAPT_START_NS, window), now - woke, window))
+                        pause = contention_pause(pause, was_contended)
+                        if was_contended:  # the spin took the CPU from runnable threads: pause
+                            self.contended_phases += 1
+                            self.window_shrinks += 1
+                            self.window_ns = 0
+                            paused_until = time.monotonic_ns() + pause
                 idle_since = time.monotonic_ns()
         finally:
             self.running = False
@@ -166,11 +228,14 @@ class Pump:
             if relay.error is None:
                 work(relay)
 
-    def poll(self, poll_ns: int) -> None:
+    def poll(self, poll_ns: int, credit: int | None = None) -> bool:
         """A polling phase: poll every ring, notifications off, until nothing came for poll_ns; then
-        re-arm them (which relays whatever raced in between the last poll and the re-enable)."""
+        re-arm them (which relays whatever raced in between the last poll and the re-enable).
+        Adaptive (a first `credit` given, poll_ns the learnt window): until nothing came for as
+        long as the phase's credit allows (spin_credit). Whether the phase was contended."""
         self.poll_phases += 1
-        deadline = time.monotonic_ns() + poll_ns
+        began, switches = time.monotonic_ns(), involuntary_switches()
+        deadline = began + (poll_ns if credit is None else credit)
         while not self._stop:
             if not self.any_work():
                 # Idle: spin, yielding the CPU at each turn (and the GIL with it): where the device's
@@ -184,9 +249,14 @@ class Pump:
                 if not found:
                     break
             self.poll_rounds += 1
+            start = time.monotonic_ns()
             self.for_each(ShadowVirtqueue.poll_once)
-            deadline = time.monotonic_ns() + poll_ns
+            now = time.monotonic_ns()
+            if credit is not None:  # what is left of the credit, and what this round earned
+                credit = spin_credit(max(deadline - start, 0), now - start, poll_ns)
+            deadline = now + (poll_ns if credit is None else credit)
         self.for_each(ShadowVirtqueue.rearm)
+        return contended(involuntary_switches() - switches, time.monotonic_ns() - began)
 
     def drop(self, src: PumpSource) -> None:
         """A source that is not a working eventfd any more (hung up, in error, read() gave no

@@ -103,13 +103,16 @@ def test_attach_with_poll_us_0_never_polls():
     assert loop["window_grows"] == loop["window_shrinks"] == 0, loop
 
 
-def test_attach_learns_a_polling_window_with_poll_us_auto():
-    """--poll-us auto: traffic without a break grows the window, and the pump polls."""
-    result = run("soft:net", "--duration", "0.5", "--poll-us", "auto", "--json")
+@pytest.mark.parametrize("args", [("--poll-us", "auto"), ()])
+def test_attach_learns_a_polling_window_with_poll_us_auto(args):
+    """--poll-us auto (the default): traffic grows the window, and the pump runs polling phases
+    (how long each lasts is the credit's business, tests/relay/test_pump.py: the in-process guest,
+    in Python, is slow beside the C relay)."""
+    result = run("soft:net", "--duration", "0.5", *args, "--json")
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     loop = s["relay_loop"]
-    assert s["ok"] and loop["window_grows"] > 0 and loop["poll_rounds"] > 0, loop
+    assert s["ok"] and loop["window_grows"] > 0 and loop["poll_phases"] > 0, loop
 
 
 def test_a_bad_poll_setting_is_a_usage_error():

@@ -9,9 +9,12 @@ import click
 from vdpa_svq.loop import ADAPTIVE, ADAPTIVE_MAX_US, Polling, check_polling
 
 POLL_HELP = (
-    "Busy-poll the rings after each burst, with notifications off: 'auto' learns the window from the "
-    f"traffic (up to {ADAPTIVE_MAX_US} µs: polls without a break under load, sleeps when idle), US polls "
-    "for US microseconds every time, 0 never polls (notifications only)."
+    "Busy-poll the rings after each burst, with notifications off. 'auto' learns when polling pays: "
+    "it polls without a break under load, goes back to notifications when the traffic is too sparse "
+    f"for the spin to pay for itself (gaps longer than {ADAPTIVE_MAX_US} µs, or longer than a few "
+    "times the relaying work between them), and pauses polling while other threads want its CPU; "
+    "idle, it sleeps. US polls for US microseconds after every burst, whatever it costs (give the relay "
+    "a CPU of its own: --cpus); 0 never polls (notifications only)."
 )
 
 

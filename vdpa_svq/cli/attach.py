@@ -14,7 +14,7 @@ from vdpa_svq.cli._cpus import CpuList, pin
 from vdpa_svq.cli._polling import POLL_HELP, PollSetting
 from vdpa_svq.cli.errors import RunFailed
 from vdpa_svq.devices import open_device
-from vdpa_svq.loop import Polling
+from vdpa_svq.loop import ADAPTIVE, Polling
 from vdpa_svq.ring import Layout
 from vdpa_svq.workload import AttachOptions, AttachRun, Summary
 
@@ -92,7 +92,7 @@ def print_summary(s: Summary) -> None:
               help="Dirty-log sync rounds over the shadowed time, like migration pre-copy rounds.")
 @click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
               help="Relay implementation: the C hot loop, or the Python reference; auto takes C when it was built.")
-@click.option("--poll-us", type=PollSetting(), default=0, show_default=True, help=POLL_HELP)
+@click.option("--poll-us", type=PollSetting(), default=ADAPTIVE, show_default=True, help=POLL_HELP)
 @click.option("--cpus", type=CpuList(), default=None,
               help="Run vdpa-svq (relay and in-process guest) on these CPUs only (as taskset -c: 1, 0,2, 2-3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

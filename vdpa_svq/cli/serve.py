@@ -11,7 +11,7 @@ import click
 from vdpa_svq.cli._cpus import CpuList, pin
 from vdpa_svq.cli._polling import POLL_HELP, PollSetting
 from vdpa_svq.devices import open_device
-from vdpa_svq.loop import Polling
+from vdpa_svq.loop import ADAPTIVE, Polling
 from vdpa_svq.vhost_user.backend import ConnectionSummary, Server
 
 
@@ -31,6 +31,8 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
         loop = s.relay_loop
         learnt = (f", polling window learnt: {loop['poll_window_ns'] / 1000:.0f} µs"
                   if loop.get("window_grows") or loop.get("window_shrinks") else "")
+        if loop.get("contended_phases"):
+            learnt += f", {loop['contended_phases']} phases stopped for a CPU other threads wanted"
         click.echo(f"  relay loop: {loop.get('wakeups', 0)} wake-ups, {loop.get('poll_rounds', 0)} polling rounds "
                    f"in {loop.get('poll_phases', 0)} polling phases{learnt}")
     if s.log_syncs:
@@ -43,10 +45,10 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
               help="Unix socket to listen on (the frontend connects as client; a stale socket is replaced).")
 @click.option("--impl", type=click.Choice(["auto", "c", "py"]), default="auto", show_default=True,
               help="Relay implementation: the C hot loop, or the Python reference.")
-@click.option("--poll-us", type=PollSetting(), default=0, show_default=True, help=POLL_HELP)
+@click.option("--poll-us", type=PollSetting(), default=ADAPTIVE, show_default=True, help=POLL_HELP)
 @click.option("--cpus", type=CpuList(), default=None,
-              help="Run the relay on these CPUs only (as taskset -c: 1, 0,2, 2-3). With --poll-us, give it a CPU "
-                   "no other busy-polling thread uses.")
+              help="Run the relay on these CPUs only (as taskset -c: 1, 0,2, 2-3). With --poll-us US, give it a "
+                   "CPU no other busy-polling thread uses.")
 @click.option("--json-stats", "as_json", is_flag=True, help="Print each connection's summary as one JSON line.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection's progress on stderr.")
 def serve(device: str, socket_path: str, impl: str, poll_us: Polling, cpus: set[int] | None, as_json: bool,
