@@ -32,7 +32,7 @@ from vdpa_svq.migration.guest import GuestImage, kbench
 MEM_BYTES = 256 << 20
 MEM = f"{MEM_BYTES >> 20}M"
 MAC = "52:54:00:12:34:70"
-MTU = 9000  # jumbo: Linux receives into chains of whole pages (its big-packets mode), pages only the device writes
+MTU = 9000  # jumbo; with MRG_RXBUF (soft:net offers it) Linux receives into page fragments only the device writes
 
 
 class VmError(VdpaSvqError):
