@@ -494,6 +494,12 @@ class ShadowSession:
 
     def start(self) -> None:
         self.dev.start()
+        # What the guest made available while nobody relayed (a handover: TX frames and RX buffers
+        # left in its rings) goes to the device queue by queue, in index order, before the loop
+        # serves the kicks in whatever order they come: a net device's RX buffers are there before
+        # its first TX frame, which a loopback (vdpa_sim) would otherwise drop for want of one.
+        for index in sorted(self.queues):
+            self.queues[index].svq.on_guest_kick()
         self.loop.start()
 
     def errors(self) -> dict[int, str]:

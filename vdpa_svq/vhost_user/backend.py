@@ -64,7 +64,7 @@ from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.loop import ADAPTIVE, Polling, check_polling, signal_eventfd
 from vdpa_svq.memory.guest import GuestMemory
 from vdpa_svq.ring import Layout, RingAddresses, RingState
-from vdpa_svq.ring.layout import desc_area_size, device_area_size, driver_area_size
+from vdpa_svq.ring.layout import USED_IDX, desc_area_size, device_area_size, driver_area_size
 from vdpa_svq.session import DeviceSession, ShadowSession
 from vdpa_svq.vhost_user import messages as m
 from vdpa_svq.vhost_user.backoff import BACKOFF_MAX_S, AcceptBackoff
@@ -663,6 +663,8 @@ class Connection:
                 self.to_gpa(q.addr.avail, driver_area_size(layout, q.num), f"{name} driver area"),
                 self.to_gpa(q.addr.used, device_area_size(layout, q.num), f"{name} device area"),
             )
+            if layout is Layout.SPLIT:
+                self._check_split_base(q, addrs)
             plan.append((q, addrs))
         span = max(r.end for r in self.mem)
         # The session outlives this connection: its extra features are set for each start.
@@ -701,6 +703,18 @@ class Connection:
         for q in relayed:
             signal_eventfd(q.kick_fd)  # buffers made available before the relay ran
         self._apply_pairs()
+
+    def _check_split_base(self, q: VuQueue, addrs: RingAddresses) -> None:
+        """A split ring restarts where its used index stands (VIRTIO 1.2 2.7.8: idx, where the driver
+        takes the next used entry): every backend that stops (serve, QEMU's shadow rings, vhost-net)
+        finishes or rewinds what it took. A SET_VRING_BASE elsewhere would make the relay reuse a used
+        entry (behind) or skip buffers nobody returns (ahead): refused, not guessed."""
+        assert self.mem is not None
+        used = int.from_bytes(self.mem.read(addrs.device + USED_IDX, 2), "little")
+        if used != q.state.avail_idx:
+            raise BackendError(
+                f"queue {q.index}: SET_VRING_BASE {q.state.avail_idx}, but the ring's used index is {used}: "
+                "a ring is handed over at its used index (was it stopped with GET_VRING_BASE?)")
 
     def _stop_relay(self) -> None:
         """Stop relaying (ShadowSession.hand_back): keep where each ring restarts, count, sync the log."""
