@@ -122,6 +122,37 @@ def test_handover_mid_traffic_loses_and_repeats_nothing(vdpa_sim_net, target, la
     assert sa["log_syncs"] >= 1
 
 
+def refused_then_resumed(a_dev, b_dev, tmp_path, spawn, layout, make_wrong) -> tuple[list[int], dict, dict]:
+    """Stop A mid-traffic, hand B the wrong state make_wrong(bases) (it must refuse and close),
+    then the right one on a new connection: every frame must still arrive exactly once.
+    (wrong states, B's summary of the refused connection, of the served one)."""
+    a = spawn(a_dev, str(tmp_path / "a.sock"))
+    b = spawn(b_dev, str(tmp_path / "b.sock"))
+    fe = VhostUserFrontend(connect(a.path), layout, num=NUM)
+    socks = [fe.sock]
+    try:
+        t, bases = stop_mid_traffic(fe)
+        wrong = make_wrong(bases)
+        socks.append(connect(b.path))
+        with pytest.raises(ConnectionError):
+            resume_on(fe, socks[-1], wrong)
+        socks.append(connect(b.path))
+        resume_on(fe, socks[-1], bases)
+        t.run_until(TOTAL)
+        t.check_exactly_once()
+    finally:
+        fe.close()
+        for s in socks:
+            s.close()
+        a.stop()
+        summaries = b.stop()
+    assert len(summaries) == 2, summaries
+    refused, served = summaries
+    assert refused["started"] == 0
+    assert served["error"] is None and served["started"] == 1, served
+    return wrong, refused, served
+
+
 @pytest.mark.parametrize("off", [-1, 1], ids=["behind", "ahead"])
 def test_a_split_base_off_by_one_is_refused(vdpa_sim_net, second_sim_net, off, tmp_path, spawn):
     """A frontend that hands B the TX ring one entry behind or ahead of where A stopped. A split
@@ -130,60 +161,17 @@ def test_a_split_base_off_by_one_is_refused(vdpa_sim_net, second_sim_net, off, t
     buffer nobody ever returns. B refuses at the start with the reason and closes the connection
     (no hang, no guess); the same frontend then hands over with A's state, and every frame still
     arrives exactly once."""
-    a = spawn(vdpa_sim_net, str(tmp_path / "a.sock"))
-    b = spawn(second_sim_net, str(tmp_path / "b.sock"))
-    fe = VhostUserFrontend(connect(a.path), Layout.SPLIT, num=NUM)
-    socks = [fe.sock]
-    try:
-        t, bases = stop_mid_traffic(fe)
-        wrong = [bases[0], (bases[1] + off) & 0xFFFF]
-        socks.append(connect(b.path))
-        with pytest.raises(ConnectionError):
-            resume_on(fe, socks[-1], wrong)
-        socks.append(connect(b.path))
-        resume_on(fe, socks[-1], bases)
-        t.run_until(TOTAL)
-        t.check_exactly_once()
-    finally:
-        fe.close()
-        for s in socks:
-            s.close()
-        a.stop()
-        summaries = b.stop()
-    assert len(summaries) == 2, summaries
-    refused, served = summaries
-    want = f"queue 1: SET_VRING_BASE {wrong[1]}, but the ring's used index is {bases[1]}"
+    wrong, refused, _ = refused_then_resumed(vdpa_sim_net, second_sim_net, tmp_path, spawn, Layout.SPLIT,
+                                             lambda bases: [bases[0], (bases[1] + off) & 0xFFFF])
+    # wrong[1] - off is A's state for the TX ring: its used index
+    want = f"queue 1: SET_VRING_BASE {wrong[1]}, but the ring's used index is {(wrong[1] - off) & 0xFFFF}"
     assert want in (refused["error"] or ""), refused
-    assert refused["started"] == 0
-    assert served["error"] is None and served["started"] == 1, served
 
 
 def test_a_packed_base_past_the_ring_is_refused(vdpa_sim_net, second_sim_net, tmp_path, spawn):
     """A packed SET_VRING_BASE whose avail index is past the ring (VIRTIO 1.2 2.8.1: ring positions
     are below the queue size): B refuses with the reason and closes the connection; the right
     state then hands over with nothing lost."""
-    a = spawn(vdpa_sim_net, str(tmp_path / "a.sock"))
-    b = spawn(second_sim_net, str(tmp_path / "b.sock"))
-    fe = VhostUserFrontend(connect(a.path), Layout.PACKED, num=NUM)
-    socks = [fe.sock]
-    try:
-        t, bases = stop_mid_traffic(fe)
-        wrong = [bases[0], bases[1] & ~0x7FFF | NUM + 3]
-        socks.append(connect(b.path))
-        with pytest.raises(ConnectionError):
-            resume_on(fe, socks[-1], wrong)
-        socks.append(connect(b.path))
-        resume_on(fe, socks[-1], bases)
-        t.run_until(TOTAL)
-        t.check_exactly_once()
-    finally:
-        fe.close()
-        for s in socks:
-            s.close()
-        a.stop()
-        summaries = b.stop()
-    assert len(summaries) == 2, summaries
-    refused, served = summaries
+    _, refused, _ = refused_then_resumed(vdpa_sim_net, second_sim_net, tmp_path, spawn, Layout.PACKED,
+                                         lambda bases: [bases[0], bases[1] & ~0x7FFF | NUM + 3])
     assert f"packed ring state out of range for size {NUM}" in (refused["error"] or ""), refused
-    assert refused["started"] == 0
-    assert served["error"] is None and served["started"] == 1, served
