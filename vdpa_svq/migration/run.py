@@ -52,6 +52,11 @@ class Config:
     fault: bool = False  # the dirty-log fault hook on the source serve (A)
     legs: int = 2  # A -> B, then B -> A
     rate: int = 0  # frames/s per stream (0: as fast as it goes)
+    # False: the guest's NIC without MRG_RXBUF (QEMU's mrg_rxbuf=off), so Linux receives into whole
+    # pages only the device writes. With mergeable buffers Linux builds its skbs around the buffers
+    # and writes into the same pages, so QEMU resends them for the guest's own writes: a dead dirty
+    # log then goes unseen (the fault test passed a migration with it).
+    mrg_rxbuf: bool = True
 
     @property
     def name(self) -> str:
@@ -230,7 +235,7 @@ def run(config: Config, *, workdir: Path | None = None, log=None) -> Result:
             raise ValueError(f"backend is vdpa-svq or qemu, not {config.backend!r}")
         smp = max(1, config.queues)
         kw = {"packed": config.packed, "queues": config.queues, "streams": config.queues, "smp": smp,
-              "rate": config.rate}
+              "rate": config.rate, "mrg_rxbuf": config.mrg_rxbuf}
         names = ["A", "B"]
         vm = Vm("vm-A", image, backends[0], work, **kw)
         vms.append(vm)

@@ -32,7 +32,10 @@ from vdpa_svq.migration.guest import GuestImage, kbench
 MEM_BYTES = 256 << 20
 MEM = f"{MEM_BYTES >> 20}M"
 MAC = "52:54:00:12:34:70"
-MTU = 9000  # jumbo; with MRG_RXBUF (soft:net offers it) Linux receives into page fragments only the device writes
+# Jumbo. Without MRG_RXBUF Linux receives into chains of whole pages (its big-packets mode) that only
+# the device writes; with it (soft:net offers it), into page fragments that it then builds its skbs
+# around, writing into the same pages itself (see migration/run.py's Config.mrg_rxbuf).
+MTU = 9000
 
 
 class VmError(VdpaSvqError):
@@ -68,10 +71,11 @@ class NetBackend:
     socket: str = ""
     port: int = 0
 
-    def argv(self, packed: bool, queues: int) -> list[str]:
+    def argv(self, packed: bool, queues: int, mrg_rxbuf: bool = True) -> list[str]:
         # vectors=0 on both backends: the same interrupt path (INTx) for the measured guest and the reference.
         dev = (f"virtio-net-pci,netdev=net0,packed={'on' if packed else 'off'},event_idx=on,disable-legacy=on,"
-               f"romfile=,mac={MAC},host_mtu={MTU},vectors=0,mq={'on' if queues > 1 else 'off'}")
+               f"romfile=,mac={MAC},host_mtu={MTU},vectors=0,mq={'on' if queues > 1 else 'off'}"
+               + ("" if mrg_rxbuf else ",mrg_rxbuf=off"))
         if self.kind == "vhost-user":
             return ["-chardev", f"socket,id=chr0,path={self.socket}",
                     "-netdev", f"vhost-user,id=net0,chardev=chr0,queues={queues}", "-device", dev]
@@ -95,7 +99,7 @@ class Vm:
 
     def __init__(self, name: str, image: GuestImage, net: NetBackend, workdir: Path, *, packed: bool,
                  queues: int = 1, streams: int = 1, smp: int = 1, incoming: str | None = None,
-                 paused: bool = False, rate: int = 0) -> None:
+                 paused: bool = False, rate: int = 0, mrg_rxbuf: bool = True) -> None:
         self.name = name
         self.workdir = workdir
         self.qmp_path = str(workdir / f"{name}.qmp")
@@ -108,7 +112,7 @@ class Vm:
             "-m", MEM, "-smp", str(smp), "-nodefaults", "-no-reboot", "-display", "none", "-vga", "none",
             "-serial", "stdio", "-monitor", "none", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-object", f"memory-backend-memfd,id=mem0,size={MEM},share=on", "-numa", "node,memdev=mem0",
-            *net.argv(packed, queues),
+            *net.argv(packed, queues, mrg_rxbuf),
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
             *(["-incoming", incoming] if incoming else []),
             *(["-S"] if paused else []),  # a destination that stays stopped after the migration (`cont` runs it)
