@@ -393,6 +393,13 @@ VIRTIO_NET_F_GUEST_USO6 = 55  # 6.2
 VIRTIO_NET_F_HOST_USO = 56  # 6.2
 VIRTIO_NET_F_HASH_REPORT = 57
 VIRTIO_NET_F_RSS = 60
+
+# Control queue commands (VIRTIO 1.2 5.1.6.5, <linux/virtio_net.h>): the ack values, and multiqueue's
+# class and command (5.1.6.5.5).
+VIRTIO_NET_OK = 0
+VIRTIO_NET_ERR = 1
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
 VIRTIO_NET_F_RSC_EXT = 61
 VIRTIO_NET_F_STANDBY = 62
 VIRTIO_NET_F_SPEED_DUPLEX = 63

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import struct
 
+from kernel_iface.uapi import VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_OK
 from vdpa_svq.errors import VdpaSvqError
 from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.memory.guest import GuestMemory
 
-VIRTIO_NET_OK = 0
-VIRTIO_NET_CTRL_MQ = 4
-VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
 ACK_OFFSET = 64  # the ack byte's place in the buffer page, after the longest command we send
 CONTROL_TIMEOUT_S = 5.0
 CONTROL_RING_NUM = 8

@@ -14,14 +14,15 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from kernel_iface.uapi import (  # noqa: F401 - net.py and the tests take them from here
+    VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_ERR,
+    VIRTIO_NET_OK,
+)
 from vdpa_svq.errors import RingError
 
-VIRTIO_NET_OK = 0
-VIRTIO_NET_ERR = 1
-
 # 5.1.6.5.5 Automatic receive steering in multiqueue mode
-VIRTIO_NET_CTRL_MQ = 4
-VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
 VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN = 1
 
 CTRL_HDR = struct.Struct("<BB")  # class, command
