@@ -351,6 +351,14 @@ class VhostVdpa:
     def check_alive(self) -> None:
         """Nothing to check (hangup_fd() is None)."""
 
+    def faults(self) -> list[str]:
+        """NotSupported: the kernel keeps no account a user can read; a queue's errors reach its error eventfd."""
+        raise errors.NotSupported(errno.ENOTSUP, self.path, "faults", "the kernel keeps no account of faults")
+
+    def activity(self) -> list[str]:
+        """NotSupported: the kernel counts nothing per queue that vhost-vdpa exposes."""
+        raise errors.NotSupported(errno.ENOTSUP, self.path, "activity", "vhost-vdpa exposes no per-queue counters")
+
     def _check_asid(self, asid: int) -> None:
         # Without IOTLB_ASID acked the kernel skips the asid field and silently uses address space 0.
         if asid and not self.has_backend_feature(uapi.VHOST_BACKEND_F_IOTLB_ASID):

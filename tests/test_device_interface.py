@@ -15,8 +15,9 @@ import typing
 
 import pytest
 
-from kernel_iface import VhostVdpa
+from kernel_iface import NotSupported, VhostVdpa
 from vdpa_svq.device import Device
+from vdpa_svq.errors import GuestRingError
 from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
 from vdpa_svq.softdev.base import SoftDevice
 from vdpa_svq.vhost_user.device import VhostUserDevice
@@ -110,3 +111,26 @@ def test_the_check_accepts_what_a_subtype_may_do():
     exec("def proto_f(self, a: int, b: int) -> int | None: ...", ns)  # noqa: S102
     exec("def impl_f(self, a: int, b: int = 1, *, flags: int = 0) -> int: ...", ns)  # noqa: S102
     assert incompatibilities(ns["proto_f"], ns["impl_f"]) == []
+
+
+def test_a_devices_own_account_is_declared_not_probed():
+    """faults() / activity(): a software device gives its account (a broken queue with its reason,
+    what each queue moved); the kernel's devices and a vhost-user backend keep none a user can read,
+    and say so (NotSupported) instead of answering with nothing."""
+    net = SoftNetDevice()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    others = [VhostVdpa(-1, "/dev/vhost-vdpa-7"), VhostUserDevice(a, "/x.sock")]
+    try:
+        assert net.faults() == []
+        assert "rx: 0 chains, 0 kicks, 0 calls, 0 dropped" in net.activity()
+        with net.lock:
+            net.break_queue(net.queues[1], GuestRingError("tx", "injected"))
+        assert net.faults() == ["queue 1 stopped: tx: guest broke the ring: injected"]
+        for dev in others:
+            for op in (dev.faults, dev.activity):
+                with pytest.raises(NotSupported):
+                    op()
+    finally:
+        net.close()
+        others[1].close()
+        b.close()

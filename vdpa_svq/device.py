@@ -14,7 +14,10 @@ that not every device has are declared, not probed:
 - inline_kick(): a kick a driver in this process may call in its own thread (a software device),
   None for a device reached through its kick eventfd only;
 - hangup_fd(): an fd readable once the device is gone (a vhost-user backend's socket), None for a
-  device that cannot go away while it is open; check_alive() then says what happened.
+  device that cannot go away while it is open; check_alive() then says what happened;
+- faults() and activity(): the device's own account (a software device's broken queues and their
+  reasons, its counters), read when a relay run stops; NotSupported where the device keeps none
+  (the kernel's devices, a vhost-user backend: they speak for themselves in their own logs).
 """
 
 from __future__ import annotations
@@ -103,3 +106,7 @@ class Device(Protocol):
     def hangup_fd(self) -> int | None: ...
 
     def check_alive(self) -> None: ...
+
+    def faults(self) -> list[str]: ...
+
+    def activity(self) -> list[str]: ...

@@ -208,4 +208,4 @@ def test_a_device_queue_that_stopped_is_named_in_serves_log(mq_server, caplog):
         fe.close()
     assert "device queue 3 stopped: tx1: guest broke the ring: injected" in caplog.text
     assert "device: 2 queue pair(s) moving frames" in caplog.text
-    assert "device tx1: 0 chains" in caplog.text
+    assert "device: tx1: 0 chains" in caplog.text

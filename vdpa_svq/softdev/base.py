@@ -582,6 +582,18 @@ class SoftDevice:
         with self.lock:
             return {q.name: QueueStats(**vars(q.stats)) for q in self.queues}
 
+    def faults(self) -> list[str]:
+        """A line per broken queue (with the reason), and one for a datapath that died."""
+        lines = [f"queue {i} stopped: {reason}" for i, reason in sorted(self.queue_errors().items())]
+        if self.datapath_error is not None:
+            lines.append(f"the datapath died: {self.datapath_error!r}")
+        return lines
+
+    def activity(self) -> list[str]:
+        """A line per queue: what it moved."""
+        return [f"{name}: {st.chains} chains, {st.kicks} kicks, {st.calls} calls, {st.dropped} dropped"
+                for name, st in self.stats().items()]
+
     # -- IOTLB -----------------------------------------------------------------------------------
     def iova_range(self) -> IovaRange:
         self._check_open()

@@ -280,6 +280,9 @@ class SoftNetDevice(SoftDevice):
         if fd >= 0:
             os.eventfd_write(fd, 1)
 
+    def activity(self) -> list[str]:
+        return [f"{self.active_pairs} queue pair(s) moving frames", *super().activity()]
+
     def inline_kick(self, index: int) -> Callable[[], None] | None:
         self._queue("inline kick", index)
         if self._c is None or index >= 2 * self._pairs():

@@ -57,7 +57,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernel_iface import uapi
+from kernel_iface import NotSupported, uapi
 from kernel_iface.uapi import bit
 from vdpa_svq.device import Device
 from vdpa_svq.errors import VdpaSvqError
@@ -752,24 +752,17 @@ class Connection:
             self._retired.clear()
 
     def _log_device_state(self) -> None:
-        """What the device itself says when a relay run stops, before it is quiesced (a device in
-        this process: soft:*): broken queues with the reason, a dead datapath, its per-queue
-        counters (-v). A relay whose device stopped using buffers shows why here."""
-        device = self.device
-        errors = getattr(device, "queue_errors", None)
-        if errors is None:
+        """What the device itself says when a relay run stops, before it is quiesced (a device that
+        keeps an account, soft:*): its faults (broken queues with the reason, a dead datapath), and
+        at -v what each queue moved. A relay whose device stopped using buffers shows why here."""
+        try:
+            faults, activity = self.device.faults(), self.device.activity()
+        except NotSupported:
             return
-        for i, reason in errors().items():
-            log.error("%s: device queue %d stopped: %s", self.summary.peer, i, reason)
-        died = getattr(device, "datapath_error", None)
-        if died is not None:
-            log.error("%s: the device's datapath died: %r", self.summary.peer, died)
-        pairs = getattr(device, "active_pairs", None)
-        if pairs is not None:
-            log.info("%s: device: %d queue pair(s) moving frames", self.summary.peer, pairs)
-        for name, st in device.stats().items():
-            log.info("%s: device %s: %d chains, %d kicks, %d calls, %d dropped", self.summary.peer, name,
-                     st.chains, st.kicks, st.calls, st.dropped)
+        for line in faults:
+            log.error("%s: device %s", self.summary.peer, line)
+        for line in activity:
+            log.info("%s: device: %s", self.summary.peer, line)
 
     # -- dirty log ------------------------------------------------------------------------------
     def _logging(self) -> bool:

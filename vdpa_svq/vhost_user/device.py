@@ -243,6 +243,14 @@ class VhostUserDevice:
         """None: the backend learns of a kick through the queue's kick eventfd only."""
         return None
 
+    def faults(self) -> list[str]:
+        """NotSupported: a vhost-user backend reports its faults in its own log."""
+        raise self._not_asked("faults")
+
+    def activity(self) -> list[str]:
+        """NotSupported: vhost-user has no request for a backend's counters."""
+        raise self._not_asked("activity")
+
     # -- what vhost-user cannot ask ----------------------------------------------------------------
     def _not_asked(self, op: str) -> NotSupported:
         return NotSupported(errno.ENOTSUP, self.path, op, "vhost-user has no such request")
