@@ -12,17 +12,20 @@ a software device (vdpa_svq.softdev), a vhost-user backend (vdpa_svq.vhost_user.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 import select
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernel_iface import PACKED_VRING_BASE_INITIAL, VdpaError, uapi
+from kernel_iface import PACKED_VRING_BASE_INITIAL, NotSupported, VdpaError, uapi
 from kernel_iface.uapi import bit
 from vdpa_svq.control import CONTROL_RING_NUM, ControlQueue
 from vdpa_svq.device import Device
 from vdpa_svq.dirty import DirtyBitmap
-from vdpa_svq.errors import VdpaSvqError
+from vdpa_svq.errors import DeviceRingError, VdpaSvqError
 from vdpa_svq.guest.queue import GuestQueue
 from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop
 from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
@@ -38,6 +41,8 @@ from vdpa_svq.ring.layout import (
     device_area_size,
     driver_area_size,
 )
+
+log = logging.getLogger("vdpa_svq.session")
 
 # Transport and ring features the project's rings implement, each for a reason:
 RING_FEATURES = {
@@ -63,6 +68,19 @@ class SessionError(VdpaSvqError):
     """A device that cannot be driven the way it was asked (not a kernel errno: a policy reason)."""
 
 
+def device_fault(device: Device, index: int) -> str:
+    """Why the device says queue `index` broke, as far as it keeps an account (Device.faults)."""
+    try:
+        faults = device.faults()
+    except NotSupported:
+        return "it signalled the queue's error eventfd"
+    prefix = f"queue {index} stopped: "
+    for line in faults:
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return "; ".join(faults) or "it signalled the queue's error eventfd"
+
+
 def _notifier(fd: int | None, owned: list[int]) -> int:
     """`fd`, a notifier someone else owns; when None, a new eventfd added to `owned` (closed by close())."""
     if fd is None:
@@ -81,6 +99,7 @@ class Queue:
     addrs: RingAddresses
     kick_fd: int
     call_fd: int
+    err_fd: int = -1  # the device signals it when the queue breaks (VHOST_SET_VRING_ERR)
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
@@ -198,10 +217,12 @@ class DeviceSession:
             base = PACKED_VRING_BASE_INITIAL.to_num() if self.layout is Layout.PACKED else 0
         dev.set_vring_base(index, base)
         kick, call = _notifier(kick_fd, self._fds), _notifier(call_fd, self._fds)
+        err = _notifier(None, self._fds)
         dev.set_vring_kick(index, kick)
         dev.set_vring_call(index, call)
+        dev.set_vring_err(index, err)
         dev.set_vring_enable(index, True)
-        q = Queue(index, self.layout, num, addrs, kick, call)
+        q = Queue(index, self.layout, num, addrs, kick, call, err)
         self.queues[index] = q
         return q
 
@@ -342,6 +363,7 @@ class ShadowQueue:
     device_queue: Queue
     guest_kick_fd: int  # the guest writes it when it made buffers available
     guest_call_fd: int  # the relay writes it when the guest should look at its used buffers
+    guest_err_fd: int | None = None  # the relay writes it when the device broke the queue
 
 
 class ShadowSession:
@@ -411,11 +433,13 @@ class ShadowSession:
         shadow_num: int | None = None,
         guest_kick_fd: int | None = None,
         guest_call_fd: int | None = None,
+        guest_err_fd: int | None = None,
         guest_state: RingState | None = None,
     ) -> ShadowQueue:
         """Relay the guest ring at `guest_addrs` through a new shadow ring on device queue `index`.
 
-        `guest_kick_fd`/`guest_call_fd` are the guest's notifiers (made here when None);
+        `guest_kick_fd`/`guest_call_fd` are the guest's notifiers (made here when None), and
+        `guest_err_fd` the eventfd that tells the guest the queue broke (none when None);
         `guest_state` is where the guest ring stands when it was running elsewhere before.
         """
         dev = self.dev
@@ -463,9 +487,24 @@ class ShadowSession:
         except BaseException:
             svq.close()  # it holds views of the shadow memory, which close() must unmap
             raise
-        q = ShadowQueue(index, svq, dq, guest_kick, guest_call)
+        q = ShadowQueue(index, svq, dq, guest_kick, guest_call, guest_err_fd)
         self.queues[index] = q
+        self.loop.add(dq.err_fd, functools.partial(self._device_broke, q))
         return q
+
+    def _device_broke(self, q: ShadowQueue) -> None:
+        """The device signalled queue q's error eventfd: it stopped using the queue (a software
+        device breaks one for a ring error; VIRTIO 1.2 2.1.2). Relaying on would forward buffers it
+        never uses, so the queue stops here, at once and with the device's reason, and the guest
+        hears of it through its own error eventfd (QEMU logs "vhost vring error in virtqueue N")."""
+        if q.svq.error is not None:
+            return
+        reason = device_fault(self.dev.device, q.index)
+        q.svq.error = DeviceRingError(q.svq.name, f"the device stopped queue {q.index}: {reason}")
+        log.error("%s", q.svq.error)
+        if q.guest_err_fd is not None:
+            with contextlib.suppress(OSError):  # a full counter has a signal pending; a bad fd is the guest's
+                os.eventfd_write(q.guest_err_fd, 1)
 
     def _place_shadow_ring(self, index: int, num: int, indirect: bool) -> tuple[RingAddresses, IndirectArea | None]:
         """Memory of our own for queue `index`'s shadow ring, above guest memory, mapped for the device.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import time
 
 import pytest
@@ -43,6 +44,7 @@ class MqFrontend:
         self.fds: list[int] = []
         self.rings = []
         self.drivers: list[NetDriver] = []
+        self.errs: dict[int, int] = {}  # queue -> the eventfd serve signals when the queue breaks
 
     def ack(self, request: Request, payload: bytes = b"", fds: list[int] | None = None) -> None:
         send(self.sock, request, payload, fds, flags=FLAG_NEED_REPLY)
@@ -91,6 +93,9 @@ class MqFrontend:
                                                              addrs.driver + u, addrs.device).encode())
                 self.ack(Request.SET_VRING_KICK, m.U64.pack(i), [kick])
                 self.ack(Request.SET_VRING_CALL, m.U64.pack(i), [call])
+                self.errs[i] = new_eventfd(i)  # QEMU gives each queue one (vhost_virtqueue_init)
+                self.fds.append(self.errs[i])
+                self.ack(Request.SET_VRING_ERR, m.U64.pack(i), [self.errs[i]])
             rx, tx = self.rings[2 * pair], self.rings[2 * pair + 1]
             pools = self.plan.pools[2 * pair : 2 * pair + 2]
             self.drivers.append(NetDriver(self.mem, rx, tx, pools[0], pools[1],
@@ -183,6 +188,31 @@ def test_two_pairs_in_qemus_order_and_vq_pairs_set_reaches_the_device(mq_server,
     assert mq_server.server.summaries[-1].error is None
 
 
+def test_a_device_queue_that_breaks_stops_its_relay_at_once_and_tells_the_frontend(mq_server, caplog):
+    """The device signals a queue's error eventfd (VHOST_SET_VRING_ERR) when it stops using it (soft:net
+    breaks the one queue with its reason; VIRTIO 1.2 2.1.2). serve stops that queue's relay then and
+    there, with the device's reason, and signals the frontend's error eventfd of the queue (QEMU logs
+    "vhost vring error in virtqueue N"), while the connection and the other pairs go on."""
+    dev = mq_server.device
+    fe = MqFrontend(mq_server.connect(), Layout.SPLIT)
+    try:
+        with caplog.at_level(logging.INFO, logger="vdpa_svq"):
+            fe.start(enabled_pairs=1)
+            fe.enable_pair(1, True)
+            fe.roundtrip(1, b"pair 1 before")
+            assert select.select([fe.errs[3]], [], [], 0)[0] == []
+            with dev.lock:
+                dev.break_queue(dev.queues[3], GuestRingError("tx1", "injected"))
+            ready, _, _ = select.select([fe.errs[3]], [], [], TIMEOUT)
+            assert ready == [fe.errs[3]], "serve did not signal the frontend's error eventfd of queue 3"
+            assert "svq3: device broke the ring: the device stopped queue 3: tx1: guest broke the ring: injected" \
+                in caplog.text  # logged while the connection is still up
+            assert all(select.select([fe.errs[i]], [], [], 0)[0] == [] for i in (0, 1, 2))
+            fe.roundtrip(0, b"pair 0 goes on")
+    finally:
+        fe.close()
+
+
 def test_a_device_queue_that_stopped_is_named_in_serves_log(mq_server, caplog):
     """A device that stops using one queue's buffers (VIRTIO 1.2 2.1.2: DEVICE_NEEDS_RESET for a
     device that can no longer serve; soft:net breaks the one queue with the reason) leaves the
@@ -207,5 +237,6 @@ def test_a_device_queue_that_stopped_is_named_in_serves_log(mq_server, caplog):
     finally:
         fe.close()
     assert "device queue 3 stopped: tx1: guest broke the ring: injected" in caplog.text
+    assert "svq3: device broke the ring: the device stopped queue 3: tx1: guest broke" in caplog.text
     assert "device: 2 queue pair(s) moving frames" in caplog.text
     assert "device: tx1: 0 chains" in caplog.text

@@ -486,7 +486,15 @@ class Connection:
             self._retired.append(old)
             setattr(q, attr, new)
             return q
-        if running is not None and attr != "err_fd":
+        if running is not None and attr == "err_fd":
+            # The loop thread signals it when the device breaks the queue: point the running queue
+            # at the new fd, and close the old one only once the loop stopped.
+            running.guest_err_fd = new
+            if old is not None:
+                self._retired.append(old)
+            setattr(q, attr, new)
+            return q
+        if running is not None:
             self._stop_relay()  # a notifier appears or goes away: restart with it (_maybe_start)
         if old is not None:
             os.close(old)
@@ -682,6 +690,7 @@ class Connection:
                     guest_event_idx=bool(self.features & bit(uapi.VIRTIO_RING_F_EVENT_IDX)),
                     guest_kick_fd=q.kick_fd,
                     guest_call_fd=q.call_fd,
+                    guest_err_fd=q.err_fd,
                     guest_state=q.state,
                 )
             if self._mq():
