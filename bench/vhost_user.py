@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, Window, accumulated, run_frontend
+from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, Window, accumulated, queue_args, run_frontend
 
 
 def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -60,13 +60,15 @@ def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | 
 
 
 def backend(kind: str, device: str, sock: str, tag: str, impl: str = "auto",
-            timeout: float = 60.0, extra: tuple[str, ...] = (), tree: str | None = None) -> subprocess.Popen:
-    """A backend listening on `sock`: DPDK's vhost PMD, or serve (from the checkout `tree`, if given:
-    to compare a branch with another in one interleaved run)."""
+            timeout: float = 60.0, extra: tuple[str, ...] = (), tree: str | None = None,
+            queues: int = 1) -> subprocess.Popen:
+    """A backend listening on `sock`: DPDK's vhost PMD (with `queues` queue pairs, all forwarded back by
+    one lcore), or serve (from the checkout `tree`, if given: to compare a branch with another in one
+    interleaved run; its queue pairs are the device's, e.g. soft:net,pairs=2)."""
     env, cwd = None, None
     if kind == "dpdk-vhost":
         cmd = ["dpdk-testpmd", "-l", "0,1", *EAL, f"--file-prefix=be-{tag}",
-               "--vdev", f"net_vhost0,iface={sock},queues=1", "--", *TESTPMD_ARGS]
+               "--vdev", f"net_vhost0,iface={sock},queues={queues}", "--", *TESTPMD_ARGS, *queue_args(queues)]
     else:
         cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--impl", impl, *extra]
         if tree is not None:  # python -m looks in the working directory first
