@@ -40,11 +40,12 @@ bench: deps venv  ## relay, vhost-user on the host, latency on the host, vhost-u
 	$(PY) -m bench.relay
 	$(PY) -m bench.vhost_user --write BENCHMARKS.md
 	$(PY) -m bench.latency --write BENCHMARKS.md
+	$(PY) -m bench.scaling --write BENCHMARKS.md
 	$(PY) tools/kbench setup
 	$(PY) -m bench.vhost_user --kernel --write BENCHMARKS.md
 	$(PY) -m bench.migration --write BENCHMARKS.md
 
-.PHONY: bench-vhost-user bench-vhost-user-kernel bench-latency bench-migration
+.PHONY: bench-vhost-user bench-vhost-user-kernel bench-latency bench-scaling bench-migration
 bench-migration: deps venv  ## live-migration downtime and total time of a real VM, serve vs QEMU's own virtio-net; into BENCHMARKS.md
 	$(PY) tools/kbench setup
 	$(PY) -m bench.migration --write BENCHMARKS.md
@@ -56,9 +57,13 @@ bench-latency: deps venv  ## round-trip p50/p99 and CPU per packet at fixed rate
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -m bench.latency --write BENCHMARKS.md
 
-bench-vhost-user-kernel: deps venv  ## testpmd on /dev/vhost-vdpa-N directly vs through `vdpa-svq serve` (kbench guest)
+bench-scaling: deps venv  ## 1 and 2 queue pairs, total and per-queue pps, serve soft:net,pairs=N vs DPDK's vhost PMD; into BENCHMARKS.md
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m bench.scaling --write BENCHMARKS.md
+
+bench-vhost-user-kernel: deps venv  ## testpmd on /dev/vhost-vdpa-N directly vs through `vdpa-svq serve` (kbench guest; SMP=N: N vCPUs)
 	$(PY) tools/kbench setup
-	$(PY) -m bench.vhost_user --kernel
+	$(PY) -m bench.vhost_user --kernel $(if $(SMP),--smp $(SMP))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

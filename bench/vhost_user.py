@@ -14,7 +14,10 @@ kernel's vhost-vdpa backend, no shadow virtqueue: the passthrough baseline) agai
 through `vdpa-svq serve /dev/vhost-vdpa-N` with each relay (--impl c, --impl py), slices interleaved.
 The host side boots the guest with `tools/kbench run --out DIR -- ... --kernel-guest --json DIR/x.json`.
 
-    python -m bench.vhost_user --kernel [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
+    python -m bench.vhost_user --kernel [--smp N] [--slices 3] [--seconds 5] [--write BENCHMARKS.md]
+
+--smp N boots the guest with N vCPUs (testpmd's forwarding lcore always polls vCPU 0; serve's relay and
+vdpa_sim's worker share the others), to see whether the vCPU count bounds the relay.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, Window, accumulated, run_frontend
+from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, Window, accumulated, queue_args, run_frontend
 
 
 def _wait_socket(path: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -57,13 +60,15 @@ def frontend(sock: str, packed: bool, seconds: float, tag: str, peer_mac: str | 
 
 
 def backend(kind: str, device: str, sock: str, tag: str, impl: str = "auto",
-            timeout: float = 60.0, extra: tuple[str, ...] = (), tree: str | None = None) -> subprocess.Popen:
-    """A backend listening on `sock`: DPDK's vhost PMD, or serve (from the checkout `tree`, if given:
-    to compare a branch with another in one interleaved run)."""
+            timeout: float = 60.0, extra: tuple[str, ...] = (), tree: str | None = None,
+            queues: int = 1) -> subprocess.Popen:
+    """A backend listening on `sock`: DPDK's vhost PMD (with `queues` queue pairs, all forwarded back by
+    one lcore), or serve (from the checkout `tree`, if given: to compare a branch with another in one
+    interleaved run; its queue pairs are the device's, e.g. soft:net,pairs=2)."""
     env, cwd = None, None
     if kind == "dpdk-vhost":
         cmd = ["dpdk-testpmd", "-l", "0,1", *EAL, f"--file-prefix=be-{tag}",
-               "--vdev", f"net_vhost0,iface={sock},queues=1", "--", *TESTPMD_ARGS]
+               "--vdev", f"net_vhost0,iface={sock},queues={queues}", "--", *TESTPMD_ARGS, *queue_args(queues)]
     else:
         cmd = [sys.executable, "-m", "vdpa_svq.cli", "serve", device, "--socket", sock, "--impl", impl, *extra]
         if tree is not None:  # python -m looks in the working directory first
@@ -118,11 +123,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="--kernel: serve variants to measure: a relay (c, py), '/poll=US' for --poll-us US, "
                          "'/cpus=LIST' for --cpus LIST (default c,c/poll=0,c/poll=2000/cpus=1,py)")
     ap.add_argument("--timeout", type=float, default=480.0, help="--kernel: bound for boot + the whole guest run")
+    ap.add_argument("--smp", type=int, default=None,
+                    help="--kernel: the guest's vCPU count (tools/kbench run --smp; its default: the host's CPUs, "
+                         "at most 4). Under TCG each vCPU is a host thread: more vCPUs than host CPUs "
+                         "oversubscribe them")
     ap.add_argument("--kernel-guest", action="store_true", help=argparse.SUPPRESS)  # inside the guest
     ap.add_argument("--json", help=argparse.SUPPRESS)  # --kernel-guest: where the host reads the rates
     args = ap.parse_args(argv)
     if args.kernel_guest:
         return kernel_guest(args)
+    if args.smp is not None and not args.kernel:
+        ap.error("--smp: only with --kernel (the guest's vCPUs)")
+    if args.smp is not None and args.smp < 1:
+        ap.error(f"--smp: a guest has at least 1 vCPU, not {args.smp}")
     if args.kernel:
         return kernel_host(args)
     if shutil.which("dpdk-testpmd") is None:
@@ -242,7 +255,7 @@ is the point. Device: vdpa_sim net (loopback, split rings only), {device}.
   2000 µs is 50 µs in host time. "--cpus 1": the serve process on vCPU 1, away from testpmd's polling lcore.
 - "vdpa_sim worker" / "vdpa-svq serve": vCPU time per received packet of vdpa_sim's kernel worker and of
   the whole serve process (/proc, user + system); "vCPUs busy": the share of each vCPU that was not idle
-  (vCPU 0 / vCPU 1). A relay that costs little but leaves vCPU time idle loses to latency (the extra hop
+  (vCPU 0 / vCPU 1 / ...). A relay that costs little but leaves vCPU time idle loses to latency (the extra hop
   each way), not to its own work.
 - io forwarding after a first burst (--tx-first, --eth-peer set to the device's MAC, which vdpa_sim filters on);
   {slices} slices of {seconds:g} s, interleaved (passthrough, c, py, passthrough, ...); the rate is RX packets over
@@ -250,7 +263,7 @@ is the point. Device: vdpa_sim net (loopback, split rings only), {device}.
 - The guest has {smp} vCPUs and testpmd's forwarding lcore busy-polls one of them. In passthrough the rest is
   vdpa_sim's kernel worker; through serve the relay process (eventfd wake-ups, the C or Python hot loop,
   all emulated) runs beside that worker: the columns say how much vCPU time each takes, and how much
-  of each vCPU was left idle.
+  of each vCPU was left idle.{smp_note}
 
 {table}
 
@@ -488,13 +501,24 @@ def kernel_table(r: dict) -> tuple[str, str]:
     return "\n".join(lines), "\n".join(verdict)
 
 
+def smp_note(smp: int, accel: str) -> str:
+    """What a guest with more vCPUs than the host has CPUs means for the figures (TCG: a host thread each)."""
+    host = os.cpu_count() or 1
+    if accel != "TCG" or smp <= host:
+        return ""
+    return (f"\n- {smp} vCPUs on {host} host CPUs: under TCG each vCPU is a host thread, so they take turns on the"
+            "\n  host's CPUs. A busy-polling vCPU (testpmd's) then takes host time from the others; what a vCPU"
+            "\n  gains is the guest scheduler's freedom to run serve and vdpa_sim's worker at once, not more CPU.")
+
+
 def kernel_host(args: argparse.Namespace) -> int:
     """Boot the kbench guest once, run --kernel-guest there, print (and --write) the table."""
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="vdpa-svq-kbench-out-", dir=repo.parent) as out:
         res = Path(out) / "kernel-bench.json"
         cmd = [sys.executable, str(repo / "tools" / "kbench"), "run", "--timeout", f"{args.timeout:g}",
-               "--out", out, "--", sys.executable, "-m", "bench.vhost_user", "--kernel-guest",
+               *(["--smp", str(args.smp)] if args.smp else []), "--out", out,
+               "--", sys.executable, "-m", "bench.vhost_user", "--kernel-guest",
                "--slices", str(args.slices), "--seconds", f"{args.seconds:g}", "--impls", args.impls,
                "--json", str(res), *(["--burst", str(args.burst)] if args.burst else [])]
         print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -509,8 +533,11 @@ def kernel_host(args: argparse.Namespace) -> int:
     table, verdict = kernel_table(r)
     print("\n" + table + "\n\n" + verdict)
     if args.write:
-        write_section(args.write, "vhost-user-kernel", KERNEL_SECTION.format(
-            machine=machine(), kernel=r["kernel"], accel=accel, smp=r["smp"], device=r["device"],
+        # A run with --smp gets its own section, beside the default guest's.
+        section = "vhost-user-kernel" + (f"-smp{args.smp}" if args.smp else "")
+        write_section(args.write, section, KERNEL_SECTION.format(
+            machine=machine(), kernel=r["kernel"], accel=accel, smp=r["smp"], smp_note=smp_note(r["smp"], accel),
+            device=r["device"],
             slices=r["slices"], seconds=r["seconds"], table=table, verdict=verdict))
         print(f"wrote {args.write}", file=sys.stderr)
     return rc
