@@ -155,7 +155,7 @@ class RelayLoops:
     the threads run wherever the process may (the scheduler places them).
 
     A relay joins the loop of its pair with its first fd; its later fds (a new kick fd while it
-    runs) go to the same loop. Plain callables (add) run in pair 0's loop."""
+    runs) go to the same loop. Plain callables (add) run in the loop of the pair they name."""
 
     def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: Polling = 0, cpus: Sequence[int] = ()) -> None:
         self.name = name
@@ -170,8 +170,9 @@ class RelayLoops:
             self.loops[pair] = RelayLoop(f"{self.name}{pair}", poll_us=self.poll_us, cpu=cpu)
         return self.loops[pair]
 
-    def add(self, fd: int, handler: Callable[[], None]) -> None:
-        self._loop(0).add(fd, handler)
+    def add(self, fd: int, handler: Callable[[], None], *, pair: int = 0) -> None:
+        """Run handler() when fd is written, in the thread of queue pair `pair`."""
+        self._loop(pair).add(fd, handler)
 
     def add_relay(self, fd: int, relay: Any, which: str, *, pair: int = 0) -> None:
         """fd is `relay`'s guest kick ("kick") or device call ("call") eventfd; the relay runs in

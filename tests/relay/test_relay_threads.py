@@ -194,7 +194,7 @@ def test_pairs_pin_to_the_cpus_in_order():
     try:
         for pair, (rig, kick, probe) in enumerate(zip(rigs, kicks, probes, strict=True)):
             loops.add_relay(kick, rig.svq, "kick", pair=pair)
-            loops.loops[pair].add(probe, lambda p=pair: seen.setdefault(p, os.sched_getaffinity(0)))
+            loops.add(probe, lambda p=pair: seen.setdefault(p, os.sched_getaffinity(0)), pair=pair)
         loops.start()
         for probe in probes:
             os.eventfd_write(probe, 1)
