@@ -5,9 +5,13 @@
  * Python relays): same names, same rules.
  *
  * One thread, epoll over the guests' kick and the device's call eventfds. A wake-up reads (clears)
- * the eventfd and runs the relay's on_guest_kick / on_device_call, with no Python in between; the
- * GIL is held only while a relay works, never while the pump waits. Sources that are Python
- * callables (anything that is not a C relay) are called as pump.py's Pump calls them.
+ * the eventfd and runs the relay's on_guest_kick / on_device_call, with no Python in between.
+ * The pump runs WITHOUT the GIL: it takes it only for Python work (a source that is a Python
+ * callable, a relay's notifier that is one, an error), so pumps in several threads (one per
+ * queue pair) relay at once. Each relay's lock keeps Python's calls of the relay (stats,
+ * ring_state, close, ...) from other threads off the relay while the pump works on it
+ * (_relay.c, "Who touches a relay"). Sources that are Python callables (anything that is not a C
+ * relay) are called as pump.py's Pump calls them.
  *
  * Polling (poll_us > 0): after a wake-up of a relay (a kick or a call), the pump keeps every ring's
  * notifications off and polls the rings itself until nothing arrived for poll_us, then turns
@@ -58,6 +62,8 @@ typedef struct {
     int stop;          /* set (atomically) by stop(); a stopped pump stays stopped */
     int running;
     PyObject *relays;  /* list of the C relays that have a source here: the ones the poller polls */
+    Relay **run;       /* while run() runs: the relays, read without the GIL (the list cannot change) */
+    Py_ssize_t nrun;
     PumpSource *sources, stop_source;
     unsigned long long wakeups, poll_rounds, poll_phases;
     /* Adaptive polling: the current window, and how often it grew and shrank. */
@@ -118,13 +124,25 @@ static uint64_t now_ns(void)
 
 static int pump_stopping(Pump *p) { return __atomic_load_n(&p->stop, __ATOMIC_ACQUIRE); }
 
-static int run_guarded(Relay *q, int (*work)(Relay *))
+/* Call a source's Python callable (the GIL taken for it): 0, or -1 with its exception. */
+static int call_with_gil(PyObject *fn)
 {
-    PyObject *r = svq_guarded(q, work);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *r = PyObject_CallNoArgs(fn);
+    Py_XDECREF(r);
+    PyGILState_Release(gil);
+    return r == NULL ? -1 : 0;
+}
+
+/* An OSError from errno (the GIL taken for it): -1. */
+static int raise_errno(void)
+{
+    int err = errno;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyGILState_Release(gil);
+    return -1;
 }
 
 /* mirrors pump.py:Pump.dispatch */
@@ -132,25 +150,19 @@ static int pump_dispatch(PumpSource *src)
 {
     switch (src->kind) {
     case SOURCE_KICK:
-        return run_guarded(src->relay, svq_drain_guest);
+        return svq_guarded(src->relay, svq_drain_guest, 0);
     case SOURCE_CALL:
-        return run_guarded(src->relay, svq_drain_device);
-    default: {
-        PyObject *r = PyObject_CallNoArgs(src->fn);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        return 0;
-    }
+        return svq_guarded(src->relay, svq_drain_device, 0);
+    default:
+        return call_with_gil(src->fn);
     }
 }
 
 /* mirrors pump.py:Pump.any_work */
 static int pump_any_work(Pump *p)
 {
-    Py_ssize_t n = PyList_GET_SIZE(p->relays);
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (relay_has_work((Relay *)PyList_GET_ITEM(p->relays, i)))
+    for (Py_ssize_t i = 0; i < p->nrun; i++)
+        if (relay_has_work(p->run[i]))
             return 1;
     return 0;
 }
@@ -158,13 +170,11 @@ static int pump_any_work(Pump *p)
 /* mirrors pump.py:Pump.for_each */
 static int pump_for_each(Pump *p, int (*work)(Relay *))
 {
-    /* A relay's list entry cannot go away while we hold the GIL; run_guarded keeps a RingError
-     * on its queue, so only other exceptions (a notifier's OSError, ...) end the pump. */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(p->relays); i++) {
-        Relay *q = (Relay *)PyList_GET_ITEM(p->relays, i);
-        if (relay_live(q) && run_guarded(q, work) < 0)
+    /* svq_guarded keeps a RingError on its queue and skips a closed or stopped one, so only
+     * other exceptions (a notifier's OSError, ...) end the pump. */
+    for (Py_ssize_t i = 0; i < p->nrun; i++)
+        if (svq_guarded(p->run[i], work, 1) < 0)
             return -1;
-    }
     return 0;
 }
 
@@ -179,11 +189,9 @@ static int pump_poll(Pump *p, uint64_t poll_ns, uint64_t credit)
     while (!pump_stopping(p)) {
         if (!pump_any_work(p)) {
             int found = 0;
-            /* Idle: spin without the GIL, so that the other threads (vhost-user messages, the
-             * dirty-log sync) run meanwhile, and yield the CPU at each turn: where the device's
-             * worker shares this CPU (vdpa_sim's kthread), a plain spin would hold it off for a
-             * whole scheduler slice, and the device would stall while we wait for it. */
-            Py_BEGIN_ALLOW_THREADS
+            /* Idle: spin, and yield the CPU at each turn: where the device's worker shares this
+             * CPU (vdpa_sim's kthread), a plain spin would hold it off for a whole scheduler
+             * slice, and the device would stall while we wait for it. */
             while (!pump_stopping(p) && now_ns() < deadline) {
                 if (pump_any_work(p)) {
                     found = 1;
@@ -191,7 +199,6 @@ static int pump_poll(Pump *p, uint64_t poll_ns, uint64_t credit)
                 }
                 sched_yield();
             }
-            Py_END_ALLOW_THREADS
             if (!found)
                 break;
         }
@@ -218,10 +225,20 @@ static int pump_drop(Pump *p, PumpSource *src)
 {
     epoll_ctl(p->epfd, EPOLL_CTL_DEL, src->fd, NULL);
     if (src->kind == SOURCE_CALLABLE) {
+        PyGILState_STATE gil = PyGILState_Ensure();
         PyErr_Format(PyExc_OSError, "fd %d hung up or is not an eventfd", src->fd);
+        PyGILState_Release(gil);
         return -1;
     }
     return relay_hung_up(src->relay, src->kind == SOURCE_KICK);
+}
+
+static void pump_run_end(Pump *p)
+{
+    p->running = 0;
+    PyMem_RawFree(p->run);
+    p->run = NULL;
+    p->nrun = 0;
 }
 
 /* mirrors pump.py:Pump.run */
@@ -241,18 +258,24 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "the pump is already running");
         return NULL;
     }
+    /* The relays, for a run without the GIL: pump_add refuses new ones while we run, and the
+     * list (which holds them) lives as long as the pump, which the caller holds. */
+    p->nrun = PyList_GET_SIZE(p->relays);
+    p->run = PyMem_RawMalloc((p->nrun ? p->nrun : 1) * sizeof *p->run);
+    if (p->run == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < p->nrun; i++)
+        p->run[i] = (Relay *)PyList_GET_ITEM(p->relays, i);
     p->running = 1;
+    PyThreadState *tstate = PyEval_SaveThread(); /* from here on, the GIL only for Python work */
     struct epoll_event events[32];
     while (!pump_stopping(p)) {
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(p->epfd, events, 32, 1000);
-        Py_END_ALLOW_THREADS
+        int n = epoll_wait(p->epfd, events, 32, 1000);
         uint64_t woke = now_ns(); /* the wake-up's work, from here, earns a first credit */
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            PyErr_SetFromErrno(PyExc_OSError);
+            raise_errno();
             goto fail;
         }
         int worked = 0;
@@ -301,10 +324,12 @@ static PyObject *pump_run(Pump *p, PyObject *args)
         }
         idle_since = now_ns();
     }
-    p->running = 0;
+    PyEval_RestoreThread(tstate);
+    pump_run_end(p);
     Py_RETURN_NONE;
 fail:
-    p->running = 0;
+    PyEval_RestoreThread(tstate); /* the exception waits in this thread's state */
+    pump_run_end(p);
     return NULL;
 }
 

@@ -27,6 +27,7 @@
 #include "_ring.h" /* the one file of this extension that includes it (see there) */
 #include "_relay.h"
 
+#include <pthread.h>
 #include <errno.h>
 #include <unistd.h>
 
@@ -187,16 +188,16 @@ static int add_check(DriverSide *s, uint32_t total, int use_indirect)
     if (s->broken)
         return queue_broken(s->name);
     if (total == 0) {
-        PyErr_SetString(PyExc_ValueError, "a chain needs at least one buffer");
+        WITH_GIL(PyErr_SetString(PyExc_ValueError, "a chain needs at least one buffer"));
         return -1;
     }
     if (total > s->num) {
-        PyErr_Format(PyExc_ValueError, "%U: a chain of %u descriptors is longer than the queue (%u)", s->name,
-                     (unsigned)total, (unsigned)s->num);
+        WITH_GIL(PyErr_Format(PyExc_ValueError, "%U: a chain of %u descriptors is longer than the queue (%u)", s->name,
+                              (unsigned)total, (unsigned)s->num));
         return -1;
     }
     if (use_indirect && (!s->has_area || total > s->area_max)) {
-        PyErr_SetString(PyExc_ValueError, "indirect chain longer than the indirect area allows");
+        WITH_GIL(PyErr_SetString(PyExc_ValueError, "indirect chain longer than the indirect area allows"));
         return -1;
     }
     return 0;
@@ -572,6 +573,10 @@ typedef struct Relay {
     uint64_t marks[MARK_BATCH]; /* pages written during the current call, not yet in the log */
     uint32_t nmarks;
     int ready;
+    /* Held by whoever works on the relay: the pump (without the GIL), a Python method (with it).
+     * See "Who touches a relay" below. Recursive: a notifier that is a Python callable may call
+     * back into its own relay, as it could when the GIL was the lock. */
+    pthread_mutex_t lock;
 } Relay;
 
 static int svq_mark(Relay *q, uint64_t gpa, uint64_t length);
@@ -628,23 +633,21 @@ static int eventfd_signal(int fd)
 }
 
 /* Notify the other side: an eventfd write when the notifier is an eventfd (no Python on the hot
- * path), else a call of the Python callable. */
+ * path, no GIL), else a call of the Python callable, with the GIL taken for it. */
 static int notify(int fd, PyObject *fn)
 {
     if (fd >= 0) {
         int err = eventfd_signal(fd);
         if (err) {
             errno = err;
-            PyErr_SetFromErrno(PyExc_OSError);
+            WITH_GIL(PyErr_SetFromErrno(PyExc_OSError));
             return -1;
         }
         return 0;
     }
-    PyObject *r = PyObject_CallNoArgs(fn);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    PyObject *r;
+    WITH_GIL(r = PyObject_CallNoArgs(fn); Py_XDECREF(r));
+    return r == NULL ? -1 : 0;
 }
 
 /* mirrors relay.py:ShadowVirtqueue.forward_avail: chains moved, or -1 with an exception. */
@@ -772,7 +775,7 @@ static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
         char msg[128]; /* PyErr_Format has no %llx before 3.12 */
         snprintf(msg, sizeof msg, "dirty range [0x%llx, +0x%llx) beyond the log of %llu pages",
                  (unsigned long long)gpa, (unsigned long long)length, (unsigned long long)q->dirty_pages);
-        PyErr_SetString(PyExc_ValueError, msg);
+        WITH_GIL(PyErr_SetString(PyExc_ValueError, msg));
         return -1;
     }
     for (uint64_t page = first; page <= last; page++) {
@@ -786,18 +789,20 @@ static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
     return 0;
 }
 
+static PyObject *guarded_from_python(Relay *q, int (*work)(Relay *));
+
 /* mirrors relay.py:ShadowVirtqueue.on_guest_kick: relay what the guest made available, then ask
  * for the next kick, race-free. */
 static PyObject *svq_on_guest_kick(Relay *q, PyObject *Py_UNUSED(ignored))
 {
-    return svq_guarded(q, svq_drain_guest);
+    return guarded_from_python(q, svq_drain_guest);
 }
 
 /* mirrors relay.py:ShadowVirtqueue.on_device_call: return used buffers, retry a held chain,
  * re-enable device interrupts. */
 static PyObject *svq_on_device_call(Relay *q, PyObject *Py_UNUSED(ignored))
 {
-    return svq_guarded(q, svq_drain_device);
+    return guarded_from_python(q, svq_drain_device);
 }
 
 static int svq_disable_guest_notify(Relay *q);
@@ -857,30 +862,79 @@ static int svq_enable_guest_notify(Relay *q)
     return ok;
 }
 
+/* ---- Who touches a relay ----------------------------------------------------------------------
+ * The pump works on its relays without the GIL (_pump.c); Python may call any method of a relay
+ * from any thread meanwhile (stats, ring_state, close, on_guest_kick, ...: the vhost-user message
+ * thread, a test). The rule: everything that reads or writes the relay's state holds q->lock.
+ * The pump takes it without the GIL; a method takes it with the GIL released while it waits
+ * (lock_from_python), so that the order is always lock, then GIL: a pump that holds the lock and
+ * needs the GIL (an error, a Python notifier) never waits on a thread that holds the GIL and waits
+ * for the lock. q->error changes only with both held: readable with either. Session code stops
+ * the pump before it hands back or closes (session.py), so there the lock is only a safety net. */
+
+/* Take q->lock from a thread that holds the GIL (released while waiting, re-taken after). */
+static void lock_from_python(Relay *q)
+{
+    if (pthread_mutex_trylock(&q->lock) == 0)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&q->lock);
+    Py_END_ALLOW_THREADS
+}
+
+/* A failed work's exception, the GIL held: a RingError stops this queue (0), else -1 (raised). */
+static int keep_ring_error(Relay *q)
+{
+    if (!PyErr_ExceptionMatches(RingError))
+        return -1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    Py_SETREF(q->error, value);
+    return 0;
+}
+
 /* mirrors relay.py:ShadowVirtqueue._guarded: never trust either side; a RingError stops this
- * queue with a reason (kept in .error), other queues go on. */
-PyObject *svq_guarded(Relay *q, int (*work)(Relay *))
+ * queue with a reason (kept in .error), other queues go on. q->lock held; the GIL held or not. */
+static int guarded_locked(Relay *q, int (*work)(Relay *), int closed_ok)
 {
     if (!q->ready) {
-        PyErr_SetString(PyExc_ValueError, "the C relay is closed");
-        return NULL;
+        if (closed_ok)
+            return 0;
+        WITH_GIL(PyErr_SetString(PyExc_ValueError, "the C relay is closed"));
+        return -1;
     }
     if (q->error != Py_None)
-        Py_RETURN_NONE;
-    int failed = work(q) < 0;
-    svq_flush_marks(q); /* what was written before a failure is still written */
-    if (failed) {
-        if (!PyErr_ExceptionMatches(RingError))
-            return NULL;
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != NULL)
-            PyException_SetTraceback(value, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        Py_SETREF(q->error, value);
+        return 0;
+    if (work(q) == 0) {
+        svq_flush_marks(q);
+        return 0;
     }
+    svq_flush_marks(q); /* what was written before a failure is still written */
+    int r;
+    WITH_GIL(r = keep_ring_error(q));
+    return r;
+}
+
+int svq_guarded(Relay *q, int (*work)(Relay *), int closed_ok)
+{
+    pthread_mutex_lock(&q->lock);
+    int r = guarded_locked(q, work, closed_ok);
+    pthread_mutex_unlock(&q->lock);
+    return r;
+}
+
+static PyObject *guarded_from_python(Relay *q, int (*work)(Relay *))
+{
+    lock_from_python(q);
+    int r = guarded_locked(q, work, 0);
+    pthread_mutex_unlock(&q->lock);
+    if (r < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1068,6 +1122,7 @@ static void relay_dealloc(Relay *q)
     PyMem_Free(s->arena_addr);
     PyMem_Free(s->arena_len);
     PyMem_Free(s->arena_next);
+    pthread_mutex_destroy(&q->lock);
     Py_TYPE(q)->tp_free((PyObject *)q);
 }
 
@@ -1175,12 +1230,15 @@ static int relay_init(Relay *q, PyObject *args, PyObject *kwds)
 /* forward_avail() / forward_used() from Python: one pass, its marks flushed, how many it moved. */
 static PyObject *relay_forward(Relay *q, Py_ssize_t (*forward)(Relay *))
 {
-    if (!q->ready) {
+    lock_from_python(q);
+    Py_ssize_t n = -1;
+    if (!q->ready)
         PyErr_SetString(PyExc_ValueError, "the C relay is closed");
-        return NULL;
+    else {
+        n = forward(q);
+        svq_flush_marks(q);
     }
-    Py_ssize_t n = forward(q);
-    svq_flush_marks(q);
+    pthread_mutex_unlock(&q->lock);
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
@@ -1196,12 +1254,24 @@ static PyObject *relay_forward_used(Relay *q, PyObject *Py_UNUSED(ignored))
 
 static PyObject *relay_close(Relay *q, PyObject *Py_UNUSED(ignored))
 {
+    lock_from_python(q);
     relay_release(q);
+    pthread_mutex_unlock(&q->lock);
     Py_RETURN_NONE;
 }
 
 /* The datapath state the C relay owns, under the Python rings' attribute names. */
+static PyObject *ring_state_locked(Relay *q);
+
 static PyObject *relay_ring_state(Relay *q, PyObject *Py_UNUSED(ignored))
+{
+    lock_from_python(q);
+    PyObject *state = ring_state_locked(q);
+    pthread_mutex_unlock(&q->lock);
+    return state;
+}
+
+static PyObject *ring_state_locked(Relay *q)
 {
     const DeviceSide *g = &q->guest;
     const DriverSide *s = &q->shadow;
@@ -1237,9 +1307,21 @@ static PyObject *relay_ring_state(Relay *q, PyObject *Py_UNUSED(ignored))
 
 static PyObject *relay_get_stats(Relay *q, void *Py_UNUSED(closure))
 {
-    const RelayStats *st = &q->stats;
-    return Py_BuildValue("(KKKKKK)", st->forwarded, st->returned, st->bytes_written, st->device_kicks,
-                         st->guest_calls, st->ring_full);
+    lock_from_python(q);
+    RelayStats st = q->stats;
+    pthread_mutex_unlock(&q->lock);
+    return Py_BuildValue("(KKKKKK)", st.forwarded, st.returned, st.bytes_written, st.device_kicks, st.guest_calls,
+                         st.ring_full);
+}
+
+/* fn() with the relay's lock held, as any method that works on the relay holds it: for the tests
+ * of the locking rule (a pump waits meanwhile). */
+static PyObject *relay_locked(Relay *q, PyObject *fn)
+{
+    lock_from_python(q);
+    PyObject *r = PyObject_CallNoArgs(fn);
+    pthread_mutex_unlock(&q->lock);
+    return r;
 }
 
 static PyObject *relay_get_error(Relay *q, void *Py_UNUSED(closure)) { return Py_NewRef(q->error); }
@@ -1248,7 +1330,9 @@ static int relay_set_error(Relay *q, PyObject *value, void *Py_UNUSED(closure))
 {
     if (value == NULL)
         value = Py_None;
+    lock_from_python(q);
     Py_SETREF(q->error, Py_NewRef(value));
+    pthread_mutex_unlock(&q->lock);
     return 0;
 }
 
@@ -1263,6 +1347,7 @@ static PyMethodDef relay_methods[] = {
     {"forward_used", (PyCFunction)relay_forward_used, METH_NOARGS, "Return used shadow buffers to the guest."},
     {"ring_state", (PyCFunction)relay_ring_state, METH_NOARGS, "{'guest': {...}, 'shadow': {...}}: ring indexes."},
     {"close", (PyCFunction)relay_close, METH_NOARGS, "Release the memory and dirty-log buffers."},
+    {"locked", (PyCFunction)relay_locked, METH_O, "locked(fn): fn() with the relay's lock held (a pump waits)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1276,12 +1361,25 @@ static PyGetSetDef relay_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+static PyObject *relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Relay *q = (Relay *)PyType_GenericNew(type, args, kwds);
+    if (q == NULL)
+        return NULL;
+    pthread_mutexattr_t attr;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&q->lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+    return (PyObject *)q;
+}
+
 PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "vdpa_svq._relay.CShadowVirtqueue",
     .tp_basicsize = sizeof(Relay),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The datapath of one shadow virtqueue (relay.py's ShadowVirtqueue, in C).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = relay_new,
     .tp_init = (initproc)relay_init,
     .tp_dealloc = (destructor)relay_dealloc,
     .tp_traverse = (traverseproc)relay_traverse,
@@ -1292,7 +1390,7 @@ PyTypeObject RelayType = {
 
 /* ==== What the pump asks of a relay (_relay.h) ================================================= */
 
-int relay_live(const Relay *q) { return q->ready && q->error == Py_None; }
+static int relay_live(const Relay *q) { return q->ready && q->error == Py_None; }
 
 /* Whether the shadow ring has a used buffer for us (read-only: safe without the GIL). */
 static int shadow_has_used(const DriverSide *s)
@@ -1304,13 +1402,17 @@ static int shadow_has_used(const DriverSide *s)
     return ld16(s->device + USED_IDX) != s->last_used_idx_split;
 }
 
-/* Work for the poller on this relay (read-only: safe without the GIL). */
+/* Work for the poller on this relay (read-only; no GIL). A relay that someone else works on (a
+ * Python method holds its lock) has none for now: the re-arm after the polling phase, which waits
+ * for the lock, relays what it left and re-checks after enabling notifications. */
 /* mirrors relay.py:ShadowVirtqueue.has_work */
-int relay_has_work(const Relay *q)
+int relay_has_work(Relay *q)
 {
-    if (!relay_live(q))
+    if (pthread_mutex_trylock(&q->lock) != 0)
         return 0;
-    return shadow_has_used(&q->shadow) || (!q->held && guest_has_avail(&q->guest));
+    int work = relay_live(q) && (shadow_has_used(&q->shadow) || (!q->held && guest_has_avail(&q->guest)));
+    pthread_mutex_unlock(&q->lock);
+    return work;
 }
 
 /* One polling round on one relay, notifications off: used buffers back first (that frees room
@@ -1339,15 +1441,15 @@ int svq_rearm(Relay *q)
  * device's call fd): the relay stops with the reason, unless something stopped it already. */
 int relay_hung_up(Relay *q, int kick)
 {
-    if (q->error != Py_None)
-        return 0;
-    PyObject *exc = PyObject_CallFunction(kick ? GuestRingError : DeviceRingError, "Os", q->name,
-                                          kick ? "the guest's kick fd hung up or is not an eventfd"
-                                               : "the device's call fd hung up or is not an eventfd");
-    if (exc == NULL)
-        return -1;
-    Py_SETREF(q->error, exc);
-    return 0;
+    pthread_mutex_lock(&q->lock);
+    PyObject *exc = Py_None;
+    if (q->error == Py_None)
+        WITH_GIL(exc = PyObject_CallFunction(kick ? GuestRingError : DeviceRingError, "Os", q->name,
+                                             kick ? "the guest's kick fd hung up or is not an eventfd"
+                                                  : "the device's call fd hung up or is not an eventfd");
+                 if (exc != NULL) Py_SETREF(q->error, exc));
+    pthread_mutex_unlock(&q->lock);
+    return exc == NULL ? -1 : 0;
 }
 
 /* ==== The dirty log's harvest ==================================================================== */

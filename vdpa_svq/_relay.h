@@ -17,19 +17,21 @@
 typedef struct Relay Relay;
 extern PyTypeObject RelayType; /* vdpa_svq._relay.CShadowVirtqueue */
 
+/* The pump calls these WITHOUT the GIL: each takes the relay's lock (_relay.c, "Who touches a
+ * relay"), and the GIL only for Python work (a callable notifier, an error). */
+
 /* mirrors relay.py:ShadowVirtqueue._guarded: run `work` on the relay; a RingError stops this
- * queue (kept in its .error), any other exception is returned (NULL). */
-PyObject *svq_guarded(Relay *q, int (*work)(Relay *));
+ * queue (kept in its .error): 0; any other exception is left pending in this thread: -1. A
+ * closed relay is skipped (closed_ok) or an error. */
+int svq_guarded(Relay *q, int (*work)(Relay *), int closed_ok);
 /* The work a wake-up runs: mirrors relay.py:ShadowVirtqueue._drain_guest / _drain_device. */
 int svq_drain_guest(Relay *q);
 int svq_drain_device(Relay *q);
 /* The work a polling phase runs: one round with notifications off; notifications back on. */
 int svq_poll_once(Relay *q);
 int svq_rearm(Relay *q);
-/* Whether the relay is open and not stopped; whether it has work for the poller (read-only:
- * safe without the GIL). */
-int relay_live(const Relay *q);
-int relay_has_work(const Relay *q);
+/* Whether the relay is open, not stopped, and has work for the poller. */
+int relay_has_work(Relay *q);
 /* One of its fds is not a working eventfd any more (kick: the guest's, else the device's call):
  * the relay stops with the reason. 0, or -1 with an exception. */
 int relay_hung_up(Relay *q, int kick);

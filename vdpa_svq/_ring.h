@@ -91,6 +91,17 @@ static inline void st64(uint8_t *p, uint64_t v) { __atomic_store_n((uint64_t *)p
 
 /* ==== Errors: the Python classes, the same reasons and indexes ================================= */
 
+/* The relay runs without the GIL (_pump.c: its notifiers are eventfds). Raising is its rare path:
+ * each place that builds a Python object takes the GIL for it (WITH_GIL), and the exception waits
+ * in this thread's state until the pump holds the GIL again. With the GIL held already (soft:net's
+ * loop, a call from Python), Ensure and Release only check that. */
+#define WITH_GIL(stmt)                                                                                                 \
+    do {                                                                                                               \
+        PyGILState_STATE gil_ = PyGILState_Ensure();                                                                   \
+        stmt;                                                                                                          \
+        PyGILState_Release(gil_);                                                                                      \
+    } while (0)
+
 static PyObject *RingError;       /* vdpa_svq.errors.RingError */
 static PyObject *GuestRingError;  /* the driver (guest) broke the guest ring */
 static PyObject *DeviceRingError; /* the device broke the shadow ring */
@@ -110,16 +121,23 @@ static int ring_errors_import(void)
     return RingError && GuestRingError && DeviceRingError && RingBroken ? 0 : -1;
 }
 
+/* Raise cls(*args) (args: a new reference, or NULL with an exception); the GIL held. */
+static void ring_raise(PyObject *cls, PyObject *args)
+{
+    PyObject *exc = args == NULL ? NULL : PyObject_CallObject(cls, args);
+    Py_XDECREF(args);
+    if (exc != NULL) {
+        PyErr_SetObject(cls, exc);
+        Py_DECREF(exc);
+    }
+}
+
 /* Raise cls(queue, reason, index), reason formatted like the Python f-strings (0x%llx for {:#x}). */
 static int ring_failv(PyObject *cls, PyObject *queue, long long index, const char *fmt, va_list ap)
 {
     char reason[320];
     vsnprintf(reason, sizeof reason, fmt, ap);
-    PyObject *exc = PyObject_CallFunction(cls, "OsL", queue, reason, index);
-    if (exc != NULL) {
-        PyErr_SetObject(cls, exc);
-        Py_DECREF(exc);
-    }
+    WITH_GIL(ring_raise(cls, Py_BuildValue("(OsL)", queue, reason, index)));
     return -1;
 }
 
@@ -142,17 +160,13 @@ static int ring_fail_noindex(PyObject *cls, PyObject *queue, const char *fmt, ..
     va_start(ap, fmt);
     vsnprintf(reason, sizeof reason, fmt, ap);
     va_end(ap);
-    PyObject *exc = PyObject_CallFunction(cls, "Os", queue, reason);
-    if (exc != NULL) {
-        PyErr_SetObject(cls, exc);
-        Py_DECREF(exc);
-    }
+    WITH_GIL(ring_raise(cls, Py_BuildValue("(Os)", queue, reason)));
     return -1;
 }
 
 static int queue_broken(PyObject *name)
 {
-    PyErr_Format(RingBroken, "%U: queue is broken", name);
+    WITH_GIL(PyErr_Format(RingBroken, "%U: queue is broken", name));
     return -1;
 }
 
@@ -343,11 +357,10 @@ static int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
          * the cap in relay_init): it is on its way to "can never fit the shadow ring". The soft
          * device's scratch starts at 64 segments and grows to its longest chain. */
         uint32_t cap = c->cap * 2;
-        Seg *segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg));
-        if (segs == NULL) {
-            PyErr_NoMemory();
+        Seg *segs; /* PyMem_* needs the GIL (pymalloc), the relay runs without it */
+        WITH_GIL(segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg)); if (segs == NULL) PyErr_NoMemory());
+        if (segs == NULL)
             return -1;
-        }
         c->segs = segs;
         c->cap = cap;
     }

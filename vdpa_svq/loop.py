@@ -8,6 +8,10 @@ Python relays (and any relay when the C relay is not built) in the Python Pump (
 readable reference, which the C mirrors. Both do the same: `poll_us` > 0 turns on busy polling
 after each burst, for a fixed window; `poll_us="auto"` for a window the pump learns from the
 traffic (see pump.py's docstring), at most ADAPTIVE_MAX_US.
+
+RelayLoops is a session's set of them: one thread per queue pair, each pinned to a CPU if asked.
+The C pump relays without the GIL, so C relays in different threads run in parallel; Python
+relays take turns on the GIL.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vdpa_svq import pump as py_pump
@@ -54,11 +58,13 @@ class EventfdNotifier:
 
 class RelayLoop:
     """The relay's thread: runs the pump that fits its relays (C relays: the C Pump; Python
-    relays: the Python one; a loop runs one kind), with the polling `poll_us` asks for."""
+    relays: the Python one; a loop runs one kind), with the polling `poll_us` asks for, on CPU
+    `cpu` only when given."""
 
-    def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: Polling = 0) -> None:
+    def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: Polling = 0, cpu: int | None = None) -> None:
         self.name = name
         self.poll_us = check_polling(poll_us)
+        self.cpu = cpu
         self._pump: Any = None  # picked by the first relay (callables alone: the C one when built)
         self._callables: list[tuple[int, Callable[[], None]]] = []  # for a pump picked anew
         self._has_relays = False
@@ -114,6 +120,8 @@ class RelayLoop:
 
     def _run(self, pump: Any) -> None:
         try:
+            if self.cpu is not None:
+                os.sched_setaffinity(0, {self.cpu})  # this thread only (Linux: 0 is the caller)
             if self.poll_us == ADAPTIVE:
                 pump.run(0, ADAPTIVE_MAX_US)
             else:
@@ -139,3 +147,69 @@ class RelayLoop:
     def close(self) -> None:
         self.stop()
         self._close_pump()
+
+
+class RelayLoops:
+    """A session's relay threads: one RelayLoop per queue pair, so that pairs relay in parallel
+    (the C pump runs without the GIL). `cpus`: pin pair i's thread to cpus[i % len(cpus)]; empty:
+    the threads run wherever the process may (the scheduler places them).
+
+    A relay joins the loop of its pair with its first fd; its later fds (a new kick fd while it
+    runs) go to the same loop. Plain callables (add) run in the loop of the pair they name."""
+
+    def __init__(self, name: str = "vdpa-svq-relay", *, poll_us: Polling = 0, cpus: Sequence[int] = ()) -> None:
+        self.name = name
+        self.poll_us = check_polling(poll_us)
+        self.cpus = list(cpus)
+        self.loops: dict[int, RelayLoop] = {}  # pair -> its loop
+        self._loop_of: dict[int, RelayLoop] = {}  # id(relay) -> the loop it joined
+
+    def _loop(self, pair: int) -> RelayLoop:
+        if pair not in self.loops:
+            cpu = self.cpus[len(self.loops) % len(self.cpus)] if self.cpus else None
+            self.loops[pair] = RelayLoop(f"{self.name}{pair}", poll_us=self.poll_us, cpu=cpu)
+        return self.loops[pair]
+
+    def add(self, fd: int, handler: Callable[[], None], *, pair: int = 0) -> None:
+        """Run handler() when fd is written, in the thread of queue pair `pair`."""
+        self._loop(pair).add(fd, handler)
+
+    def add_relay(self, fd: int, relay: Any, which: str, *, pair: int = 0) -> None:
+        """fd is `relay`'s guest kick ("kick") or device call ("call") eventfd; the relay runs in
+        the thread of queue pair `pair` (of the loop it joined first, for its later fds)."""
+        loop = self._loop_of.get(id(relay)) or self._loop(pair)
+        loop.add_relay(fd, relay, which)
+        self._loop_of[id(relay)] = loop
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """RelayLoop.stats summed over the threads (poll_window_ns: the longest window)."""
+        total = RelayLoop().stats
+        for loop in self.loops.values():
+            for k, v in loop.stats.items():
+                total[k] = max(total[k], v) if k == "poll_window_ns" else total[k] + v
+        return total
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped a thread (the first one that died), if any."""
+        return next((loop.error for loop in self.loops.values() if loop.error is not None), None)
+
+    @property
+    def running(self) -> bool:
+        return any(loop.running for loop in self.loops.values())
+
+    def start(self) -> None:
+        for loop in self.loops.values():
+            loop.start()
+
+    def stop(self) -> None:
+        for loop in self.loops.values():
+            loop.stop()
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            for loop in self.loops.values():
+                loop.close()

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import select
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ from vdpa_svq.device import Device
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.errors import DeviceRingError, VdpaSvqError
 from vdpa_svq.guest.queue import GuestQueue
-from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoop
+from vdpa_svq.loop import EventfdNotifier, Polling, RelayLoops
 from vdpa_svq.memory.guest import PAGE_SIZE, GuestMemory, page_align
 from vdpa_svq.memory.iova import IovaMap
 from vdpa_svq.relay_impl import Relay, make_shadow_virtqueue
@@ -383,12 +384,15 @@ class ShadowSession:
         impl: str = "auto",
         dirty: DirtyBitmap | bool | None = True,
         poll_us: Polling = 0,
+        relay_cpus: Sequence[int] = (),
     ) -> None:
         """`dirty`: True logs into a fresh bitmap over guest memory; a DirtyBitmap logs into that one
         (a vhost-user frontend's shared log); None logs nothing (sparse guest-physical spaces whose
         bitmap would be huge, when nobody asked for a log). `poll_us`: busy-poll the rings for this
         long after each burst before sleeping again (0: notifications only), or "auto" for a window
-        the relay loop learns (loop.check_polling says what is valid)."""
+        the relay loop learns (loop.check_polling says what is valid). Each queue pair (queues 2p
+        and 2p+1) is relayed by a thread of its own; `relay_cpus` pins pair p's to
+        relay_cpus[p % len] (empty: unpinned)."""
         self.dev = dev
         self.guest_mem = guest_mem
         self.impl = impl
@@ -401,7 +405,7 @@ class ShadowSession:
             DirtyBitmap(max(r.end for r in guest_mem)) if dirty is True else dirty or None
         )
         self.shadow_mem = GuestMemory()
-        self.loop = RelayLoop(poll_us=poll_us)
+        self.loop = RelayLoops(poll_us=poll_us, cpus=relay_cpus)
         self.queues: dict[int, ShadowQueue] = {}
         self.control: ControlQueue | None = None  # the device's control queue, driven by us
         self._fds: list[int] = []
@@ -482,14 +486,14 @@ class ShadowSession:
             impl=self.impl,
         )
         try:
-            self.loop.add_relay(guest_kick, svq, "kick")
-            self.loop.add_relay(dq.call_fd, svq, "call")
+            self.loop.add_relay(guest_kick, svq, "kick", pair=index // 2)
+            self.loop.add_relay(dq.call_fd, svq, "call", pair=index // 2)
         except BaseException:
             svq.close()  # it holds views of the shadow memory, which close() must unmap
             raise
         q = ShadowQueue(index, svq, dq, guest_kick, guest_call, guest_err_fd)
         self.queues[index] = q
-        self.loop.add(dq.err_fd, functools.partial(self._device_broke, q))
+        self.loop.add(dq.err_fd, functools.partial(self._device_broke, q), pair=index // 2)
         return q
 
     def _device_broke(self, q: ShadowQueue) -> None:

@@ -339,13 +339,22 @@ def test_work_racing_the_rearm_is_not_left_sleeping(impl, side, slow_thread_swit
         # the re-arm's re-check.
         assert rig.guest_add()
         wait_for(lambda: loop.stats["poll_rounds"] == 1, step=0.0005)
-        busy_wait(0.3)  # the 100 ms window runs out meanwhile: the pump waits for the GIL to re-arm
-        if side == "guest":
-            assert rig.guest_add()
-            raced["first"] = not rig.drv.kick_needed()
+
+        def race_before_the_rearm() -> None:
+            if side == "guest":
+                assert rig.guest_add()
+                raced["first"] = not rig.drv.kick_needed()
+            else:
+                rig.device_complete(1)
+                raced["first"] = shadow_callbacks_disabled(rig)
+
+        # The 100 ms window runs out meanwhile, and the pump waits to re-arm: the Python pump for
+        # the GIL, the C one (which runs without it) for the relay's lock.
+        if impl == "py":
+            busy_wait(0.3)
+            race_before_the_rearm()
         else:
-            rig.device_complete(1)
-            raced["first"] = shadow_callbacks_disabled(rig)
+            rig.svq.c_relay.locked(lambda: (time.sleep(0.3), race_before_the_rearm()))
         done = (lambda: rig.svq.stats.forwarded == 4) if side == "guest" else (lambda: rig.svq.stats.returned == 2)
         wait_for(lambda: "more" in raced)
         assert raced["first"] and raced["more"], f"work came with a notification: no race ({raced})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 
 import pytest
@@ -240,3 +241,55 @@ def test_a_device_queue_that_stopped_is_named_in_serves_log(mq_server, caplog):
     assert "svq3: device broke the ring: the device stopped queue 3: tx1: guest broke" in caplog.text
     assert "device: 2 queue pair(s) moving frames" in caplog.text
     assert "device: tx1: 0 chains" in caplog.text
+
+
+@pytest.mark.parametrize("layout", [Layout.SPLIT, Layout.PACKED], ids=["split", "packed"])
+def test_two_pairs_relay_at_once_each_in_its_own_thread(mq_server, layout):
+    """Each queue pair is relayed by a thread of its own (ShadowSession: one RelayLoop per pair),
+    and both pairs move frames at the same time: every frame comes back once, in order, on the
+    pair it was sent on (VIRTIO 1.2 5.1.6: a pair's RX gets what its TX sent, soft:net's loopback),
+    and GET_VRING_BASE then counts every TX buffer used and every RX buffer filled (2.7.8)."""
+    fe = MqFrontend(mq_server.connect(), layout)
+    bursts, burst = 40, 8
+    errors: list[BaseException] = []
+
+    def traffic(pair: int) -> None:
+        drv = fe.drivers[pair]
+        try:
+            for b in range(bursts):
+                frames = [f"pair {pair} burst {b} frame {k}".encode() for k in range(burst)]
+                for f in frames:
+                    assert drv.send(f)
+                drv.flush()
+                got: list[bytes] = []
+                deadline = time.monotonic() + TIMEOUT
+                while len(got) < burst:
+                    assert time.monotonic() < deadline, f"pair {pair}: {burst - len(got)} frames did not come back"
+                    drv.wait(0.05)
+                    got += drv.reap()
+                assert got == frames
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+
+    try:
+        fe.start(enabled_pairs=2)
+        fe.roundtrip(0, b"warm-up")  # the relay runs: its threads exist
+        relays = sorted(t.name for t in threading.enumerate() if t.name.startswith("vdpa-svq-relay"))
+        assert relays == ["vdpa-svq-relay0", "vdpa-svq-relay1"]
+        workers = [threading.Thread(target=traffic, args=(p,)) for p in range(PAIRS)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not errors, errors
+        bases = [fe.get_vring_base(i) for i in range(2 * PAIRS)]
+        for p in range(PAIRS):
+            st = fe.drivers[p].stats
+            assert st.received == st.sent == bursts * burst + (p == 0)
+            if layout is Layout.SPLIT:
+                assert bases[2 * p] == st.received and bases[2 * p + 1] == st.sent
+    finally:
+        fe.close()
+    mq_server.wait_connections(1)
+    summary = mq_server.server.summaries[-1]
+    assert summary.error is None
