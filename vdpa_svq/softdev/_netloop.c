@@ -233,7 +233,7 @@ static void netloop_prefetch(NetLoop *n, const DeviceSide *g, int write, uint32_
     } else {
         if ((uint16_t)(ld16(g->driver + AVAIL_IDX) - g->last_avail_idx) <= ahead)
             return;
-        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ((g->last_avail_idx + ahead) % g->num));
+        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ring_slot(g->last_avail_idx + ahead, g->num));
         if (head >= g->num)
             return;
         d = g->desc + (size_t)head * DESC_SIZE;
