@@ -668,6 +668,7 @@ static int notify(int fd, PyObject *fn)
 static Py_ssize_t svq_forward_avail(Relay *q)
 {
     Py_ssize_t moved = 0;
+    guest_pop_burst(&q->guest);
     for (;;) {
         if (!q->held) {
             int r = guest_pop(&q->guest, &q->chain);

@@ -378,6 +378,7 @@ typedef struct {
     uint8_t *in_flight; /* heads (split) / buffer ids (packed) popped and not yet used */
     /* split */
     uint16_t last_avail_idx, used_idx, signalled_used;
+    uint16_t avail_idx_seen; /* avail->idx as pop_split read it last in this burst (guest_pop_burst) */
     uint16_t staged; /* used elements written after used->idx, not yet published */
     uint32_t used_event_off, avail_event_off;
     /* packed */
@@ -500,13 +501,19 @@ static int pop_split(DeviceSide *g, Chain *c)
 {
     if (g->broken)
         return queue_broken(g->name);
-    uint16_t avail_idx = ld16(g->driver + AVAIL_IDX);
-    if (avail_idx == g->last_avail_idx)
-        return 0;
-    if ((uint16_t)(avail_idx - g->last_avail_idx) > g->num)
-        return guest_fail(g, avail_idx, "avail idx moved from %u to %u", g->last_avail_idx, avail_idx);
-    /* Read the ring entry and descriptors only after avail->idx said they are there. */
-    rmb();
+    /* avail->idx once per burst (guest_pop_burst), not per chain: the driver writes its cache line
+     * all the time (a read is a miss; DPDK's and the kernel's vhost read it per burst too), and
+     * what it made available stays available. */
+    if (g->avail_idx_seen == g->last_avail_idx) {
+        uint16_t avail_idx = ld16(g->driver + AVAIL_IDX);
+        if (avail_idx == g->last_avail_idx)
+            return 0;
+        if ((uint16_t)(avail_idx - g->last_avail_idx) > g->num)
+            return guest_fail(g, avail_idx, "avail idx moved from %u to %u", g->last_avail_idx, avail_idx);
+        /* Read the ring entries and descriptors only after avail->idx said they are there. */
+        rmb();
+        g->avail_idx_seen = avail_idx;
+    }
     uint32_t slot = ring_slot(g->last_avail_idx, g->num);
     uint16_t head = ld16(g->driver + AVAIL_RING + 2 * slot);
     if (head >= g->num)
@@ -784,6 +791,10 @@ static inline int guest_has_avail(const DeviceSide *g)
     return g->packed ? has_avail_packed(g) : has_avail_split(g);
 }
 static inline int guest_pop(DeviceSide *g, Chain *c) { return g->packed ? pop_packed(g, c) : pop_split(g, c); }
+/* A burst of pops starts: pop_split reads avail->idx afresh at its first pop, and then only when
+ * the chains it said were there run out. Within a burst that is a race the driver may win or lose
+ * either way; between bursts, each pop sees what the Python ring's pop would. */
+static inline void guest_pop_burst(DeviceSide *g) { g->avail_idx_seen = g->last_avail_idx; }
 static inline int guest_stage_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[1])
 {
     return g->packed ? stage_used_packed(g, t, written, spans) : stage_used_split(g, t, written, spans);
@@ -853,7 +864,7 @@ static int device_side_setup(DeviceSide *g, MemTable *mem, MemTable *areas, PyOb
             return -1;
         }
     } else {
-        g->last_avail_idx = (uint16_t)st[0];
+        g->last_avail_idx = g->avail_idx_seen = (uint16_t)st[0];
         g->used_idx = (uint16_t)st[1];
         g->signalled_used = (uint16_t)st[2];
         g->used_event_off = AVAIL_RING + 2 * g->num;
