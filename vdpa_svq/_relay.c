@@ -63,9 +63,11 @@ static inline const IovaMapping *iova_find(const IovaMapping *maps, Py_ssize_t n
 
 /* mirrors memory/iova.py:IovaMap.translate: append the pieces covering [gpa, gpa+length) to
  * dst (storing at most cap of them, counting the rest in *n). On a hole, -1 with the failing
- * (gpa, length) in *bad, as the GuestMemoryError of the reference carries them. */
-static int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps, Py_ssize_t *hint, uint64_t gpa,
-                          uint64_t length, Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
+ * (gpa, length) in *bad, as the GuestMemoryError of the reference carries them. Inlined into
+ * svq_translate (once per segment, mostly one piece from the hinted mapping). */
+static inline __attribute__((always_inline)) int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps,
+                                                                Py_ssize_t *hint, uint64_t gpa, uint64_t length,
+                                                                Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
 {
     for (;;) {
         const IovaMapping *m = iova_find(maps, nmaps, hint, gpa);
@@ -129,8 +131,10 @@ static int shadow_fail(DriverSide *s, long long index, const char *fmt, ...)
 }
 
 /* The reference's `self._token[id] = token` (plus _count and _writable): keep what
- * forward_used() needs of the guest chain, its writable segments in the arena. */
-static void token_store(DriverSide *s, uint32_t id, const Chain *chain, uint32_t slots, uint64_t writable)
+ * forward_used() needs of the guest chain, its writable segments in the arena (inlined into both
+ * adds: once per chain). */
+static inline __attribute__((always_inline)) void token_store(DriverSide *s, uint32_t id, const Chain *chain,
+                                                              uint32_t slots, uint64_t writable)
 {
     Token *t = &s->tok[id];
     t->id = chain->id;

@@ -344,21 +344,27 @@ typedef struct {
     uint32_t seg_head, seg_tail, nsegs;
 } Token;
 
-static int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
+/* chain_append's cold part: the scratch list doubled. In the relay, only a chain longer than
+ * anything the shadow ring can take gets here (see the cap in relay_init): it is on its way to
+ * "can never fit the shadow ring". The soft device's scratch starts at 64 segments and grows to its
+ * longest chain. */
+static __attribute__((noinline, cold)) int chain_grow(Chain *c)
 {
-    if (c->nsegs == c->cap) {
-        /* In the relay, only a chain longer than anything the shadow ring can take gets here (see
-         * the cap in relay_init): it is on its way to "can never fit the shadow ring". The soft
-         * device's scratch starts at 64 segments and grows to its longest chain. */
-        uint32_t cap = c->cap * 2;
-        Seg *segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg));
-        if (segs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        c->segs = segs;
-        c->cap = cap;
+    uint32_t cap = c->cap * 2;
+    Seg *segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg));
+    if (segs == NULL) {
+        PyErr_NoMemory();
+        return -1;
     }
+    c->segs = segs;
+    c->cap = cap;
+    return 0;
+}
+
+static inline int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
+{
+    if (c->nsegs == c->cap && chain_grow(c) < 0)
+        return -1;
     c->segs[c->nsegs].addr = addr;
     c->segs[c->nsegs].len = len;
     c->segs[c->nsegs].write = (uint32_t)write;
