@@ -64,9 +64,11 @@ static inline const IovaMapping *iova_find(const IovaMapping *maps, Py_ssize_t n
 
 /* mirrors memory/iova.py:IovaMap.translate: append the pieces covering [gpa, gpa+length) to
  * dst (storing at most cap of them, counting the rest in *n). On a hole, -1 with the failing
- * (gpa, length) in *bad, as the GuestMemoryError of the reference carries them. */
-static int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps, Py_ssize_t *hint, uint64_t gpa,
-                          uint64_t length, Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
+ * (gpa, length) in *bad, as the GuestMemoryError of the reference carries them. Inlined into
+ * svq_translate (once per segment, mostly one piece from the hinted mapping). */
+static inline __attribute__((always_inline)) int iova_translate(const IovaMapping *maps, Py_ssize_t nmaps,
+                                                                Py_ssize_t *hint, uint64_t gpa, uint64_t length,
+                                                                Piece *dst, uint64_t cap, uint64_t *n, Piece *bad)
 {
     for (;;) {
         const IovaMapping *m = iova_find(maps, nmaps, hint, gpa);
@@ -130,8 +132,10 @@ static int shadow_fail(DriverSide *s, long long index, const char *fmt, ...)
 }
 
 /* The reference's `self._token[id] = token` (plus _count and _writable): keep what
- * forward_used() needs of the guest chain, its writable segments in the arena. */
-static void token_store(DriverSide *s, uint32_t id, const Chain *chain, uint32_t slots, uint64_t writable)
+ * forward_used() needs of the guest chain, its writable segments in the arena (inlined into both
+ * adds: once per chain). */
+static inline __attribute__((always_inline)) void token_store(DriverSide *s, uint32_t id, const Chain *chain,
+                                                              uint32_t slots, uint64_t writable)
 {
     Token *t = &s->tok[id];
     t->id = chain->id;
@@ -256,7 +260,7 @@ static int add_split(DriverSide *s, const Piece *out, uint32_t nout, const Piece
     token_store(s, head, token, slots, writable);
     /* Put the head in the avail ring, then publish the index: the device reads avail->idx and
      * then the ring entry and the descriptors, so they must be visible first (2.7.13). */
-    st16(s->driver + AVAIL_RING + 2 * (s->avail_idx_shadow % s->num), (uint16_t)head);
+    st16(s->driver + AVAIL_RING + 2 * ring_slot(s->avail_idx_shadow, s->num), (uint16_t)head);
     wmb();
     s->avail_idx_shadow++;
     st16(s->driver + AVAIL_IDX, s->avail_idx_shadow);
@@ -304,7 +308,7 @@ static int get_used_split(DriverSide *s, Token *tok, uint32_t *length)
         return shadow_fail(s, used_idx, "used idx jumped from %u to %u", s->last_used_idx_split, used_idx);
     /* Only read the used element after used->idx said it is there. */
     rmb();
-    uint32_t slot = s->last_used_idx_split % s->num;
+    uint32_t slot = ring_slot(s->last_used_idx_split, s->num);
     const uint8_t *elem = s->device + USED_RING + USED_ELEM_SIZE * slot;
     uint32_t head = ld32(elem), len = ld32(elem + 4);
     if (head >= s->num)
@@ -579,7 +583,24 @@ typedef struct Relay {
     pthread_mutex_t lock;
 } Relay;
 
-static int svq_mark(Relay *q, uint64_t gpa, uint64_t length);
+static int svq_mark_pages(Relay *q, uint64_t gpa, uint64_t length);
+
+/* mirrors relay.py:ShadowVirtqueue._mark (and dirty.py:DirtyBitmap.mark): every page that
+ * [gpa, gpa+length) touches, marked by the end of this call (svq_flush_marks). Called a few times
+ * per chain, mostly for a page marked just before (a used ring's): that case is decided here,
+ * inline; the rest (and the range check's error) in svq_mark_pages. */
+static inline int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
+{
+    if (!q->has_dirty || length == 0)
+        return 0;
+    uint64_t end, n = q->nmarks;
+    if (__builtin_add_overflow(gpa, length - 1, &end) || (end >> PAGE_SHIFT) >= q->dirty_pages)
+        return svq_mark_pages(q, gpa, length); /* beyond the log: the error */
+    uint64_t page = gpa >> PAGE_SHIFT;
+    if (page == end >> PAGE_SHIFT && ((n > 0 && q->marks[n - 1] == page) || (n > 1 && q->marks[n - 2] == page)))
+        return 0; /* a used ring's page, again */
+    return svq_mark_pages(q, gpa, length);
+}
 static inline int svq_use_indirect(const Relay *q, uint64_t n);
 
 /* mirrors relay.py:ShadowVirtqueue._translate: q->chain's segments to q->out and q->in. */
@@ -654,6 +675,7 @@ static int notify(int fd, PyObject *fn)
 static Py_ssize_t svq_forward_avail(Relay *q)
 {
     Py_ssize_t moved = 0;
+    guest_pop_burst(&q->guest);
     for (;;) {
         if (!q->held) {
             int r = guest_pop(&q->guest, &q->chain);
@@ -763,12 +785,10 @@ static void svq_flush_marks(Relay *q)
     q->nmarks = 0;
 }
 
-/* mirrors relay.py:ShadowVirtqueue._mark (and dirty.py:DirtyBitmap.mark): every page that
- * [gpa, gpa+length) touches, marked by the end of this call (svq_flush_marks). */
-static int svq_mark(Relay *q, uint64_t gpa, uint64_t length)
+/* svq_mark's slow path: the range checked against the log, each page not marked just before added
+ * to the batch. */
+static int svq_mark_pages(Relay *q, uint64_t gpa, uint64_t length)
 {
-    if (!q->has_dirty || length == 0)
-        return 0;
     uint64_t first = gpa >> PAGE_SHIFT;
     uint64_t last = (uint64_t)(((unsigned __int128)gpa + length - 1) >> PAGE_SHIFT);
     if ((((unsigned __int128)gpa + length - 1) >> PAGE_SHIFT) >= q->dirty_pages) {

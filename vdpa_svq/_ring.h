@@ -89,6 +89,14 @@ static inline void st64(uint8_t *p, uint64_t v) { __atomic_store_n((uint64_t *)p
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 #define VRING_USED_F_NO_NOTIFY 1
 
+/* idx % num, the slot of a free-running split ring index. Without a division (tens of cycles, a
+ * few of them per packet) when num is a power of two, as a split ring's size always is (2.7); a
+ * ring of another size, which only a broken driver sets up, gets the modulo the Python rings take. */
+static inline uint32_t ring_slot(uint32_t idx, uint32_t num)
+{
+    return (num & (num - 1)) == 0 ? idx & (num - 1) : idx % num;
+}
+
 /* ==== Errors: the Python classes, the same reasons and indexes ================================= */
 
 /* The relay runs without the GIL (_pump.c: its notifiers are eventfds). Raising is its rare path:
@@ -350,20 +358,26 @@ typedef struct {
     uint32_t seg_head, seg_tail, nsegs;
 } Token;
 
-static int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
+/* chain_append's cold part: the scratch list doubled. In the relay, only a chain longer than
+ * anything the shadow ring can take gets here (see the cap in relay_init): it is on its way to
+ * "can never fit the shadow ring". The soft device's scratch starts at 64 segments and grows to its
+ * longest chain. */
+static __attribute__((noinline, cold)) int chain_grow(Chain *c)
 {
-    if (c->nsegs == c->cap) {
-        /* In the relay, only a chain longer than anything the shadow ring can take gets here (see
-         * the cap in relay_init): it is on its way to "can never fit the shadow ring". The soft
-         * device's scratch starts at 64 segments and grows to its longest chain. */
-        uint32_t cap = c->cap * 2;
-        Seg *segs; /* PyMem_* needs the GIL (pymalloc), the relay runs without it */
-        WITH_GIL(segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg)); if (segs == NULL) PyErr_NoMemory());
-        if (segs == NULL)
-            return -1;
-        c->segs = segs;
-        c->cap = cap;
-    }
+    uint32_t cap = c->cap * 2;
+    Seg *segs; /* PyMem_* needs the GIL (pymalloc), the relay runs without it */
+    WITH_GIL(segs = PyMem_Realloc(c->segs, (size_t)cap * sizeof(Seg)); if (segs == NULL) PyErr_NoMemory());
+    if (segs == NULL)
+        return -1;
+    c->segs = segs;
+    c->cap = cap;
+    return 0;
+}
+
+static inline int chain_append(Chain *c, uint64_t addr, uint32_t len, int write)
+{
+    if (c->nsegs == c->cap && chain_grow(c) < 0)
+        return -1;
     c->segs[c->nsegs].addr = addr;
     c->segs[c->nsegs].len = len;
     c->segs[c->nsegs].write = (uint32_t)write;
@@ -383,6 +397,7 @@ typedef struct {
     uint8_t *in_flight; /* heads (split) / buffer ids (packed) popped and not yet used */
     /* split */
     uint16_t last_avail_idx, used_idx, signalled_used;
+    uint16_t avail_idx_seen; /* avail->idx as pop_split read it last in this burst (guest_pop_burst) */
     uint16_t staged; /* used elements written after used->idx, not yet published */
     uint32_t used_event_off, avail_event_off;
     /* packed */
@@ -425,8 +440,10 @@ static inline const uint8_t *take_indirect_table(DeviceSide *g, uint16_t head, u
 
 /* One buffer descriptor of a guest chain: the checks both layouts make, in the same order.
  * mirrors chain.py:ChainReader.take_segment */
-static inline int take_segment(DeviceSide *g, Chain *c, uint16_t head, uint64_t addr, uint32_t len, uint16_t flags,
-                               int *seen_write, uint64_t *total, uint64_t *writable)
+/* (always inlined: called per descriptor, and its out-parameters stay in registers that way) */
+static inline __attribute__((always_inline)) int take_segment(DeviceSide *g, Chain *c, uint16_t head, uint64_t addr,
+                                                              uint32_t len, uint16_t flags, int *seen_write,
+                                                              uint64_t *total, uint64_t *writable)
 {
     int write = (flags & VRING_DESC_F_WRITE) != 0;
     if (write) {
@@ -503,14 +520,20 @@ static int pop_split(DeviceSide *g, Chain *c)
 {
     if (g->broken)
         return queue_broken(g->name);
-    uint16_t avail_idx = ld16(g->driver + AVAIL_IDX);
-    if (avail_idx == g->last_avail_idx)
-        return 0;
-    if ((uint16_t)(avail_idx - g->last_avail_idx) > g->num)
-        return guest_fail(g, avail_idx, "avail idx moved from %u to %u", g->last_avail_idx, avail_idx);
-    /* Read the ring entry and descriptors only after avail->idx said they are there. */
-    rmb();
-    uint32_t slot = g->last_avail_idx % g->num;
+    /* avail->idx once per burst (guest_pop_burst), not per chain: the driver writes its cache line
+     * all the time (a read is a miss; DPDK's and the kernel's vhost read it per burst too), and
+     * what it made available stays available. */
+    if (g->avail_idx_seen == g->last_avail_idx) {
+        uint16_t avail_idx = ld16(g->driver + AVAIL_IDX);
+        if (avail_idx == g->last_avail_idx)
+            return 0;
+        if ((uint16_t)(avail_idx - g->last_avail_idx) > g->num)
+            return guest_fail(g, avail_idx, "avail idx moved from %u to %u", g->last_avail_idx, avail_idx);
+        /* Read the ring entries and descriptors only after avail->idx said they are there. */
+        rmb();
+        g->avail_idx_seen = avail_idx;
+    }
+    uint32_t slot = ring_slot(g->last_avail_idx, g->num);
     uint16_t head = ld16(g->driver + AVAIL_RING + 2 * slot);
     if (head >= g->num)
         return guest_fail(g, slot, "head %u out of range", head);
@@ -527,7 +550,7 @@ static int pop_split(DeviceSide *g, Chain *c)
  * (publish_used_split shows every staged one at once); its span goes to spans[0] (dirty log). */
 static int stage_used_split(DeviceSide *g, const Token *t, uint32_t written, Piece spans[1])
 {
-    uint32_t slot = (uint16_t)(g->used_idx + g->staged) % g->num;
+    uint32_t slot = ring_slot((uint16_t)(g->used_idx + g->staged), g->num);
     uint8_t *elem = g->device + USED_RING + USED_ELEM_SIZE * slot;
     st32(elem, t->id);
     st32(elem + 4, written);
@@ -787,6 +810,10 @@ static inline int guest_has_avail(const DeviceSide *g)
     return g->packed ? has_avail_packed(g) : has_avail_split(g);
 }
 static inline int guest_pop(DeviceSide *g, Chain *c) { return g->packed ? pop_packed(g, c) : pop_split(g, c); }
+/* A burst of pops starts: pop_split reads avail->idx afresh at its first pop, and then only when
+ * the chains it said were there run out. Within a burst that is a race the driver may win or lose
+ * either way; between bursts, each pop sees what the Python ring's pop would. */
+static inline void guest_pop_burst(DeviceSide *g) { g->avail_idx_seen = g->last_avail_idx; }
 static inline int guest_stage_used(DeviceSide *g, const Token *t, uint32_t written, Piece spans[1])
 {
     return g->packed ? stage_used_packed(g, t, written, spans) : stage_used_split(g, t, written, spans);
@@ -856,7 +883,7 @@ static int device_side_setup(DeviceSide *g, MemTable *mem, MemTable *areas, PyOb
             return -1;
         }
     } else {
-        g->last_avail_idx = (uint16_t)st[0];
+        g->last_avail_idx = g->avail_idx_seen = (uint16_t)st[0];
         g->used_idx = (uint16_t)st[1];
         g->signalled_used = (uint16_t)st[2];
         g->used_event_off = AVAIL_RING + 2 * g->num;

@@ -367,6 +367,33 @@ def test_malformed_guest_ring_gives_the_same_error(guest_layout, shadow_layout, 
         c.close()
 
 
+@pytest.mark.parametrize("shadow_layout", list(Layout))
+def test_avail_idx_broken_while_a_chain_is_held_gives_the_same_error(shadow_layout):
+    """The C relay reads the guest's avail->idx once per burst, not per chain; a new burst reads it
+    afresh, as the Python pop reads it every time. A driver that breaks avail->idx (2.7.13) while
+    the shadow ring is full and a chain held: the next burst, when the device frees room, stops
+    with the same error in both, rather than the C relay going on with the chains it saw earlier."""
+    py, c = make_pair(Layout.SPLIT, shadow_layout, 8, 2, False, False, 0)
+    try:
+        for rig in (py, c):
+            base = rig.data
+            for i in range(4):
+                rig.drv.add([(base + i * 256, 64)], [], i)
+            rig.svq.on_guest_kick()
+            assert rig.svq.held and rig.svq.stats.forwarded == 2  # two in the shadow ring, the third held
+            _w(rig, U16, rig.g_addrs.driver + 2, 4 + rig.guest_num + 1)
+            for chain in [rig.dev.pop(), rig.dev.pop()]:
+                rig.dev.push_used(chain, 0)
+            rig.svq.on_device_call()  # room: the held chain goes, then the next burst's pop
+        assert isinstance(py.svq.error, GuestRingError), py.svq.error
+        assert "avail idx moved from 3 to" in py.svq.error.reason
+        assert error_of(py) == error_of(c)
+        assert_same(py, c, "after the error")
+    finally:
+        py.close()
+        c.close()
+
+
 @pytest.mark.parametrize(("guest_layout", "shadow_layout"), PAIRS)
 def test_chain_that_can_never_fit_the_shadow_ring_gives_the_same_error(guest_layout, shadow_layout):
     py, c = make_pair(guest_layout, shadow_layout, 8, 2, False, False, 0)

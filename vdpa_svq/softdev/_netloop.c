@@ -233,7 +233,7 @@ static void netloop_prefetch(NetLoop *n, const DeviceSide *g, int write, uint32_
     } else {
         if ((uint16_t)(ld16(g->driver + AVAIL_IDX) - g->last_avail_idx) <= ahead)
             return;
-        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ((g->last_avail_idx + ahead) % g->num));
+        uint16_t head = ld16(g->driver + AVAIL_RING + 2 * ring_slot(g->last_avail_idx + ahead, g->num));
         if (head >= g->num)
             return;
         d = g->desc + (size_t)head * DESC_SIZE;
@@ -253,11 +253,13 @@ static void netloop_prefetch(NetLoop *n, const DeviceSide *g, int write, uint32_
     }
 }
 
-static void netloop_push(DeviceSide *g, const Chain *c, uint32_t written)
+/* The used element of chain c, staged: netloop_process publishes every staged one of a ring at once,
+ * when it returns (one used->idx store, or one head's flags, per pass rather than per frame). */
+static void netloop_stage_used(DeviceSide *g, const Chain *c, uint32_t written)
 {
     Token t = {.id = c->id, .ndescs = c->ndescs, .writable_bytes = c->writable_bytes};
-    Piece spans[2];
-    guest_push_used(g, &t, written, spans);
+    Piece spans[1];
+    guest_stage_used(g, &t, written, spans);
 }
 
 /* Slot i of the chains a merged frame takes after its first, made as needed; NULL: no memory. */
@@ -352,8 +354,8 @@ static int netloop_deliver_merged(NetLoop *n, const Chain *rc, const PopMark *rx
     return MRG_DELIVERED;
 }
 
-/* mirrors net.py:SoftNetDevice.process: 1 if a frame moved, 0 if none, NETLOOP_PUNT + 1 to punt. */
-static int netloop_process(NetLoop *n)
+/* netloop_process's frames, their used elements staged (the caller publishes them). */
+static int netloop_process_frames(NetLoop *n)
 {
     DeviceSide *rx = &n->q[NET_RX], *tx = &n->q[NET_TX];
     Chain *tc = &n->chain[NET_TX], *rc = &n->chain[NET_RX];
@@ -412,14 +414,14 @@ static int netloop_process(NetLoop *n)
             written = netloop_scatter(n, rc, frame, len, 1);
             if (written < 0)
                 goto punt;
-            netloop_push(rx, rc, (uint32_t)written);
+            netloop_stage_used(rx, rc, (uint32_t)written);
             n->st[NET_RX].chains++;
             n->st[NET_RX].written_bytes += (unsigned long long)written;
         } else {
             n->st[NET_TX].dropped++;
         }
     tx_done:
-        netloop_push(tx, tc, 0);
+        netloop_stage_used(tx, tc, 0);
         n->st[NET_TX].chains++;
         n->st[NET_TX].read_bytes += len;
         progress = 1;
@@ -431,6 +433,19 @@ static int netloop_process(NetLoop *n)
         return NETLOOP_PUNT + 1;
     }
     return progress;
+}
+
+/* mirrors net.py:SoftNetDevice.process: 1 if a frame moved, 0 if none, NETLOOP_PUNT + 1 to punt.
+ * What it used, it publishes on every way out: a punted chain's predecessors are done. */
+static int netloop_process(NetLoop *n)
+{
+    guest_pop_burst(&n->q[NET_RX]);
+    guest_pop_burst(&n->q[NET_TX]);
+    int r = netloop_process_frames(n);
+    Piece spans[1];
+    guest_publish_used(&n->q[NET_RX], spans);
+    guest_publish_used(&n->q[NET_TX], spans);
+    return r;
 }
 
 /* mirrors datapath.py:Datapath.signal */
