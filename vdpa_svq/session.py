@@ -385,14 +385,16 @@ class ShadowSession:
         dirty: DirtyBitmap | bool | None = True,
         poll_us: Polling = 0,
         relay_cpus: Sequence[int] = (),
+        relay_threads: int | None = None,
     ) -> None:
         """`dirty`: True logs into a fresh bitmap over guest memory; a DirtyBitmap logs into that one
         (a vhost-user frontend's shared log); None logs nothing (sparse guest-physical spaces whose
         bitmap would be huge, when nobody asked for a log). `poll_us`: busy-poll the rings for this
         long after each burst before sleeping again (0: notifications only), or "auto" for a window
-        the relay loop learns (loop.check_polling says what is valid). Each queue pair (queues 2p
-        and 2p+1) is relayed by a thread of its own; `relay_cpus` pins pair p's to
-        relay_cpus[p % len] (empty: unpinned)."""
+        the relay loop learns (loop.check_polling says what is valid). Queue pairs (queues 2p and
+        2p+1) are relayed by `relay_threads` threads (loop.default_relay_threads when None: one per
+        CPU of `relay_cpus`, else half the CPUs), pair p by thread p % relay_threads, which
+        `relay_cpus` pins to relay_cpus[thread % len] (empty: unpinned)."""
         self.dev = dev
         self.guest_mem = guest_mem
         self.impl = impl
@@ -405,7 +407,7 @@ class ShadowSession:
             DirtyBitmap(max(r.end for r in guest_mem)) if dirty is True else dirty or None
         )
         self.shadow_mem = GuestMemory()
-        self.loop = RelayLoops(poll_us=poll_us, cpus=relay_cpus)
+        self.loop = RelayLoops(poll_us=poll_us, cpus=relay_cpus, threads=relay_threads)
         self.queues: dict[int, ShadowQueue] = {}
         self.control: ControlQueue | None = None  # the device's control queue, driven by us
         self._fds: list[int] = []

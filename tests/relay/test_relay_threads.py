@@ -19,7 +19,7 @@ import pytest
 
 from tests.relay.harness import RelayRig
 from tests.relay.test_relay import check_dirty_log
-from vdpa_svq.loop import RelayLoop, RelayLoops
+from vdpa_svq.loop import RelayLoop, RelayLoops, default_relay_threads
 from vdpa_svq.ring import Layout
 
 BOUND_S = 60  # a bound on a run that must finish, so a lost buffer fails instead of hanging
@@ -138,7 +138,7 @@ def test_two_pairs_relay_in_two_threads():
     once, every chain of each comes back once, the stats are summed over the threads."""
     rigs = [RelayRig(Layout.SPLIT, Layout.SPLIT, 64, 64, event_idx=True, impl="c", seed=s) for s in (1, 2)]
     kicks = [eventfd() for _ in rigs]
-    loops = RelayLoops(poll_us="auto")
+    loops = RelayLoops(poll_us="auto", threads=2)
     for pair, (rig, kick) in enumerate(zip(rigs, kicks, strict=True)):
         loops.add_relay(kick, rig.svq, "kick", pair=pair)
     loops.start()
@@ -171,7 +171,7 @@ def test_a_relay_keeps_the_thread_it_joined():
     joined first, whatever pair is named: a relay is never in two pumps."""
     rig = RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl="c")
     a, b = eventfd(), eventfd()
-    loops = RelayLoops()
+    loops = RelayLoops(threads=2)
     try:
         loops.add_relay(a, rig.svq, "kick", pair=1)
         loops.add_relay(b, rig.svq, "call", pair=0)
@@ -207,5 +207,31 @@ def test_pairs_pin_to_the_cpus_in_order():
         loops.close()
         for fd in kicks + probes:
             os.close(fd)
+        for rig in rigs:
+            rig.close()
+
+
+def test_the_default_thread_count_leaves_the_peers_half_the_cpus(monkeypatch):
+    """default_relay_threads: one per CPU given; else half the CPUs the process may use, at least
+    one. Pairs share threads round-robin: with one thread, both pairs' relays are in it."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert default_relay_threads() == 4
+    assert default_relay_threads([3, 5]) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_relay_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    loops = RelayLoops()
+    rigs = [RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl="c", seed=s) for s in range(2)]
+    kicks = [eventfd() for _ in rigs]
+    try:
+        for pair, (rig, kick) in enumerate(zip(rigs, kicks, strict=True)):
+            loops.add_relay(kick, rig.svq, "kick", pair=pair)
+        assert loops.threads == 1 and list(loops.loops) == [0]
+        with pytest.raises(ValueError, match="at least one relay thread"):
+            RelayLoops(threads=0)
+    finally:
+        loops.close()
+        for kick in kicks:
+            os.close(kick)
         for rig in rigs:
             rig.close()

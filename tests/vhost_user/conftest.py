@@ -14,13 +14,14 @@ from vdpa_svq.vhost_user.backend import Server
 
 class RunningServer:
     def __init__(self, path: str, impl: str = "auto", device: Any = None, poll_us: int = 0,
-                 accept_backoff: bool = False) -> None:
+                 accept_backoff: bool = False, relay_threads: int | None = None) -> None:
         """`device`: an open device the server takes over (closed by stop()); soft:net by default.
         `poll_us`: the relay loop's busy polling, as `serve --poll-us`. `accept_backoff`: off, so
         that tests of many short connections do not wait between them (tests/vhost_user/test_backoff.py
         tests it)."""
         self.device = open_device("soft:net") if device is None else device
-        self.server = Server(self.device, path, impl=impl, poll_us=poll_us, accept_backoff=accept_backoff)
+        self.server = Server(self.device, path, impl=impl, poll_us=poll_us, accept_backoff=accept_backoff,
+                             relay_threads=relay_threads)
         self.path = path
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

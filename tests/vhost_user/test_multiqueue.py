@@ -140,7 +140,8 @@ class MqFrontend:
 
 @pytest.fixture
 def mq_server(tmp_path):
-    srv = RunningServer(str(tmp_path / "vu.sock"), device=open_device(f"soft:net,pairs={PAIRS}"))
+    # A thread per pair, whatever the machine's CPUs (the default is half of them): the pairs race.
+    srv = RunningServer(str(tmp_path / "vu.sock"), device=open_device(f"soft:net,pairs={PAIRS}"), relay_threads=PAIRS)
     yield srv
     srv.stop()
 

@@ -47,11 +47,10 @@ def _print_summary(s: ConnectionSummary, as_json: bool) -> None:
               help="Relay implementation: the C hot loop, or the Python reference.")
 @click.option("--poll-us", type=PollSetting(), default=ADAPTIVE, show_default=True, help=POLL_HELP)
 @click.option("--cpus", type=CpuList(), default=None,
-              help="Run vdpa-svq on these CPUs only (as taskset -c: 1, 0,2, 2-3), and pin each queue pair's relay "
-                   "thread to one of them, in ascending order (pair 0 on the first; round the list when pairs "
-                   "outnumber CPUs). With --poll-us US, give each pair a CPU no other busy-polling thread uses. "
-                   "Default: every CPU, relay threads unpinned (the scheduler places them: fixed pins on a machine "
-                   "shared with a busy-polling frontend could put two pollers on one CPU).")
+              help="Run vdpa-svq on these CPUs only (as taskset -c: 1, 0,2, 2-3), with one relay thread per CPU, "
+                   "pinned in ascending order; queue pair p is relayed by thread p % CPUs. With --poll-us US, give "
+                   "each a CPU no other busy-polling thread uses. Default: every CPU, and relay threads for half of "
+                   "them (the others are the peers': vCPUs, a polling frontend, the device), unpinned.")
 @click.option("--json-stats", "as_json", is_flag=True, help="Print each connection's summary as one JSON line.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection's progress on stderr.")
 def serve(device: str, socket_path: str, impl: str, poll_us: Polling, cpus: set[int] | None, as_json: bool,
@@ -68,7 +67,7 @@ def serve(device: str, socket_path: str, impl: str, poll_us: Polling, cpus: set[
       dpdk-testpmd --no-huge -m 512 --no-pci --vdev net_virtio_user0,path=/tmp/vu.sock,packed_vq=1 -- ...
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="vdpa-svq: %(message)s")
-    pin(cpus)  # before any thread starts: every thread inherits it; the relay threads then take one each
+    pin(cpus)  # before any thread starts: every thread inherits it; the relay threads then take one CPU each
     dev = open_device(device)
     try:
         server = Server(dev, socket_path, impl=impl, poll_us=poll_us, relay_cpus=sorted(cpus or ()))

@@ -228,14 +228,15 @@ class Connection:
     """One frontend connection: its memory, queues and log, and the shadow relay under them."""
 
     def __init__(self, session: DeviceSession, sock: socket.socket, *, impl: str = "auto", peer: str = "",
-                 poll_us: Polling = 0, relay_cpus: Sequence[int] = ()) -> None:
+                 poll_us: Polling = 0, relay_cpus: Sequence[int] = (), relay_threads: int | None = None) -> None:
         self.session = session
         self.device = session.device
         self.sock = sock
         sock.settimeout(MESSAGE_TIMEOUT_S)
         self.impl = impl
         self.poll_us = poll_us
-        self.relay_cpus = relay_cpus  # pair p's relay thread on relay_cpus[p % len] (ShadowSession)
+        self.relay_cpus = relay_cpus  # the relay threads' CPUs, in order (ShadowSession)
+        self.relay_threads = relay_threads  # how many (None: loop.default_relay_threads)
         self.summary = ConnectionSummary(peer or "frontend")
         self.features = 0
         self.protocol_features = 0
@@ -681,6 +682,7 @@ class Connection:
         self.session.extra_features = self.features & NET_PASSTHROUGH | (NET_MQ if self._mq() else 0)
         self.session.negotiate()
         shadow = ShadowSession(self.session, self.mem, impl=self.impl, poll_us=self.poll_us, relay_cpus=self.relay_cpus,
+                               relay_threads=self.relay_threads,
                                dirty=True if span <= MAX_LOGGED_SPAN else None)
         try:
             for q, addrs in plan:
@@ -866,9 +868,10 @@ class Server:
     """Listen on `path`; serve one frontend connection at a time until stop() is called."""
 
     def __init__(self, device: Device, path: str, *, impl: str = "auto", poll_us: Polling = 0,
-                 relay_cpus: Sequence[int] = (), accept_backoff: bool = True) -> None:
+                 relay_cpus: Sequence[int] = (), relay_threads: int | None = None,
+                 accept_backoff: bool = True) -> None:
         """accept_backoff: wait before accepting again after frontends that gave up at once (backoff.py).
-        relay_cpus: the CPUs the queue pairs' relay threads are pinned to, in order (ShadowSession)."""
+        relay_cpus / relay_threads: the queue pairs' relay threads, how many and pinned where (ShadowSession)."""
         try:
             check_polling(poll_us)
         except ValueError:
@@ -878,6 +881,7 @@ class Server:
         self.impl = impl
         self.poll_us = poll_us
         self.relay_cpus = list(relay_cpus)
+        self.relay_threads = relay_threads
         # The last KEPT_SUMMARIES connections: a server runs for months, and every frontend that
         # connects (or an attacker connecting in a loop) must not grow it.
         self.summaries: deque[ConnectionSummary] = deque(maxlen=KEPT_SUMMARIES)
@@ -953,7 +957,7 @@ class Server:
     def serve_connection(self, sock: socket.socket, *, peer: str = "frontend") -> ConnectionSummary:
         log.info("%s: frontend connected", peer)
         summary = Connection(self.session, sock, impl=self.impl, peer=peer, poll_us=self.poll_us,
-                             relay_cpus=self.relay_cpus).serve(self._stop)
+                             relay_cpus=self.relay_cpus, relay_threads=self.relay_threads).serve(self._stop)
         self.summaries.append(summary)
         self.connections += 1
         self.failed += summary.error is not None
