@@ -11,9 +11,11 @@ ASan (make asan) runs these too: a pump reading a closed relay's memory is a use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -133,37 +135,46 @@ def test_close_while_the_pump_polls():
         rig.close()
 
 
-def test_two_pairs_relay_in_two_threads():
-    """RelayLoops: each pair's relays in a thread of its own, named after the pair; both relay at
-    once, every chain of each comes back once, the stats are summed over the threads."""
-    rigs = [RelayRig(Layout.SPLIT, Layout.SPLIT, 64, 64, event_idx=True, impl="c", seed=s) for s in (1, 2)]
+@contextlib.contextmanager
+def c_rigs(n: int, size: int) -> Iterator[tuple[list[RelayRig], list[int]]]:
+    """n C relays (split to split, `size` entries, seeds 1..n), each with a kick eventfd."""
+    rigs = [RelayRig(Layout.SPLIT, Layout.SPLIT, size, size, event_idx=True, impl="c", seed=s) for s in range(1, n + 1)]
     kicks = [eventfd() for _ in rigs]
-    loops = RelayLoops(poll_us="auto", threads=2)
-    for pair, (rig, kick) in enumerate(zip(rigs, kicks, strict=True)):
-        loops.add_relay(kick, rig.svq, "kick", pair=pair)
-    loops.start()
     try:
-        assert len(loops.loops) == 2 and loops.running
-        names = {t.name for t in threading.enumerate()}
-        assert {"vdpa-svq-relay0", "vdpa-svq-relay1"} <= names
-        workers = [threading.Thread(target=relay_everything, args=(rig, kick, 1500))
-                   for rig, kick in zip(rigs, kicks, strict=True)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        for rig in rigs:
-            assert not rig.by_token and rig.svq.stats.returned == 1500 and rig.svq.error is None
-            check_dirty_log(rig)
-        per_loop = [loop.stats["wakeups"] for loop in loops.loops.values()]
-        assert all(per_loop) and loops.stats["wakeups"] == sum(per_loop)
-        assert loops.error is None
+        yield rigs, kicks
     finally:
-        loops.close()
         for kick in kicks:
             os.close(kick)
         for rig in rigs:
             rig.close()
+
+
+def test_two_pairs_relay_in_two_threads():
+    """RelayLoops: each pair's relays in a thread of its own, named after the pair; both relay at
+    once, every chain of each comes back once, the stats are summed over the threads."""
+    with c_rigs(2, 64) as (rigs, kicks):
+        loops = RelayLoops(poll_us="auto", threads=2)
+        for pair, (rig, kick) in enumerate(zip(rigs, kicks, strict=True)):
+            loops.add_relay(kick, rig.svq, "kick", pair=pair)
+        loops.start()
+        try:
+            assert len(loops.loops) == 2 and loops.running
+            names = {t.name for t in threading.enumerate()}
+            assert {"vdpa-svq-relay0", "vdpa-svq-relay1"} <= names
+            workers = [threading.Thread(target=relay_everything, args=(rig, kick, 1500))
+                       for rig, kick in zip(rigs, kicks, strict=True)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            for rig in rigs:
+                assert not rig.by_token and rig.svq.stats.returned == 1500 and rig.svq.error is None
+                check_dirty_log(rig)
+            per_loop = [loop.stats["wakeups"] for loop in loops.loops.values()]
+            assert all(per_loop) and loops.stats["wakeups"] == sum(per_loop)
+            assert loops.error is None
+        finally:
+            loops.close()
 
 
 def test_a_relay_keeps_the_thread_it_joined():
@@ -220,18 +231,13 @@ def test_the_default_thread_count_leaves_the_peers_half_the_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert default_relay_threads() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    loops = RelayLoops()
-    rigs = [RelayRig(Layout.SPLIT, Layout.SPLIT, 8, 8, event_idx=True, impl="c", seed=s) for s in range(2)]
-    kicks = [eventfd() for _ in rigs]
-    try:
-        for pair, (rig, kick) in enumerate(zip(rigs, kicks, strict=True)):
-            loops.add_relay(kick, rig.svq, "kick", pair=pair)
-        assert loops.threads == 1 and list(loops.loops) == [0]
-        with pytest.raises(ValueError, match="at least one relay thread"):
-            RelayLoops(threads=0)
-    finally:
-        loops.close()
-        for kick in kicks:
-            os.close(kick)
-        for rig in rigs:
-            rig.close()
+    with c_rigs(2, 8) as (rigs, kicks):
+        loops = RelayLoops()
+        try:
+            for pair, (rig, kick) in enumerate(zip(rigs, kicks, strict=True)):
+                loops.add_relay(kick, rig.svq, "kick", pair=pair)
+            assert loops.threads == 1 and list(loops.loops) == [0]
+        finally:
+            loops.close()
+    with pytest.raises(ValueError, match="at least one relay thread"):
+        RelayLoops(threads=0)

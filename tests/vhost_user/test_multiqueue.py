@@ -190,6 +190,12 @@ def test_two_pairs_in_qemus_order_and_vq_pairs_set_reaches_the_device(mq_server,
     assert mq_server.server.summaries[-1].error is None
 
 
+def break_tx1(dev) -> None:
+    """soft:net stops using pair 1's TX queue (index 3), as for a ring error there."""
+    with dev.lock:
+        dev.break_queue(dev.queues[3], GuestRingError("tx1", "injected"))
+
+
 def test_a_device_queue_that_breaks_stops_its_relay_at_once_and_tells_the_frontend(mq_server, caplog):
     """The device signals a queue's error eventfd (VHOST_SET_VRING_ERR) when it stops using it (soft:net
     breaks the one queue with its reason; VIRTIO 1.2 2.1.2). serve stops that queue's relay then and
@@ -203,8 +209,7 @@ def test_a_device_queue_that_breaks_stops_its_relay_at_once_and_tells_the_fronte
             fe.enable_pair(1, True)
             fe.roundtrip(1, b"pair 1 before")
             assert select.select([fe.errs[3]], [], [], 0)[0] == []
-            with dev.lock:
-                dev.break_queue(dev.queues[3], GuestRingError("tx1", "injected"))
+            break_tx1(dev)
             ready, _, _ = select.select([fe.errs[3]], [], [], TIMEOUT)
             assert ready == [fe.errs[3]], "serve did not signal the frontend's error eventfd of queue 3"
             assert "svq3: device broke the ring: the device stopped queue 3: tx1: guest broke the ring: injected" \
@@ -228,8 +233,7 @@ def test_a_device_queue_that_stopped_is_named_in_serves_log(mq_server, caplog):
             fe.start(enabled_pairs=1)
             fe.enable_pair(1, True)
             fe.roundtrip(0, b"pair 0 before")
-            with dev.lock:
-                dev.break_queue(dev.queues[3], GuestRingError("tx1", "injected"))
+            break_tx1(dev)
             assert fe.drivers[1].send(b"pair 1 into a stopped queue")
             fe.drivers[1].flush()
             fe.roundtrip(0, b"pair 0 goes on")
