@@ -12,8 +12,9 @@ The setup, the same for every N and every backend, so that N is the only thing t
 - DPDK's vhost PMD (the ceiling): `queues=N`, `--rxq=N --txq=N`, likewise one forwarding lcore (CPU 1) for
   all N queues;
 - serve: `soft:net,pairs=N`, not pinned: its relay thread(s) get what the scheduler gives (mostly CPU 1,
-  beside the main lcore's sleeps; CPU 0 is the frontend's busy poller). Today's serve relays every pair
-  from one thread; with one relay thread per pair, the threads share the CPUs the frontend leaves.
+  beside the main lcore's sleeps; CPU 0 is the frontend's busy poller). serve runs one relay thread per
+  CPU of --cpus, else half the CPUs (here: one thread for every pair); `--serve '--cpus 0,1'` gives it two,
+  pinned, the first on the frontend's CPU.
 The machine has 2 CPUs and the frontend busy-polls one, so no row can give each queue a CPU on both
 sides: the figures say what a second pair costs or gains at a fixed CPU budget (one CPU for the frontend,
 about one for the backend), and how evenly the pairs are served, not how far throughput grows with CPUs.
@@ -22,7 +23,7 @@ Per queue: the RX packets of each of testpmd's streams (the "Forward Stats for R
 blocks it prints when it stops with more streams than ports) over the forwarding time. "serve CPU
 µs/packet": serve's CPU time (all threads) over the counted forwarding per received packet;
 "serve threads": the CPU share of each serve thread that used at least 5% of a CPU in that window
-(one figure per busy thread, largest first): one relay thread, or one per pair.
+(one figure per busy thread, largest first).
 Slices are interleaved (slice, N, layout, backend); medians over slices.
 """
 
