@@ -301,7 +301,7 @@ class DeviceSession:
         except VdpaError as e:
             errors.append(e)
         for index in list(self.queues):
-            for setter in (dev.set_vring_kick, dev.set_vring_call):
+            for setter in (dev.set_vring_kick, dev.set_vring_call, dev.set_vring_err):
                 try:
                     setter(index, -1)
                 except VdpaError as e:
