@@ -9,7 +9,8 @@ readable reference, which the C mirrors. Both do the same: `poll_us` > 0 turns o
 after each burst, for a fixed window; `poll_us="auto"` for a window the pump learns from the
 traffic (see pump.py's docstring), at most ADAPTIVE_MAX_US.
 
-RelayLoops is a session's set of them: one thread per queue pair, each pinned to a CPU if asked.
+RelayLoops is a session's set of them: queue pairs round-robin over its threads (half the CPUs, or
+one per CPU asked for, pinned).
 The C pump relays without the GIL, so C relays in different threads run in parallel; Python
 relays take turns on the GIL.
 """
