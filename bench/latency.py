@@ -44,7 +44,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from bench.vhost_user import VARIANTS_HELP, CpuMeter, backend, machine, serve_variants, stop, write_section
+from bench.sections import write_section
+from bench.vhost_user import VARIANTS_HELP, CpuMeter, backend, machine, serve_variants, stop
 from tests.vhost_user.client import VhostUserFrontend
 from vdpa_svq.guest.frames import ETH_HEADER, FRAME_HEADER, build_frame
 from vdpa_svq.guest.net import NetDriver

@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.vhost_user import machine, write_section
+from bench.sections import write_section
+from bench.vhost_user import machine
 from vdpa_svq.migration.run import Config, Result, run
 
 BACKENDS = (("vdpa-svq", "vdpa-svq serve soft:net"), ("qemu", "QEMU virtio-net (UDP loop)"))

@@ -2,6 +2,8 @@
 
     python -m bench.relay [--seconds S] [--out BENCHMARKS.md | --no-write]
 
+The report goes into its own section of the file; the other benches' sections are left as they are.
+
 One run measures, for each layout pair (guest ring -> shadow ring) and chain lengths 1 and 4:
 
   direct   the guest's driver ring straight against a device ring of the same (guest) layout,
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.sections import write_section
 from vdpa_svq.dirty import DirtyBitmap
 from vdpa_svq.memory import PAGE_SIZE, GuestMemory
 from vdpa_svq.memory.iova import IovaMap
@@ -208,7 +211,7 @@ def run(seconds: float, log=print) -> str:
     return "\n".join(rows)
 
 
-REPORT = """# Relay benchmark
+REPORT = """## Relay, in process: the shadow virtqueue between two rings, C vs Python vs no relay
 
 Produced by `make bench` (`python -m bench.relay`), all numbers from one run.
 
@@ -258,7 +261,8 @@ def verdict(table: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.2, help="time per cell (default 1.2)")
-    ap.add_argument("--out", default="BENCHMARKS.md", help="where to write the report (default BENCHMARKS.md)")
+    ap.add_argument("--out", default="BENCHMARKS.md",
+                    help="the file to put the report in, in its own section (default BENCHMARKS.md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     m = machine()
@@ -268,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                            verdict=verdict(table))
     print(verdict(table))
     if not args.no_write:
-        with open(args.out, "w") as f:
-            f.write(report)
+        write_section(args.out, "relay", report)
         print(f"wrote {args.out}")
     return 0
 

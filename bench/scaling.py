@@ -39,7 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.vhost_user import VARIANTS_HELP, CpuMeter, backend, machine, serve_variants, stop, write_section
+from bench.sections import write_section
+from bench.vhost_user import VARIANTS_HELP, CpuMeter, backend, machine, serve_variants, stop
 from vdpa_svq.vhost_user.testpmd import accumulated, per_queue, run_frontend
 
 DEVICE = "soft:net"

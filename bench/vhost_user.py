@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.sections import write_section
 from vdpa_svq.vhost_user.testpmd import EAL, TESTPMD_ARGS, Window, accumulated, queue_args, run_frontend
 
 
@@ -276,21 +277,6 @@ def machine() -> str:
     load = os.getloadavg()[0]
     return (f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}, "
             f"{time.strftime('%Y-%m-%d')}, load average at start {load:.1f}")
-
-
-def write_section(path: str, name: str, text: str) -> None:
-    """Put `text` in `path` between markers for `name`: replaced if there, else appended (the relay
-    bench rewrites the whole file first, so `make bench` appends its sections in order)."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = Path(path).read_text() if os.path.exists(path) else ""
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        new = head + block + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + block
-    Path(path).write_text(new)
 
 
 IDLE_SECONDS = 10.0
