@@ -29,11 +29,11 @@
  * An adaptive phase also has to pay for itself (spin_credit, pump.py says why): it spins idle only
  * on credit, which each poll round earns at POLL_PAYBACK times the time it spent relaying, up to
  * the window. Under load the pump polls without a break; sparse traffic, or a peer starved of the
- * CPU we spin on, runs the credit out and the pump goes back to notifications. A phase that took
- * the CPU from runnable threads (contended: more involuntary context switches than one per
- * CONTENDED_NS) sets the window to 0 and pauses polling (contention_pause): where busy threads
- * outnumber CPUs, spinning delays the very threads that bring the work, and each yield loses the
- * CPU for a whole scheduler slice.
+ * CPU we spin on, runs the credit out and the pump goes back to notifications. A phase in which a
+ * yield lost the CPU for HOG_NS or more (contended: a busy thread shares this CPU and kept it for a
+ * scheduler slice) sets the window to 0 and pauses polling (contention_pause): there each yield
+ * loses the CPU for a whole slice, where a sleeper woken by a notification runs at once. A
+ * device's worker that takes the CPU for a short burst of work and sleeps again is not a hog.
  */
 #include "_relay.h"
 
@@ -42,7 +42,6 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/resource.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,11 +72,11 @@ typedef struct {
 
 /* The adaptive window's first step (and a phase's first credit), the phase's payback, and the
  * rules (module functions adapt_window and spin_credit, for their tests). */
-/* mirrors pump.py:ADAPT_START_NS, POLL_PAYBACK, CONTENDED_NS, PAUSE_MIN_NS, PAUSE_MAX_NS, adapt_window,
+/* mirrors pump.py:ADAPT_START_NS, POLL_PAYBACK, HOG_NS, PAUSE_MIN_NS, PAUSE_MAX_NS, adapt_window,
  * spin_credit, contended and contention_pause */
 #define ADAPT_START_NS 10000ull
 #define POLL_PAYBACK 4ull
-#define CONTENDED_NS 10000000ull
+#define HOG_NS 1000000ull
 #define PAUSE_MIN_NS 10000000ull
 #define PAUSE_MAX_NS 1000000000ull
 
@@ -97,7 +96,7 @@ static uint64_t spin_credit(uint64_t left, uint64_t busy, uint64_t window)
     return busy > room / POLL_PAYBACK ? window : left + POLL_PAYBACK * busy;
 }
 
-static int contended(uint64_t switches, uint64_t phase_ns) { return switches > phase_ns / CONTENDED_NS; }
+static int contended(uint64_t longest_yield_ns) { return longest_yield_ns >= HOG_NS; }
 
 static uint64_t contention_pause(uint64_t pause, int was_contended)
 {
@@ -106,13 +105,6 @@ static uint64_t contention_pause(uint64_t pause, int was_contended)
     if (pause >= PAUSE_MAX_NS / 2) /* min(max(pause * 2, PAUSE_MIN_NS), PAUSE_MAX_NS), with no overflow */
         return PAUSE_MAX_NS;
     return pause * 2 > PAUSE_MIN_NS ? pause * 2 : PAUSE_MIN_NS;
-}
-
-/* mirrors pump.py:involuntary_switches */
-static uint64_t involuntary_switches(void)
-{
-    struct rusage ru;
-    return getrusage(RUSAGE_THREAD, &ru) == 0 ? (uint64_t)ru.ru_nivcsw : 0;
 }
 
 static uint64_t now_ns(void)
@@ -184,20 +176,24 @@ static int pump_for_each(Pump *p, int (*work)(Relay *))
 static int pump_poll(Pump *p, uint64_t poll_ns, uint64_t credit)
 {
     p->poll_phases++;
-    uint64_t began = now_ns(), switches = involuntary_switches();
-    uint64_t deadline = began + (credit == NO_CREDIT ? poll_ns : credit);
+    uint64_t longest_yield = 0; /* the longest a yield of this phase kept us off the CPU */
+    uint64_t deadline = now_ns() + (credit == NO_CREDIT ? poll_ns : credit);
     while (!pump_stopping(p)) {
         if (!pump_any_work(p)) {
             int found = 0;
             /* Idle: spin, and yield the CPU at each turn: where the device's worker shares this
              * CPU (vdpa_sim's kthread), a plain spin would hold it off for a whole scheduler
              * slice, and the device would stall while we wait for it. */
-            while (!pump_stopping(p) && now_ns() < deadline) {
+            for (uint64_t t = now_ns(); !pump_stopping(p) && t < deadline;) {
                 if (pump_any_work(p)) {
                     found = 1;
                     break;
                 }
                 sched_yield();
+                uint64_t back = now_ns();
+                if (back - t > longest_yield)
+                    longest_yield = back - t;
+                t = back;
             }
             if (!found)
                 break;
@@ -213,7 +209,7 @@ static int pump_poll(Pump *p, uint64_t poll_ns, uint64_t credit)
     }
     if (pump_for_each(p, svq_rearm) < 0)
         return -1;
-    return contended(involuntary_switches() - switches, now_ns() - began);
+    return contended(longest_yield);
 }
 
 /* A source that is not a working eventfd any more (hung up, in error, read() gave no counter):
@@ -521,10 +517,10 @@ PyObject *py_adapt_window(PyObject *Py_UNUSED(module), PyObject *args)
 
 PyObject *py_contended(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    unsigned long long switches, phase;
-    if (!PyArg_ParseTuple(args, "KK", &switches, &phase))
+    unsigned long long longest_yield;
+    if (!PyArg_ParseTuple(args, "K", &longest_yield))
         return NULL;
-    return PyBool_FromLong(contended(switches, phase));
+    return PyBool_FromLong(contended(longest_yield));
 }
 
 PyObject *py_contention_pause(PyObject *Py_UNUSED(module), PyObject *args)

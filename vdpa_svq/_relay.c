@@ -1505,7 +1505,8 @@ static PyMethodDef module_methods[] = {
     {"spin_credit", py_spin_credit, METH_VARARGS,
      "spin_credit(left_ns, busy_ns, window_ns) -> how long an adaptive polling phase may still spin idle."},
     {"contended", py_contended, METH_VARARGS,
-     "contended(switches, phase_ns) -> whether a polling phase competed for its CPU with runnable threads."},
+     "contended(longest_yield_ns) -> whether a polling phase whose longest yield took that long shared its CPU\n"
+     "with a busy thread."},
     {"contention_pause", py_contention_pause, METH_VARARGS,
      "contention_pause(pause_ns, was_contended) -> how long polling pauses after a polling phase."},
     {NULL, NULL, 0, NULL},

@@ -27,14 +27,16 @@ Under load the rounds earn more than the gaps cost, and the pump polls without a
 traffic runs out of credit within a gap and goes back to notifications (one wake-up a burst
 instead of a CPU); a starved peer brings no work, so the credit runs out and the pump sleeps.
 
-Nor may it spin where the CPU is wanted: the idle spin yields at each turn, and a yield that hands
-the CPU to another thread (as does a preemption) counts as an involuntary context switch of ours.
-A phase that saw more of those than one per CONTENDED_NS of its length (contended) competed with
-runnable threads, on a machine with more busy threads than CPUs: there each of our spins delays the
-threads that would bring the work, and each yield loses the CPU for a whole scheduler slice, where a
-sleeper woken by a notification would run at once. So the window falls to 0 and polling pauses
-(notifications only) for a while (contention_pause: 10 ms, doubling while the next try is contended
-too, up to 1 s); an uncontended phase ends the pauses.
+Nor may it spin where the CPU is wanted: the idle spin yields at each turn, and a yield that
+returns only after HOG_NS or more lost the CPU to a busy thread for a scheduler slice (a device's
+worker that takes the CPU for a burst of work and sleeps again gives it back long before). A phase
+with such a yield (contended) shared its CPU with a hog, on a machine with more busy threads than
+CPUs: there each yield loses the CPU for a whole slice, where a sleeper woken by a notification
+would run at once, and each spin delays the threads that bring the work. So the window falls to 0
+and polling pauses (notifications only) for a while (contention_pause: 10 ms, doubling while the
+next try is contended too, up to 1 s); an uncontended phase ends the pauses. (Counting involuntary
+context switches instead, as this once did, took the odd kworker or a device worker's short turn
+for a hog: on a quiet machine a third of the phases ended in a pause.)
 
 Names follow the C (pump_run is Pump.run, svq_rearm is ShadowVirtqueue.rearm, ...), so that each
 C function can say which of these it mirrors.
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import select
 import time
 from collections.abc import Callable
@@ -58,9 +59,10 @@ ADAPT_START_NS = 10_000  # the adaptive window's first step, and an adaptive pha
 # its first credit): it stops before the spin costs more than a few wake-ups would have (a wake-up,
 # both sides' syscalls and the scheduler's, costs about what relaying a small burst does).
 POLL_PAYBACK = 4
-# A polling phase is contended when the CPU went to other threads more often than once per this
-# long (a quiet machine preempts a long phase now and then; a crowded one at every yield).
-CONTENDED_NS = 10_000_000
+# A polling phase is contended when one of its yields kept the CPU from us this long: a busy thread
+# shares the CPU and ran its scheduler slice (1.5 ms and more on 2 CPUs), where an idle CPU gives
+# it back in a microsecond and a device's worker after its burst of work.
+HOG_NS = 1_000_000
 PAUSE_MIN_NS, PAUSE_MAX_NS = 10_000_000, 1_000_000_000  # no polling for this long after a contended phase
 
 # Why a relay stops when one of its fds is not a working eventfd any more.
@@ -83,21 +85,16 @@ def spin_credit(left: int, busy: int, window: int) -> int:
     return min(window, left + POLL_PAYBACK * busy)
 
 
-def contended(switches: int, phase_ns: int) -> bool:
-    """Whether a polling phase of phase_ns, in which the thread was switched out involuntarily
-    `switches` times, competed for its CPU with runnable threads."""
-    return switches > phase_ns // CONTENDED_NS
+def contended(longest_yield_ns: int) -> bool:
+    """Whether a polling phase whose longest yield kept the CPU from it for longest_yield_ns shared
+    its CPU with a busy thread."""
+    return longest_yield_ns >= HOG_NS
 
 
 def contention_pause(pause: int, was_contended: bool) -> int:
     """How long (ns) to poll no more after a polling phase, given the pause after the previous one:
     none after an uncontended phase; after a contended one, twice the last pause, within the bounds."""
     return min(max(pause * 2, PAUSE_MIN_NS), PAUSE_MAX_NS) if was_contended else 0
-
-
-def involuntary_switches() -> int:
-    """This thread's involuntary context switches so far (a yield that ran another thread, a preemption)."""
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
 
 
 @dataclass
@@ -234,18 +231,22 @@ class Pump:
         Adaptive (a first `credit` given, poll_ns the learnt window): until nothing came for as
         long as the phase's credit allows (spin_credit). Whether the phase was contended."""
         self.poll_phases += 1
-        began, switches = time.monotonic_ns(), involuntary_switches()
-        deadline = began + (poll_ns if credit is None else credit)
+        longest_yield = 0  # the longest a yield of this phase kept us off the CPU
+        deadline = time.monotonic_ns() + (poll_ns if credit is None else credit)
         while not self._stop:
             if not self.any_work():
                 # Idle: spin, yielding the CPU at each turn (and the GIL with it): where the device's
                 # worker shares this CPU, a plain spin would hold it off for a scheduler slice.
                 found = False
-                while not self._stop and time.monotonic_ns() < deadline:
+                t = time.monotonic_ns()
+                while not self._stop and t < deadline:
                     if self.any_work():
                         found = True
                         break
                     os.sched_yield()
+                    back = time.monotonic_ns()
+                    longest_yield = max(longest_yield, back - t)
+                    t = back
                 if not found:
                     break
             self.poll_rounds += 1
@@ -256,7 +257,7 @@ class Pump:
                 credit = spin_credit(max(deadline - start, 0), now - start, poll_ns)
             deadline = now + (poll_ns if credit is None else credit)
         self.for_each(ShadowVirtqueue.rearm)
-        return contended(involuntary_switches() - switches, time.monotonic_ns() - began)
+        return contended(longest_yield)
 
     def drop(self, src: PumpSource) -> None:
         """A source that is not a working eventfd any more (hung up, in error, read() gave no
