@@ -196,11 +196,11 @@ def measure(drv: NetDriver, frames: list[bytes], rate: float, burst: int, second
     cell.kicks += kicks
 
 
-def measure_c(fe: VhostUserFrontend, drv: NetDriver, frames: bytes, rate: float, burst: int, seconds: float,
+def measure_c(drv: NetDriver, kick_fds: list[int], frames: bytes, rate: float, burst: int, seconds: float,
               meter: CpuMeter, cell: Cell) -> None:
     """measure() in C (guest/burst.py): the same schedule, checks and counts; `frames` is measure()'s list
     joined. The driver's rings are the C loop's afterwards."""
-    with BurstLoop.for_net_driver(drv, fe.kick_fds, frames, FRAME, rate, burst) as loop:
+    with BurstLoop.for_net_driver(drv, kick_fds, frames, FRAME, rate, burst) as loop:
         loop.run(WARMUP)
         meter.start()
         loop.run(seconds, counting=True)
@@ -243,7 +243,7 @@ def run_cell(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag
             gc.disable()  # no collector pause inside the frontend's timings
             turn = poll_cost(drv)
             if joined is not None:
-                measure_c(fe, drv, joined, rate, burst, seconds, CpuMeter(proc.pid), cell)
+                measure_c(drv, fe.kick_fds, joined, rate, burst, seconds, CpuMeter(proc.pid), cell)
             else:
                 measure(drv, frames, rate, burst, seconds, CpuMeter(proc.pid), cell)
             return turn

@@ -73,6 +73,8 @@ class BurstLoop:
             raise ValueError("the C frontend takes guest memory of one region")
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate {rate} and burst {burst} must be positive")
+        if tx.chains_in_flight():
+            raise ValueError("TX for the C frontend: none in flight (its buffers are tx_buffers, one per entry)")
         chains = []
         for chain_id, token, slots, writable in rx.chains_in_flight():
             if slots != 1 or not isinstance(token, int):
