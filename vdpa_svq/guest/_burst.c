@@ -4,8 +4,7 @@
  * the control plane (memory, rings, kick/call fds, RX buffers posted) stays in Python; this object
  * takes over the driver side of an RX and a TX ring, split or packed (VIRTIO 1.2 2.7, 2.8), and
  * runs on a busy clock with the GIL released: every period it makes `burst` frames available on TX
- * (one descriptor each: virtio-net header + frame; 2.6.4 lets a VERSION_1 device assume no
- * framing), kicks when the ring asks for it, busy-polls both used rings, checks every returned
+ * (virtio-net header and frame in two descriptors, as the Python frontend chains them), kicks when the ring asks for it, busy-polls both used rings, checks every returned
  * frame byte for byte, reposts its RX buffer, and records each frame's round trip.
  *
  * Its own driver side, not _ring.h's device side; the rules are vdpa_svq/ring/split.py's and
@@ -66,6 +65,8 @@ typedef struct {
     uint8_t *in_use;         /* per id: in flight */
     uint64_t *addr;          /* per id: the buffer's guest address (ours, never read back) */
     uint32_t *writable;      /* per id: device-writable bytes */
+    uint8_t *count;          /* per id: descriptors (ring slots) its chain took */
+    uint32_t slots_free;     /* descriptors (split) / slots (packed) free */
 } Ring;
 
 static int ring_fail(char *err, const Ring *r, const char *what, unsigned long long v)
@@ -74,35 +75,55 @@ static int ring_fail(char *err, const Ring *r, const char *what, unsigned long l
     return -1;
 }
 
-/* Make buffer `id` (one descriptor at `gpa`, `len` bytes, `flags`) available: 2.7.13 / 2.8.21. */
-static void ring_add(Ring *r, uint16_t id, uint64_t gpa, uint32_t len, uint16_t flags)
+/* Make buffer `id` available (2.7.13 / 2.8.21): `len` bytes at `gpa`, in one descriptor, or with
+ * `hdr` > 0 in two, the first `hdr` bytes then the rest: header and frame, as NetDriver.send chains
+ * them (so that the backend relays the same chains whichever frontend runs). A split chain of two
+ * takes descriptors id and id + 1 (TX heads are even); a packed one the next two slots. */
+static void ring_add(Ring *r, uint16_t id, uint64_t gpa, uint32_t len, uint16_t flags, uint32_t hdr)
 {
+    int n = hdr ? 2 : 1;
+    uint64_t addr[2] = {gpa, gpa + hdr};
+    uint32_t lens[2] = {hdr ? hdr : len, len - hdr};
     r->in_use[id] = 1;
     r->addr[id] = gpa;
     r->writable[id] = flags & F_WRITE ? len : 0;
+    r->count[id] = (uint8_t)n;
+    r->slots_free -= n;
     if (!r->packed) {
-        uint8_t *d = r->desc + 16 * (size_t)id;
-        memcpy(d, &gpa, 8);
-        memcpy(d + 8, &len, 4);
-        memcpy(d + 12, &flags, 2);
-        memset(d + 14, 0, 2);
+        for (int i = 0; i < n; i++) {
+            uint8_t *d = r->desc + 16 * (size_t)(id + i);
+            uint16_t f = flags | (i + 1 < n ? F_NEXT : 0), next = i + 1 < n ? id + i + 1 : 0;
+            memcpy(d, &addr[i], 8);
+            memcpy(d + 8, &lens[i], 4);
+            memcpy(d + 12, &f, 2);
+            memcpy(d + 14, &next, 2);
+        }
         st16(r->avail + 4 + 2 * (r->avail_idx % r->num), id);
-        wmb(); /* the entry and its descriptor before the index that publishes them */
+        wmb(); /* the entry and its descriptors before the index that publishes them */
         r->avail_idx++;
         st16(r->avail + 2, r->avail_idx);
-    } else {
+        r->num_added++; /* split counts chains, packed slots (as the Python rings do) */
+        return;
+    }
+    uint16_t head = r->avail_idx, head_flags = 0;
+    for (int i = 0; i < n; i++) {
         uint8_t *d = r->desc + 16 * (size_t)r->avail_idx;
-        memcpy(d, &gpa, 8);
-        memcpy(d + 8, &len, 4);
+        uint16_t f = flags | (i + 1 < n ? F_NEXT : 0) | (r->avail_wrap ? P_AVAIL : P_USED);
+        memcpy(d, &addr[i], 8);
+        memcpy(d + 8, &lens[i], 4);
         memcpy(d + 12, &id, 2);
-        wmb(); /* the descriptor before the flags that make it available */
-        st16(d + 14, flags | (r->avail_wrap ? P_AVAIL : P_USED));
+        if (i == 0)
+            head_flags = f; /* the head last, below */
+        else
+            st16(d + 14, f);
         if (++r->avail_idx == r->num) {
             r->avail_idx = 0;
             r->avail_wrap ^= 1;
         }
     }
-    r->num_added++;
+    wmb(); /* the rest of the chain before the head's flags make it available (2.8.21.1) */
+    st16(r->desc + 16 * (size_t)head + 14, head_flags);
+    r->num_added += n;
 }
 
 /* Whether the device wants a kick for what was added since the last call (2.7.10, 2.8.10). */
@@ -171,10 +192,11 @@ static int ring_get_used(Ring *r, uint16_t *id_out, uint32_t *len_out, char *err
         return ring_fail(err, r, "used length beyond the buffer's writable bytes:", len);
     r->in_use[id] = 0;
     r->free_ids[r->nfree++] = (uint16_t)id;
+    r->slots_free += r->count[id];
     if (!r->packed) {
         r->last_used++;
-    } else if (++r->last_used == r->num) {
-        r->last_used = 0;
+    } else if ((r->last_used += r->count[id]) >= r->num) {
+        r->last_used -= r->num;
         r->used_wrap ^= 1;
     }
     *id_out = (uint16_t)id;
@@ -271,7 +293,7 @@ static int reap(Burst *b, int64_t got, int counting)
             b->sent_at[k] = 0;
             b->outstanding--;
         }
-        ring_add(rx, rx->free_ids[--rx->nfree], gpa, rx->writable[id], F_WRITE); /* the same buffer, again */
+        ring_add(rx, rx->free_ids[--rx->nfree], gpa, rx->writable[id], F_WRITE, 0); /* the same buffer, again */
         reposted = 1;
     }
     if (rc < 0)
@@ -297,7 +319,7 @@ static int tick(Burst *b, int64_t now, int counting)
     for (int i = 0; i < b->burst; i++) {
         if (counting && b->limit && b->sent >= b->limit)
             break;
-        if (!tx->nfree) { /* ring full: the rest of this tick is not offered */
+        if (!tx->nfree || tx->slots_free < 2) { /* ring full: the rest of this tick is not offered */
             if (counting)
                 b->full += b->burst - i;
             break;
@@ -307,7 +329,7 @@ static int tick(Burst *b, int64_t now, int counting)
         uint8_t *buf = mem + (tx->addr[id] - b->base);
         memset(buf, 0, NET_HDR);
         memcpy(buf + NET_HDR, (const uint8_t *)b->frames.buf + k * b->frame_len, b->frame_len);
-        ring_add(tx, id, tx->addr[id], (uint32_t)(NET_HDR + b->frame_len), 0);
+        ring_add(tx, id, tx->addr[id], (uint32_t)(NET_HDR + b->frame_len), 0, NET_HDR);
         int64_t t = now_ns(); /* each frame's round trip runs from its own availability */
         if (b->sent_at[k])
             b->outstanding--; /* never came back a lap of frames ago: no longer waited for */
@@ -388,7 +410,8 @@ static void ring_free(Ring *r)
     free(r->in_use);
     free(r->addr);
     free(r->writable);
-    r->free_ids = NULL, r->in_use = NULL, r->addr = NULL, r->writable = NULL;
+    free(r->count);
+    r->free_ids = NULL, r->in_use = NULL, r->addr = NULL, r->writable = NULL, r->count = NULL;
 }
 
 static PyObject *burst_close(Burst *b, PyObject *unused)
@@ -426,7 +449,7 @@ static uint8_t *at(Burst *b, unsigned long long gpa, unsigned long long len, uns
 
 /* (packed, num, desc, driver, device, event_idx, kick_fd, avail_idx, avail_wrap, used_idx, used_wrap),
  * from a driver ring's export_state(); `chains`: its buffers in flight as (id, gpa, writable). */
-static int ring_init(Burst *b, Ring *r, const char *name, PyObject *spec, PyObject *chains)
+static int ring_init(Burst *b, Ring *r, const char *name, PyObject *spec, PyObject *chains, int pair_heads)
 {
     unsigned long long desc, drv, dev;
     unsigned num, avail_idx, avail_wrap, used_idx, used_wrap;
@@ -434,7 +457,7 @@ static int ring_init(Burst *b, Ring *r, const char *name, PyObject *spec, PyObje
                           &avail_idx, &avail_wrap, &used_idx, &used_wrap))
         return -1;
     r->name = name;
-    if (num < 1 || num > 32768 || (!r->packed && (num & (num - 1))))
+    if (num < 2 || num > 32768 || (!r->packed && (num & (num - 1))))
         return PyErr_Format(PyExc_ValueError, "%s: no ring has %u entries", name, num), -1;
     r->num = (uint16_t)num;
     if (!(r->desc = at(b, desc, 16ull * num, 16, "descriptor area")))
@@ -455,7 +478,8 @@ static int ring_init(Burst *b, Ring *r, const char *name, PyObject *spec, PyObje
     r->in_use = calloc(num, 1);
     r->addr = calloc(num, sizeof *r->addr);
     r->writable = calloc(num, sizeof *r->writable);
-    if (!r->free_ids || !r->in_use || !r->addr || !r->writable)
+    r->count = calloc(num, 1);
+    if (!r->free_ids || !r->in_use || !r->addr || !r->writable || !r->count)
         return PyErr_NoMemory(), -1;
     PyObject *seq = PySequence_Fast(chains, "chains must be a sequence");
     if (!seq)
@@ -467,11 +491,12 @@ static int ring_init(Burst *b, Ring *r, const char *name, PyObject *spec, PyObje
             return Py_DECREF(seq), -1;
         if (id >= num || r->in_use[id] || !at(b, gpa, len, 1, "buffer"))
             return Py_DECREF(seq), PyErr_Occurred() ? -1 : (PyErr_Format(PyExc_ValueError, "%s: bad id %u", name, id), -1);
-        r->in_use[id] = 1, r->addr[id] = gpa, r->writable[id] = len;
+        r->in_use[id] = 1, r->addr[id] = gpa, r->writable[id] = len, r->count[id] = 1;
     }
+    r->slots_free = num - (unsigned)PySequence_Fast_GET_SIZE(seq);
     Py_DECREF(seq);
-    for (unsigned id = num; id-- > 0;)
-        if (!r->in_use[id])
+    for (unsigned id = num; id-- > 0;) /* split TX chains take descriptors id, id + 1: even heads only */
+        if (!r->in_use[id] && !(pair_heads && !r->packed && id % 2))
             r->free_ids[r->nfree++] = (uint16_t)id;
     return 0;
 }
@@ -510,15 +535,15 @@ static int burst_init(Burst *b, PyObject *args, PyObject *kw)
     b->limit = limit;
     b->last_k = -1;
     PyObject *none = PyTuple_New(0); /* TX: nothing in flight */
-    int rc = none ? ring_init(b, &b->q[0], "rx", rx, rx_chains) : -1;
-    rc = rc < 0 ? rc : ring_init(b, &b->q[1], "tx", tx, none);
+    int rc = none ? ring_init(b, &b->q[0], "rx", rx, rx_chains, 0) : -1;
+    rc = rc < 0 ? rc : ring_init(b, &b->q[1], "tx", tx, none, 1);
     Py_XDECREF(none);
     if (rc < 0)
         return -1;
     PyObject *seq = PySequence_Fast(tx_buffers, "tx_buffers must be a sequence");
     if (!seq)
         return -1;
-    if (PySequence_Fast_GET_SIZE(seq) != b->q[1].num || b->q[1].nfree != b->q[1].num)
+    if (PySequence_Fast_GET_SIZE(seq) != b->q[1].num || b->q[1].slots_free != b->q[1].num)
         return Py_DECREF(seq), PyErr_SetString(PyExc_ValueError, "tx_buffers: one per TX ring entry, none in flight"), -1;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
         unsigned long long gpa = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
