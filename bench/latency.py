@@ -197,10 +197,11 @@ def measure(drv: NetDriver, frames: list[bytes], rate: float, burst: int, second
 
 
 def measure_c(drv: NetDriver, kick_fds: list[int], frames: bytes, rate: float, burst: int, seconds: float,
-              meter: CpuMeter, cell: Cell) -> None:
+              meter: CpuMeter, cell: Cell) -> float:
     """measure() in C (guest/burst.py): the same schedule, checks and counts; `frames` is measure()'s list
-    joined. The driver's rings are the C loop's afterwards."""
+    joined. The driver's rings are the C loop's afterwards. Returns the C loop's idle polling turn (µs)."""
     with BurstLoop.for_net_driver(drv, kick_fds, frames, FRAME, rate, burst) as loop:
+        turn = loop.poll_turn_ns() / 1000
         loop.run(WARMUP)
         meter.start()
         loop.run(seconds, counting=True)
@@ -216,6 +217,7 @@ def measure_c(drv: NetDriver, kick_fds: list[int], frames: bytes, rate: float, b
     cell.late += counts.late
     cell.full += counts.full
     cell.kicks += counts.kicks
+    return turn
 
 
 def open_frontend(sock: str, layout: Layout) -> tuple[VhostUserFrontend, NetDriver]:
@@ -230,8 +232,8 @@ def open_frontend(sock: str, layout: Layout) -> tuple[VhostUserFrontend, NetDriv
 def run_cell(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag: str, layout: Layout,
              frames: list[bytes], rate: float, burst: int, seconds: float, cell: Cell,
              joined: bytes | None = None) -> float:
-    """One backend, one frontend, one rate; returns the frontend's idle poll turn (µs) of the Python loop.
-    With `joined` (the frames as one bytes) the C loop measures (measure_c), else measure()."""
+    """One backend, one frontend, one rate; returns the frontend's idle poll turn (µs). With `joined` (the
+    frames as one bytes) the C loop measures (measure_c), else measure()."""
     proc = backend(kind, "soft:net", sock, tag, extra=extra, tree=tree)
     try:
         fe, drv = open_frontend(sock, layout)
@@ -241,11 +243,10 @@ def run_cell(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag
                 os.sched_setaffinity(0, {FRONTEND_CPU})
             gc.collect()
             gc.disable()  # no collector pause inside the frontend's timings
-            turn = poll_cost(drv)
             if joined is not None:
-                measure_c(drv, fe.kick_fds, joined, rate, burst, seconds, CpuMeter(proc.pid), cell)
-            else:
-                measure(drv, frames, rate, burst, seconds, CpuMeter(proc.pid), cell)
+                return measure_c(drv, fe.kick_fds, joined, rate, burst, seconds, CpuMeter(proc.pid), cell)
+            turn = poll_cost(drv)
+            measure(drv, frames, rate, burst, seconds, CpuMeter(proc.pid), cell)
             return turn
         finally:
             gc.enable()
@@ -379,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{c.frontend_ns / 1000 / per:.2f} | {c.kicks / max(1, c.sent):.2f} |")
     table = "\n".join(lines)
     turns.sort()
-    notes = [f"- Frontend: {FRONTENDS[args.frontend]}. The Python loop's idle polling turn: "
+    notes = [f"- Frontend: {FRONTENDS[args.frontend]}. Its idle polling turn: "
              f"{turns[len(turns) // 2]:.2f} µs (median over cells); the most the frontend offered in any cell: "
              f"{max(c.sent / c.seconds for c in cells.values()):,.0f} pps."]
     short = [f"{r:,.0f} pps to {label}: offered {c.sent / c.seconds:,.0f}, got back {c.returned / c.seconds:,.0f} "

@@ -392,6 +392,24 @@ static PyObject *burst_run(Burst *b, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+static PyObject *burst_poll_turn(Burst *b, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    int64_t t0, t1;
+    if (n < 1)
+        return PyErr_Occurred() ? NULL : (PyErr_SetString(PyExc_ValueError, "n must be positive"), NULL);
+    if (!b->have_mem || b->running)
+        return PyErr_SetString(PyExc_RuntimeError, "the loop is closed or running"), NULL;
+    Py_BEGIN_ALLOW_THREADS
+    t0 = now_ns();
+    for (long i = 0; i < n; i++) /* what loop() does when there is nothing to send or reap */
+        if (now_ns() < 0 || ring_has_used(&b->q[0]) || ring_has_used(&b->q[1]))
+            break;
+    t1 = now_ns();
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble((double)(t1 - t0) / n);
+}
+
 static PyObject *burst_stats(Burst *b, PyObject *unused)
 {
     return Py_BuildValue("{sKsnsKsKsKsKsKsK}", "sent", b->sent, "returned", (Py_ssize_t)b->nrtts, "late", b->late,
@@ -562,6 +580,8 @@ static PyMethodDef burst_methods[] = {
      "run(seconds, counting=False, draining=False): the loop for `seconds`, GIL released. counting: count and "
      "time what it sends; draining: send nothing, stop once every counted frame is back."},
     {"stats", (PyCFunction)burst_stats, METH_NOARGS, "Counters since the start, as a dict."},
+    {"poll_turn", (PyCFunction)burst_poll_turn, METH_O,
+     "poll_turn(n): ns of one idle turn of the loop (clock + both rings polled), over n turns."},
     {"rtts", (PyCFunction)burst_rtts, METH_NOARGS, "The round trips (ns) recorded, as native int64 bytes."},
     {"close", (PyCFunction)burst_close, METH_NOARGS, "Release guest memory and the frames (the rings stay as they are)."},
     {NULL},

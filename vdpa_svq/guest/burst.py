@@ -97,7 +97,12 @@ class BurstLoop:
         if drv.tx_pool.block_size < VIRTIO_NET_HDR_LEN + frame_len or drv.tx_pool.available < drv.tx.num:
             raise ValueError("the TX pool needs a free block per TX ring entry, each header + frame long")
         tx_buffers = [drv.tx_pool.get() for _ in range(drv.tx.num)]
-        return cls(drv.mem, drv.rx, drv.tx, kick_fds, tx_buffers, frames, frame_len, rate, burst, limit=limit)
+        try:
+            return cls(drv.mem, drv.rx, drv.tx, kick_fds, tx_buffers, frames, frame_len, rate, burst, limit=limit)
+        except BaseException:
+            for gpa in tx_buffers:
+                drv.tx_pool.put(gpa)
+            raise
 
     def run(self, seconds: float, *, counting: bool = False) -> None:
         """Send and poll for `seconds` (less once `limit` frames are sent and back); counting: count and time
@@ -107,6 +112,10 @@ class BurstLoop:
     def drain(self, seconds: float) -> None:
         """Send nothing; poll until every counted frame is back, or `seconds` passed."""
         self._c.run(seconds, False, True)
+
+    def poll_turn_ns(self, n: int = 20000) -> float:
+        """ns of one idle turn of the loop (the clock and both used rings read): its polling resolution."""
+        return self._c.poll_turn(n)
 
     def counts(self) -> BurstCounts:
         return BurstCounts(**self._c.stats())
