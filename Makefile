@@ -78,7 +78,8 @@ ASAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-na
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 VDPA_SVQ_EXT_DIR=build/asan
 asan: deps venv  ## the relay test suite once more, on the C extensions built with ASan + UBSan (gcc)
 	PY=$(PY) tools/build-sanitized asan
-	$(ASAN_ENV) $(PY) -m pytest -q -m 'not kernel' -p no:cacheprovider tests/relay tests/differential tests/softdev tests/spec
+	$(ASAN_ENV) $(PY) -m pytest -q -m 'not kernel' -p no:cacheprovider tests/relay tests/differential tests/softdev tests/spec \
+		tests/guest tests/bench/test_latency_frontends.py
 
 fuzz: deps venv  ## every fuzz target for FUZZ_SECONDS (600) each from its seeds (FUZZ_TARGETS: a subset); results into fuzz/README.md
 	PY=$(PY) tools/build-sanitized fuzz

@@ -3,6 +3,7 @@
     vdpa_svq._relay             the relay (_relay.c) and its loop, the Pump (_pump.c)
     vdpa_svq.softdev._netloop   the soft net device's loopback (softdev/_netloop.c)
     vdpa_svq._busguard          SIGBUS-safe access to memory a peer can shrink (memory/guest.py)
+    vdpa_svq.guest._burst       bench.latency's frontend loop: a net driver's datapath (guest/burst.py)
 
 The first two share the device side of a ring, _ring.h: a header of static definitions that each
 includes once (see there why). The extensions are optional (PEP 399): without a compiler the install
@@ -29,5 +30,6 @@ setup(
                   ["-Wno-cast-function-type"]),
         extension("vdpa_svq.softdev._netloop", ["vdpa_svq/softdev/_netloop.c"], RING, ["-Wno-cast-function-type"]),
         extension("vdpa_svq._busguard", ["vdpa_svq/_busguard.c"]),
+        extension("vdpa_svq.guest._burst", ["vdpa_svq/guest/_burst.c"], extra_flags=["-Wno-cast-function-type"]),
     ]
 )

@@ -2,14 +2,18 @@
 (default settings: adaptive polling, and --poll-us 0) beside DPDK's vhost PMD forwarding back (issue 15).
 
     python -m bench.latency [--rates 10000,100000,1000000] [--burst auto|K] [--seconds 3] [--slices 2]
-                            [--write BENCHMARKS.md]
+                            [--frontend c|py] [--write BENCHMARKS.md]
 
-The frontend is the project's own (tests/vhost_user/client.py, in Python, pinned to CPU 0 while it
-measures): on a busy clock it offers a burst of K 64-byte frames every K/rate seconds, with one kick
-per burst (when the backend asked for one), and busy-polls the used rings (it never sleeps on the call
-eventfd). K is --burst; "auto" sends one frame at a time up to ONE_BY_ONE pps and K = ceil(rate /
-ONE_BY_ONE) above it (at most 32, DPDK's default burst, as its txonly engine sends): one frame at a
-time, Python's per-tick cost (clock, loop turn, kick) caps the rate near 20k pps on a quiet machine.
+The frontend is the project's own (tests/vhost_user/client.py sets up memory, rings and notifiers;
+pinned to CPU 0 while it measures): on a busy clock it offers a burst of K 64-byte frames every K/rate
+seconds, with one kick per burst (when the backend asked for one), and busy-polls the used rings (it
+never sleeps on the call eventfd). Its datapath, measure()'s loop, runs in C by default
+(vdpa_svq/guest/_burst.c through guest/burst.py: measure_c(), the GIL released for the whole run,
+the same schedule, counts and checks); `--frontend py` runs measure() itself, in Python, whose
+per-tick cost tops out near 44k pps. K is --burst; "auto" sends one frame at a time up to
+ONE_BY_ONE pps and K = ceil(rate / ONE_BY_ONE) above it (at most 32, DPDK's default burst, as its
+txonly engine sends): one frame at a time, Python's per-tick cost (clock, loop turn, kick) caps the
+rate near 20k pps on a quiet machine. The table says which frontend ran.
 
 A frame's round trip runs from just after its own descriptor is made available (before the rest of its
 burst and the kick) to the first poll that sees it used in RX, so it includes the frontend's kick and
@@ -20,13 +24,14 @@ that came back early is seen only then (up to K-1 sends later; the frontend's co
 table). So at K > 1 the percentiles are those of a bursty source, as with DPDK's txonly, not of evenly
 spaced frames; K is in the table beside each cell.
 
-The frontend's own work per packet (send + kick + reap) is reported beside it; its Python ring code
+The frontend's own work per packet (send + kick + reap) is reported beside it; the Python ring code
 costs tens of µs per frame, so bursts lift the rate it can offer only so far (the kick and the loop
-are shared, the ring operations are not). When it falls behind its schedule it drops the backlog
-instead of bursting to catch up; "offered" and "returned" say what it really sent and got back, and a
-cell below HELD of its rate (offered, or returned of those offered) says "not held" in its RTT
-cells, with the reason in the notes: its figures are at the rate reached, not the one asked. Cells are
-interleaved (slice, rate, backend); a cell's percentiles pool its slices.
+are shared, the ring operations are not); the C loop's costs well under a µs. When it falls behind
+its schedule it drops the backlog instead of bursting to catch up; "offered" and "returned" say what
+it really sent and got back, and a cell below HELD of its rate (offered, or returned of those
+offered) says "not held" in its RTT cells, with the reason in the notes: its figures are at the rate
+reached, not the one asked. Cells are interleaved (slice, rate, backend); a cell's percentiles pool
+its slices.
 
 Idle: each backend with the frontend connected (rings set up, RX buffers posted, a few frames sent
 first), then nothing for --idle-seconds: the backend process's CPU share.
@@ -47,6 +52,7 @@ from dataclasses import dataclass, field
 from bench.sections import write_section
 from bench.vhost_user import VARIANTS_HELP, CpuMeter, backend, machine, serve_variants, stop
 from tests.vhost_user.client import VhostUserFrontend
+from vdpa_svq.guest.burst import BurstLoop
 from vdpa_svq.guest.frames import ETH_HEADER, FRAME_HEADER, build_frame
 from vdpa_svq.guest.net import NetDriver
 from vdpa_svq.ring import Layout
@@ -62,6 +68,7 @@ RING = 256  # descriptors per queue: room for bursts while earlier ones are in f
 MAX_BURST = 32  # frames per tick at most (DPDK's default burst)
 ONE_BY_ONE = 10_000  # ticks per second the Python frontend holds on a loaded 2-CPU machine (--burst auto)
 HELD = 0.95  # a cell holds its rate when it offered and got back at least this share of it
+FRONTENDS = {"c": "C (vdpa_svq/guest/_burst.c, `--frontend c`)", "py": "Python (measure(), `--frontend py`)"}
 
 
 @dataclass
@@ -189,6 +196,30 @@ def measure(drv: NetDriver, frames: list[bytes], rate: float, burst: int, second
     cell.kicks += kicks
 
 
+def measure_c(drv: NetDriver, kick_fds: list[int], frames: bytes, rate: float, burst: int, seconds: float,
+              meter: CpuMeter, cell: Cell) -> float:
+    """measure() in C (guest/burst.py): the same schedule, checks and counts; `frames` is measure()'s list
+    joined. The driver's rings are the C loop's afterwards. Returns the C loop's idle polling turn (µs)."""
+    with BurstLoop.for_net_driver(drv, kick_fds, frames, FRAME, rate, burst) as loop:
+        turn = loop.poll_turn_ns() / 1000
+        loop.run(WARMUP)
+        meter.start()
+        loop.run(seconds, counting=True)
+        meter.stop()
+        loop.drain(DRAIN)  # in flight at the end: still a round trip
+        counts, rtts = loop.counts(), loop.rtts()
+    cell.seconds += seconds
+    cell.sent += counts.sent
+    cell.returned += counts.returned
+    cell.rtts += rtts
+    cell.backend_cpu += meter.result[1]
+    cell.frontend_ns += counts.frontend_ns
+    cell.late += counts.late
+    cell.full += counts.full
+    cell.kicks += counts.kicks
+    return turn
+
+
 def open_frontend(sock: str, layout: Layout) -> tuple[VhostUserFrontend, NetDriver]:
     fe = VhostUserFrontend(_connect(sock), layout, num=RING)
     try:
@@ -199,8 +230,10 @@ def open_frontend(sock: str, layout: Layout) -> tuple[VhostUserFrontend, NetDriv
 
 
 def run_cell(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag: str, layout: Layout,
-             frames: list[bytes], rate: float, burst: int, seconds: float, cell: Cell) -> float:
-    """One backend, one frontend, one rate; returns the frontend's idle poll turn (µs)."""
+             frames: list[bytes], rate: float, burst: int, seconds: float, cell: Cell,
+             joined: bytes | None = None) -> float:
+    """One backend, one frontend, one rate; returns the frontend's idle poll turn (µs). With `joined` (the
+    frames as one bytes) the C loop measures (measure_c), else measure()."""
     proc = backend(kind, "soft:net", sock, tag, extra=extra, tree=tree)
     try:
         fe, drv = open_frontend(sock, layout)
@@ -210,6 +243,8 @@ def run_cell(kind: str, extra: tuple[str, ...], tree: str | None, sock: str, tag
                 os.sched_setaffinity(0, {FRONTEND_CPU})
             gc.collect()
             gc.disable()  # no collector pause inside the frontend's timings
+            if joined is not None:
+                return measure_c(drv, fe.kick_fds, joined, rate, burst, seconds, CpuMeter(proc.pid), cell)
             turn = poll_cost(drv)
             measure(drv, frames, rate, burst, seconds, CpuMeter(proc.pid), cell)
             return turn
@@ -293,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"frames per tick (1..{MAX_BURST}), one kick per tick; 'auto' (default): "
                          f"ceil(rate / {ONE_BY_ONE:,}), at most {MAX_BURST}: one frame at a time up to "
                          f"{ONE_BY_ONE:,} pps")
+    ap.add_argument("--frontend", choices=["c", "py"], default="c",
+                    help="the frontend's datapath: c (default; vdpa_svq/guest/_burst.c, the GIL released) or py "
+                         "(the Python loop, measure(), for comparison: it tops out near 44k pps)")
     ap.add_argument("--serve", default=SERVE_VARIANTS, help="the rows of serve: " + VARIANTS_HELP)
     ap.add_argument("--write", metavar="FILE", help="also put the table in FILE, in its own section")
     args = ap.parse_args(argv)
@@ -304,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     mach = machine()
     print(f"{mach}; building frames", file=sys.stderr, flush=True)
     frames = [build_frame(k, FRAME) for k in range(SEQS)]
+    joined = b"".join(frames) if args.frontend == "c" else None
     cells = {(rate, label): Cell() for rate in rates for label, *_ in backends}
     turns: list[float] = []
     idle: dict[str, float] = {}
@@ -315,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                     c = cells[(rate, label)]
                     before = (c.sent, c.returned, len(c.rtts))
                     turns.append(run_cell(kind, extra, tree, os.path.join(tmp, f"{tag}.sock"), tag, layout, frames,
-                                          rate, burst_for(rate, args.burst), args.seconds, c))
+                                          rate, burst_for(rate, args.burst), args.seconds, c, joined))
                     sent, back = c.sent - before[0], c.returned - before[1]
                     new = sorted(c.rtts[before[2]:])
                     print(f"slice {n}: {rate:>9,.0f} pps x{burst_for(rate, args.burst):<2} {label:40} "
@@ -341,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{c.frontend_ns / 1000 / per:.2f} | {c.kicks / max(1, c.sent):.2f} |")
     table = "\n".join(lines)
     turns.sort()
-    notes = [f"- The frontend's idle polling turn: {turns[len(turns) // 2]:.2f} µs (median over cells); "
-             f"the most it offered in any cell: {max(c.sent / c.seconds for c in cells.values()):,.0f} pps."]
+    notes = [f"- Frontend: {FRONTENDS[args.frontend]}. Its idle polling turn: "
+             f"{turns[len(turns) // 2]:.2f} µs (median over cells); the most the frontend offered in any cell: "
+             f"{max(c.sent / c.seconds for c in cells.values()):,.0f} pps."]
     short = [f"{r:,.0f} pps to {label}: offered {c.sent / c.seconds:,.0f}, got back {c.returned / c.seconds:,.0f} "
              f"({why_not_held(c, r)})" for (r, label), c in cells.items() if not held(c, r)]
     if short:
@@ -353,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + "\n\n" + "\n".join(notes))
     if args.write:
         write_section(args.write, "latency-host", SECTION.format(
-            machine=mach, serve=SERVE, command=command, seconds=args.seconds, slices=args.slices, ring=RING,
+            machine=mach, serve=SERVE, command=command, frontend=FRONTENDS[args.frontend], seconds=args.seconds,
+            slices=args.slices, ring=RING,
             one_by_one=ONE_BY_ONE, held=HELD,
             layout=args.layout, frame=FRAME, table=table, notes="\n".join(notes)))
         print(f"wrote {args.write}", file=sys.stderr)
@@ -366,17 +407,18 @@ Produced by `{command}` (`make bench-latency` runs it with the default rates). {
 {layout} rings, EVENT_IDX, {frame}-byte frames; {slices} interleaved slices of {seconds:g} s per cell, percentiles
 over the pooled round trips of a cell.
 
-- The frontend is the project's own, in Python (tests/vhost_user/client.py), pinned to CPU 0, rings of
-  {ring}: on a busy clock it offers a burst of K frames (column "burst") every K/rate s, one kick per
-  burst, and busy-polls the used rings (no sleeping on the call eventfd, so no guest wake-up is in these
-  figures). K = 1 up to {one_by_one:,} pps, else ceil(rate / {one_by_one:,}), at most 32 (`--burst`).
-  Behind its schedule it drops the backlog rather than catch up: "offered (reached)" and "returned" are
-  what it really sent and got back. Where either is below {held:.0%} of the asked rate the RTT cells say
-  **not held** (their figures are at the rate reached) and the notes say why: such a cell measures the
-  frontend (or a backend that could not keep up), not the latency at that rate.
+- The frontend is the project's own (tests/vhost_user/client.py sets it up), pinned to CPU 0, rings of
+  {ring}; its datapath here: {frontend}: on a busy clock it offers a burst of K frames (column "burst")
+  every K/rate s, one kick per burst, and busy-polls the used rings (no sleeping on the call eventfd, so
+  no guest wake-up is in these figures). K = 1 up to {one_by_one:,} pps, else ceil(rate /
+  {one_by_one:,}), at most 32 (`--burst`). Behind its schedule it drops the backlog rather than catch
+  up: "offered (reached)" and "returned" are what it really sent and got back. Where either is below
+  {held:.0%} of the asked rate the RTT cells say **not held** (their figures are at the rate reached)
+  and the notes say why: such a cell measures the frontend (or a backend that could not keep up), not
+  the latency at that rate.
 - Round trip: from just after the frame's own descriptor is made available (before the rest of its
   burst and the kick) to the first poll that sees it used in RX. It includes the frontend's kick (an
-  eventfd write from Python, when the backend asked for one) and up to one turn of its polling loop
+  eventfd write, when the backend asked for one) and up to one turn of its polling loop
   (below), not its frame building or reaping. With K > 1 a frame also waits behind the frames before
   it in its burst (in the backend, and in the frontend, which polls only once the whole burst is
   posted): the figures are those of a bursty source, as DPDK's txonly is, not of evenly spaced frames.
@@ -384,14 +426,14 @@ over the pooled round trips of a cell.
   window, per packet returned. DPDK's vhost PMD busy-polls a CPU whatever the rate, so its figure is
   about 1e6 / rate; serve's default sleeps on eventfds between packets.
 - "frontend µs/packet": the frontend's own work per packet returned (send, kick, reap and repost):
-  what the Python frontend costs, and what bounds the rate it can offer. "kicks/packet": the eventfd
+  what the frontend costs, and what bounds the rate it can offer. "kicks/packet": the eventfd
   writes it made (TX, and RX after reposting a buffer) per packet sent, each one a wake-up for a
   backend that sleeps; DPDK's PMD polls and asks for none.
 - "dpdk-vhost": a testpmd with DPDK's vhost PMD, io forwarding back (lcore 1). "{serve}": the shadow
   virtqueues (C relay) in front of the software loopback device, with the default adaptive polling
   (`--poll-us auto`); "--poll-us 0": notifications only. serve is not pinned (the frontend has CPU 0).
-- Not measured: rates above what the Python frontend can offer, bursts or not (the most it reached
-  is below; "not held" rows measure the frontend, and need a native frontend), a guest's interrupt
+- Not measured: rates above what the frontend can offer (the most it reached is below; "not held"
+  rows measure the frontend, or a backend that could not keep up), a guest's interrupt
   path (the frontend never sleeps), a real device (soft:net loops back in serve's relay thread).
   p99 rests on 1% of a cell's samples (rate x seconds x slices) and moves between runs, most for a
   backend that sleeps: its wake-ups pay the host's scheduler (here a container in a virtual machine).

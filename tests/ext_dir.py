@@ -1,7 +1,7 @@
 """Load vdpa-svq's C extensions from another build (a sanitizer build), for `make asan` and the fuzzers.
 
-VDPA_SVQ_EXT_DIR names a directory laid out as the package, holding `_relay*.so`, `_busguard*.so`
-and `softdev/_netloop*.so` built from the same sources with other flags (tools/build-sanitized).
+VDPA_SVQ_EXT_DIR names a directory laid out as the package, holding `_relay*.so`, `_busguard*.so`,
+`softdev/_netloop*.so` and `guest/_burst*.so` built from the same sources with other flags (tools/build-sanitized).
 A finder put first on sys.meta_path serves exactly these modules from there (whatever imports
 them first, even from inside a package's __init__); use() then imports them and checks that they
 came from there, since a run that silently tested the normal build would prove nothing.
@@ -16,7 +16,7 @@ import sys
 from types import ModuleType
 
 ENV = "VDPA_SVQ_EXT_DIR"
-EXTENSIONS = ("vdpa_svq._relay", "vdpa_svq._busguard", "vdpa_svq.softdev._netloop")
+EXTENSIONS = ("vdpa_svq._relay", "vdpa_svq._busguard", "vdpa_svq.softdev._netloop", "vdpa_svq.guest._burst")
 
 
 def _directory(where: str, name: str) -> str:

@@ -285,6 +285,11 @@ class SplitDriverRing:
     def in_flight(self) -> int:
         return sum(1 for t in self._token if t is not None)
 
+    def chains_in_flight(self) -> list[tuple[int, Any, int, int]]:
+        """(id, token, ring slots, device-writable bytes) of every chain made available and not used
+        yet: for a datapath that takes the ring over with buffers posted (guest/burst.py)."""
+        return [(i, t, self._count[i], self._writable[i]) for i, t in enumerate(self._token) if t is not None]
+
     def close(self) -> None:
         self._a.release()
 
