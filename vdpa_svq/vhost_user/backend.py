@@ -772,8 +772,8 @@ class Connection:
             faults, activity = self.device.faults(), self.device.activity()
         except NotSupported:
             return
-        for line in faults:
-            log.error("%s: device %s", self.summary.peer, line)
+        for index, reason in sorted(faults.items()):
+            log.error("%s: device queue %d stopped: %s", self.summary.peer, index, reason)
         for line in activity:
             log.info("%s: device: %s", self.summary.peer, line)
 
