@@ -186,15 +186,18 @@ ENDINGS: dict[str, Callable[[socket.socket, Layout], None]] = {
 # Endings that never start the relay: the ring layout changes nothing in them.
 BEFORE_THE_RELAY = {"hangs up mid-message, fd sent", "garbage with fds", "too many fds", "bad queue, fd sent",
                     "full pipe as kick fd", "pipe as call fd", "memfd as kick fd", "hung-up socket as kick fd"}
-CASES = [pytest.param(name, layout, id=f"{name}-{layout.value}") for name in ENDINGS
+CASES = [pytest.param(name, layout, "auto", id=f"{name}-{layout.value}") for name in ENDINGS
          for layout in (Layout.SPLIT, Layout.PACKED) if layout is Layout.SPLIT or name not in BEFORE_THE_RELAY]
+# The Python relay too (serve --impl py) where the relay runs and its notifiers change.
+CASES += [pytest.param(name, Layout.SPLIT, "py", id=f"{name}-split-py")
+          for name in ("clean close", "notifiers replaced while relaying", "stopped and restarted")]
 
 
-@pytest.mark.parametrize(("ending", "layout"), CASES)
-def test_serve_holds_no_fd_after_a_connection_ends(tmp_path: Path, ending: str, layout: Layout) -> None:
+@pytest.mark.parametrize(("ending", "layout", "impl"), CASES)
+def test_serve_holds_no_fd_after_a_connection_ends(tmp_path: Path, ending: str, layout: Layout, impl: str) -> None:
     """serve's fds after one connection that ends this way (then one good connection, which must
     be served) are the fds of serve before it had any."""
-    serve = ServeProcess(tmp_path)
+    serve = ServeProcess(tmp_path, "--impl", impl)
     try:
         fresh = open_fds(serve.proc.pid)
         ENDINGS[ending](serve.connect(), layout)
