@@ -25,6 +25,7 @@ import pytest
 from tests.vhost_user.client import UADDR_OFFSET, VhostUserFrontend, new_eventfd, send
 from tests.vhost_user.conftest import RunningServer
 from vdpa_svq.errors import GuestRingError
+from vdpa_svq.loop import RelayLoops
 from vdpa_svq.ring import Layout
 from vdpa_svq.vhost_user import messages as m
 from vdpa_svq.vhost_user.messages import Request
@@ -237,6 +238,36 @@ def test_a_device_error_leaves_no_fd(tmp_path: Path, impl: str) -> None:
         finally:
             fe.close()
         srv.wait_connections(1)
+        assert left_open(before, open_fds("self")) == []
+    finally:
+        srv.stop()
+
+
+def test_a_kick_fd_the_running_loop_cannot_take_is_closed(tmp_path: Path, monkeypatch) -> None:
+    """SET_VRING_KICK with a new eventfd while relaying, which the relay loop fails to watch (epoll_ctl
+    can fail: ENOMEM, ENOSPC at max_user_watches): the connection ends with the reason, and the
+    new fd, already taken off the message, is closed with the rest."""
+    srv = RunningServer(str(tmp_path / "vu.sock"))
+    try:
+        before = open_fds("self")
+        fe = VhostUserFrontend(srv.connect(), Layout.SPLIT)
+        try:
+            drv = fe.setup()
+            assert sorted(loop_frames(drv, 10)) == list(range(10))
+
+            def full(*args, **kwargs):
+                raise OSError(28, "No space left on device")  # ENOSPC: epoll's max_user_watches
+
+            monkeypatch.setattr(RelayLoops, "add_relay", full)
+            new = new_eventfd(0)
+            send(fe.sock, Request.SET_VRING_KICK, m.U64.pack(0), [new])
+            os.close(new)
+            with contextlib.suppress(ConnectionResetError):
+                assert fe.sock.recv(64) == b"", "the server answered instead of closing the connection"
+        finally:
+            fe.close()
+        srv.wait_connections(1)
+        assert "No space left on device" in (srv.server.summaries[-1].error or "")
         assert left_open(before, open_fds("self")) == []
     finally:
         srv.stop()

@@ -483,7 +483,11 @@ class Connection:
             return q
         if running is not None and old is not None and new is not None and attr == "kick_fd":
             assert self.shadow is not None
-            self.shadow.loop.add_relay(new, running.svq, "kick")
+            try:
+                self.shadow.loop.add_relay(new, running.svq, "kick")
+            except BaseException:
+                os.close(new)  # off the message already: handle_one's cleanup no longer sees it
+                raise
             running.guest_kick_fd = new
             # The loop thread may be about to read the old fd: close it only once the loop stopped.
             self._retired.append(old)
