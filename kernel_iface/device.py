@@ -351,7 +351,7 @@ class VhostVdpa:
     def check_alive(self) -> None:
         """Nothing to check (hangup_fd() is None)."""
 
-    def faults(self) -> list[str]:
+    def faults(self) -> dict[int, str]:
         """NotSupported: the kernel keeps no account a user can read; a queue's errors reach its error eventfd."""
         raise errors.NotSupported(errno.ENOTSUP, self.path, "faults", "the kernel keeps no account of faults")
 

@@ -18,6 +18,7 @@ import pytest
 from kernel_iface import NotSupported, VhostVdpa
 from vdpa_svq.device import Device
 from vdpa_svq.errors import GuestRingError
+from vdpa_svq.session import device_fault
 from vdpa_svq.softdev import SoftBlkDevice, SoftNetDevice
 from vdpa_svq.softdev.base import SoftDevice
 from vdpa_svq.vhost_user.device import VhostUserDevice
@@ -114,22 +115,26 @@ def test_the_check_accepts_what_a_subtype_may_do():
 
 
 def test_a_devices_own_account_is_declared_not_probed():
-    """faults() / activity(): a software device gives its account (a broken queue with its reason,
-    what each queue moved); the kernel's devices and a vhost-user backend keep none a user can read,
-    and say so (NotSupported) instead of answering with nothing."""
+    """faults() / activity(): a software device gives its account (each queue it stopped using, by
+    index, with its reason: VIRTIO 1.2 2.1.2; what each queue moved), from which session.device_fault
+    takes the one queue's reason when its error eventfd fires; the kernel's devices and a vhost-user
+    backend keep none a user can read, and say so (NotSupported) instead of answering with nothing."""
     net = SoftNetDevice()
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     others = [VhostVdpa(-1, "/dev/vhost-vdpa-7"), VhostUserDevice(a, "/x.sock")]
     try:
-        assert net.faults() == []
+        assert net.faults() == {}
         assert "rx: 0 chains, 0 kicks, 0 calls, 0 dropped" in net.activity()
         with net.lock:
             net.break_queue(net.queues[1], GuestRingError("tx", "injected"))
-        assert net.faults() == ["queue 1 stopped: tx: guest broke the ring: injected"]
+        assert net.faults() == {1: "tx: guest broke the ring: injected"}
+        assert device_fault(net, 1) == "tx: guest broke the ring: injected"
+        assert device_fault(net, 0) == "it signalled the queue's error eventfd"  # its own reason, not tx's
         for dev in others:
             for op in (dev.faults, dev.activity):
                 with pytest.raises(NotSupported):
                     op()
+            assert device_fault(dev, 0) == "it signalled the queue's error eventfd"
     finally:
         net.close()
         others[1].close()

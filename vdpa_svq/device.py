@@ -15,9 +15,11 @@ that not every device has are declared, not probed:
   None for a device reached through its kick eventfd only;
 - hangup_fd(): an fd readable once the device is gone (a vhost-user backend's socket), None for a
   device that cannot go away while it is open; check_alive() then says what happened;
-- faults() and activity(): the device's own account (a software device's broken queues and their
-  reasons, its counters), read when a relay run stops; NotSupported where the device keeps none
-  (the kernel's devices, a vhost-user backend: they speak for themselves in their own logs).
+- faults() and activity(): the device's own account, read when a relay run stops or a queue's
+  error eventfd fires: faults() maps each queue the device stopped using to its reason (a software
+  device's broken queues; a dead datapath stops every queue, each with that reason), activity() is
+  a line per queue of counters; NotSupported where the device keeps none (the kernel's devices, a
+  vhost-user backend: they speak for themselves in their own logs).
 """
 
 from __future__ import annotations
@@ -109,6 +111,6 @@ class Device(Protocol):
 
     def check_alive(self) -> None: ...
 
-    def faults(self) -> list[str]: ...
+    def faults(self) -> dict[int, str]: ...
 
     def activity(self) -> list[str]: ...

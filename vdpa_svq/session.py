@@ -71,15 +71,11 @@ class SessionError(VdpaSvqError):
 
 def device_fault(device: Device, index: int) -> str:
     """Why the device says queue `index` broke, as far as it keeps an account (Device.faults)."""
+    unknown = "it signalled the queue's error eventfd"
     try:
-        faults = device.faults()
+        return device.faults().get(index, unknown)
     except NotSupported:
-        return "it signalled the queue's error eventfd"
-    prefix = f"queue {index} stopped: "
-    for line in faults:
-        if line.startswith(prefix):
-            return line[len(prefix):]
-    return "; ".join(faults) or "it signalled the queue's error eventfd"
+        return unknown
 
 
 def _notifier(fd: int | None, owned: list[int]) -> int:

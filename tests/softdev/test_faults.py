@@ -93,7 +93,7 @@ def test_datapath_exception_is_recorded_never_silent():
         dev.process = boom  # type: ignore[method-assign]
         drv.post_rx(1)
         drv.send(b"x", net_hdr(0))
-        assert "datapath thread died: boom" in drv.wait_error(TX)
+        assert "datapath thread died (RuntimeError): boom" in drv.wait_error(TX)
         assert isinstance(dev.datapath_error, RuntimeError)
         assert dev.get_status() & uapi.VIRTIO_CONFIG_S_NEEDS_RESET
         dev.set_status(0)  # a reset recovers

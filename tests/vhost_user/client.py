@@ -72,6 +72,8 @@ class VhostUserFrontend:
     # The fds sent as queue i's kick and call notifiers (a misbehaving frontend sends others).
     make_kick_fd: Callable[[int], int] = new_eventfd
     make_call_fd: Callable[[int], int] = new_eventfd
+    err_fds: bool = False  # send each queue an error eventfd (SET_VRING_ERR), as QEMU does
+    errs: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.plan = plan_layout(self.layout, self.num, 2, RX_BUFFER, self.num)
@@ -145,6 +147,9 @@ class VhostUserFrontend:
                                                          addrs.driver + u, addrs.device).encode())
             self.ack(Request.SET_VRING_CALL, m.U64.pack(i), [call])
             self.ack(Request.SET_VRING_KICK, m.U64.pack(i), [kick])
+            if self.err_fds:
+                self.errs.append(new_eventfd(i))
+                self.ack(Request.SET_VRING_ERR, m.U64.pack(i), [self.errs[-1]])
         drv = NetDriver(self.mem, self.rings[0], self.rings[1], self.plan.pools[0], self.plan.pools[1],
                         lambda i: os.eventfd_write(self.kick_fds[i], 1), (self.call_fds[0], self.call_fds[1]))
         drv.fill_rx()
@@ -172,7 +177,7 @@ class VhostUserFrontend:
         for ring in self.rings:
             ring.close()
         self.mem.close()
-        for fd in self.kick_fds + self.call_fds:
+        for fd in self.kick_fds + self.call_fds + self.errs:
             os.close(fd)
         if self.log_mm is not None:
             self.log_mm.close()

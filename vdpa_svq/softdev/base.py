@@ -263,7 +263,7 @@ class SoftDevice:
             self.datapath_error = exc
             self._status |= uapi.VIRTIO_CONFIG_S_NEEDS_RESET
             for q in self.queues:
-                self.break_queue(q, exc, "datapath thread died: ")
+                self.break_queue(q, exc, f"datapath thread died ({type(exc).__name__}): ")
 
     def config(self) -> bytes:
         """The device config space (subclasses)."""
@@ -582,12 +582,9 @@ class SoftDevice:
         with self.lock:
             return {q.name: QueueStats(**vars(q.stats)) for q in self.queues}
 
-    def faults(self) -> list[str]:
-        """A line per broken queue (with the reason), and one for a datapath that died."""
-        lines = [f"queue {i} stopped: {reason}" for i, reason in sorted(self.queue_errors().items())]
-        if self.datapath_error is not None:
-            lines.append(f"the datapath died: {self.datapath_error!r}")
-        return lines
+    def faults(self) -> dict[int, str]:
+        """Device.faults: the broken queues, index -> reason (a dead datapath broke them all)."""
+        return self.queue_errors()
 
     def activity(self) -> list[str]:
         """A line per queue: what it moved."""

@@ -483,7 +483,11 @@ class Connection:
             return q
         if running is not None and old is not None and new is not None and attr == "kick_fd":
             assert self.shadow is not None
-            self.shadow.loop.add_relay(new, running.svq, "kick")
+            try:
+                self.shadow.loop.add_relay(new, running.svq, "kick")
+            except BaseException:
+                os.close(new)  # off the message already: handle_one's cleanup no longer sees it
+                raise
             running.guest_kick_fd = new
             # The loop thread may be about to read the old fd: close it only once the loop stopped.
             self._retired.append(old)
@@ -772,8 +776,8 @@ class Connection:
             faults, activity = self.device.faults(), self.device.activity()
         except NotSupported:
             return
-        for line in faults:
-            log.error("%s: device %s", self.summary.peer, line)
+        for index, reason in sorted(faults.items()):
+            log.error("%s: device queue %d stopped: %s", self.summary.peer, index, reason)
         for line in activity:
             log.info("%s: device: %s", self.summary.peer, line)
 

@@ -243,7 +243,7 @@ class VhostUserDevice:
         """None: the backend learns of a kick through the queue's kick eventfd only."""
         return None
 
-    def faults(self) -> list[str]:
+    def faults(self) -> dict[int, str]:
         """NotSupported: a vhost-user backend reports its faults in its own log."""
         raise self._not_asked("faults")
 
