@@ -28,6 +28,7 @@ from vdpa_svq.errors import GuestRingError
 from vdpa_svq.loop import RelayLoops
 from vdpa_svq.ring import Layout
 from vdpa_svq.vhost_user import messages as m
+from vdpa_svq.vhost_user.backend import MAX_RETIRED_FDS
 from vdpa_svq.vhost_user.messages import Request
 
 from .hostile import HOSTILE, ServeProcess
@@ -211,6 +212,44 @@ def test_serve_holds_no_fd_after_a_connection_ends(tmp_path: Path, ending: str, 
         assert left_open(fresh, open_fds(serve.proc.pid)) == [], "after the good connection that followed"
         log = serve.stderr()
         assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+    finally:
+        serve.stop()
+
+
+@pytest.mark.parametrize("request_", [Request.SET_VRING_KICK, Request.SET_VRING_ERR], ids=["kick", "err"])
+def test_a_frontend_that_keeps_replacing_a_notifier_does_not_run_serve_out_of_fds(
+        tmp_path: Path, request_: Request) -> None:
+    """Replaced kick and err fds stay open while the relay that may be reading them runs; a frontend
+    replacing one in a loop (300 times here) would hold as many fds in serve, up to its limit and
+    every other connection's failure. Past MAX_RETIRED_FDS the relay restarts instead (closing them),
+    and frames still flow."""
+    serve = ServeProcess(tmp_path)
+    try:
+        fresh = len(open_fds(serve.proc.pid))
+        fe = VhostUserFrontend(serve.connect(), Layout.SPLIT, err_fds=True)
+        try:
+            drv = fe.setup()
+            assert sorted(loop_frames(drv, 10)) == list(range(10))
+            fds = fe.kick_fds if request_ is Request.SET_VRING_KICK else fe.errs
+            most = 0
+            for n in range(300):
+                new = new_eventfd(n)
+                fe.ack(request_, m.U64.pack(1), [new])
+                os.close(fds[1])
+                fds[1] = new
+                if n % 25 == 0:
+                    most = max(most, len(open_fds(serve.proc.pid)))
+            # a connection's own fds (memory, 2 x kick/call/err, the session's, the device's, the
+            # loop's) are a few dozen; the retired ones at most MAX_RETIRED_FDS on top, not 300
+            assert MAX_RETIRED_FDS <= 64
+            assert most - fresh < 64 + 40, f"serve held {most - fresh} fds more than when fresh"
+            assert sorted(loop_frames(drv, 10)) == list(range(10))
+        finally:
+            fe.close()
+        serve.wait_connections(1)
+        serve.settled_resources()
+        assert len(open_fds(serve.proc.pid)) == fresh
+        assert "Traceback" not in serve.stderr()
     finally:
         serve.stop()
 

@@ -139,6 +139,10 @@ OFFERED_PROTOCOL_FEATURES = sum(bit(b) for b in PROTOCOL_FEATURES)
 MAX_LOGGED_SPAN = 1 << 36
 LOG_SYNC_S = 0.02
 KEPT_SUMMARIES = 64  # the last connections' summaries a long-lived server keeps (the rest: counted)
+# Notifier fds replaced under a running relay stay open until it stops (its thread may be reading
+# one); past this many, a replacement restarts the relay instead, which closes them: a frontend that
+# replaces its kick fd in a loop must not take the whole server to its fd limit.
+MAX_RETIRED_FDS = 64
 POLL_S = 0.2
 MESSAGE_TIMEOUT_S = 5.0  # the rest of a message that started arriving; a frontend stalled mid-message is dropped
 
@@ -476,6 +480,11 @@ class Connection:
         new = msg.fds.pop() if msg.fds else None
         old = getattr(q, attr)
         running = self.shadow.queues.get(q.index) if self.shadow is not None else None
+        if running is not None and attr != "call_fd" and len(self._retired) >= MAX_RETIRED_FDS:
+            log.info("%s: queue %d's %s replaced %d times in one relay run: restarting the relay",
+                     self.summary.peer, q.index, attr, MAX_RETIRED_FDS)
+            running = None
+            self._stop_relay()  # closes the retired fds; _maybe_start starts it again with the new one
         if running is not None and old is not None and new is not None and attr == "call_fd":
             # The running relay writes the old fd number: point that number at the new eventfd.
             os.dup2(new, old)
@@ -525,6 +534,7 @@ class Connection:
 
     def on_set_vring_err(self, msg: Message) -> None:
         self._set_vring_fd(msg, "err_fd")
+        self._maybe_start()  # after a restart for too many replaced fds (MAX_RETIRED_FDS)
 
     def on_set_vring_enable(self, msg: Message) -> None:
         st = msg.payload_as(m.VringState)
