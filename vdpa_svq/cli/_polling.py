@@ -12,7 +12,7 @@ POLL_HELP = (
     "Busy-poll the rings after each burst, with notifications off. 'auto' learns when polling pays: "
     "it polls without a break under load, goes back to notifications when the traffic is too sparse "
     f"for the spin to pay for itself (gaps longer than {ADAPTIVE_MAX_US} µs, or longer than a few "
-    "times the relaying work between them), and pauses polling while other threads want its CPU; "
+    "times the relaying work between them), and pauses polling while a busy thread shares its CPU; "
     "idle, it sleeps. US polls for US microseconds after every burst, whatever it costs (give the relay "
     "a CPU of its own: --cpus); 0 never polls (notifications only)."
 )
