@@ -14,7 +14,7 @@ fail loudly if they did not build, so CI cannot pass on the fallback by accident
 from setuptools import Extension, setup
 
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
-RING = ["vdpa_svq/_ring.h"]
+RING = ["vdpa_svq/_ring.h", "vdpa_svq/_ring_access.h"]
 
 
 
@@ -30,6 +30,7 @@ setup(
                   ["-Wno-cast-function-type"]),
         extension("vdpa_svq.softdev._netloop", ["vdpa_svq/softdev/_netloop.c"], RING, ["-Wno-cast-function-type"]),
         extension("vdpa_svq._busguard", ["vdpa_svq/_busguard.c"]),
-        extension("vdpa_svq.guest._burst", ["vdpa_svq/guest/_burst.c"], extra_flags=["-Wno-cast-function-type"]),
+        extension("vdpa_svq.guest._burst", ["vdpa_svq/guest/_burst.c"], ["vdpa_svq/_ring_access.h"],
+                  ["-Wno-cast-function-type"]),
     ]
 )

@@ -1,9 +1,9 @@
 /*
  * _ring.h: the ring code both C extensions need, i.e. everything of a virtqueue seen from its
  * DEVICE side. The relay (vdpa_svq._relay) is the device of the guest's ring; the soft net
- * device's loopback (vdpa_svq.softdev._netloop) is the device of its two rings. So both need the
- * barriers and relaxed loads/stores, the RingError helpers, the memory tables, the event
- * arithmetic, the Chain, and the device side of a split and a packed ring (pop, push_used,
+ * device's loopback (vdpa_svq.softdev._netloop) is the device of its two rings. So both need
+ * _ring_access.h (barriers, relaxed loads/stores, need_event), the RingError helpers, the memory
+ * tables, packed event arithmetic, the Chain, and the device side of a split and a packed ring (pop, push_used,
  * notify; the layout picked once, in the guest_* dispatchers). The driver side (the shadow ring)
  * is the relay's alone and stays in _relay.c.
  *
@@ -33,31 +33,11 @@
 #include <stdio.h>
 #include <string.h>
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "vdpa_svq's C rings read the le16/le32/le64 ring fields as host values: little-endian hosts only"
-#endif
+#include "_ring_access.h"
 
 /* A second file of the same extension that includes this header fails to link ("multiple
  * definition"), rather than run with exception classes it never imported (see above). */
 __attribute__((visibility("hidden"))) const char ring_h_once_per_extension[] = "_ring.h";
-
-/* ==== Barriers and ring memory access ========================================================= */
-
-/* mirrors barrier.py:wmb: order earlier stores before later stores (a compiler barrier on x86-64). */
-static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-
-/* mirrors barrier.py:rmb: order earlier loads before later loads (a compiler barrier on x86-64). */
-static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-
-/* mirrors barrier.py:mb: order earlier stores before later loads (mfence / a locked instruction). */
-static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-
-static inline uint16_t ld16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
-static inline uint32_t ld32(const uint8_t *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
-static inline uint64_t ld64(const uint8_t *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED); }
-static inline void st16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
-static inline void st32(uint8_t *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELAXED); }
-static inline void st64(uint8_t *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELAXED); }
 
 /* ring/layout.py and ring/chain.py */
 #define DESC_SIZE 16 /* addr (le64) + len (le32) + split: flags, next / packed: id, flags (le16 each) */
@@ -311,12 +291,6 @@ static uint8_t *area(MemTable *m, uint64_t gpa, uint64_t size, const char *what)
 }
 
 /* ==== Notification suppression arithmetic (ring/event.py) ===================================== */
-
-/* mirrors event.py:need_event: event_idx in [old_idx, new_idx), 16-bit free-running counters. */
-static inline int need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
-{
-    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
-}
 
 /* mirrors event.py:packed_need_event */
 static inline int packed_need_event(uint16_t off_wrap, uint32_t new_idx, uint64_t moved, int wrap_counter,

@@ -24,29 +24,19 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../_ring_access.h"
+
 enum { NET_HDR = 12, SEQ_OFF = 14 + 4 }; /* the seq (le32) of frames.py's frames: Ethernet header, MAGIC */
 enum { F_NEXT = 1, F_WRITE = 2, P_AVAIL = 1 << 7, P_USED = 1 << 15 };
 enum { NO_NOTIFY = 1, EV_ENABLE = 0, EV_DISABLE = 1, EV_DESC = 2 };
 
 static PyObject *RingError;
 
-static inline void wmb(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
-static inline void rmb(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
-static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-static inline uint16_t ld16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
-static inline void st16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED); }
-
 static inline int64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts); /* what time.perf_counter_ns reads */
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* event.py:need_event (2.7.10): whether moving old -> new passed event. */
-static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
-{
-    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
 
 /* The driver side of one ring. Split: `avail` is the driver area, `used` the device area; indexes
@@ -56,7 +46,7 @@ typedef struct {
     int packed, event_idx, kick_fd;
     uint16_t num;
     uint8_t *desc, *avail, *used;
-    uint16_t *drv_ev, *dev_ev;
+    uint8_t *drv_ev, *dev_ev; /* packed: le16 off_wrap, le16 flags */
     uint16_t avail_idx, avail_wrap; /* split: avail_idx_shadow; packed: next_avail_idx + counter */
     uint16_t last_used, used_wrap;
     uint32_t num_added;      /* made available since the last kick decision */
@@ -139,7 +129,7 @@ static int ring_kick_needed(Ring *r)
             return need_event(ld16(r->used + 4 + 8 * (size_t)r->num), r->avail_idx, (uint16_t)(r->avail_idx - added));
         return !(ld16(r->used) & NO_NOTIFY);
     }
-    uint16_t flags = ld16(&r->dev_ev[1]), off_wrap = ld16(&r->dev_ev[0]);
+    uint16_t flags = ld16(r->dev_ev + 2), off_wrap = ld16(r->dev_ev);
     if (flags == EV_DESC && r->event_idx) { /* event.py:packed_need_event */
         if (added >= r->num)
             return 1;
@@ -212,7 +202,7 @@ static void ring_reaped(Ring *r)
     if (!r->packed)
         st16(r->avail + 4 + 2 * (size_t)r->num, r->last_used);
     else
-        st16(&r->drv_ev[0], (uint16_t)(r->last_used | r->used_wrap << 15));
+        st16(r->drv_ev, (uint16_t)(r->last_used | r->used_wrap << 15));
     mb();
 }
 
@@ -484,8 +474,8 @@ static int ring_init(Burst *b, Ring *r, const char *name, PyObject *spec, PyObje
         if (!(r->avail = at(b, drv, 6 + 2ull * num, 2, "avail ring")) ||
             !(r->used = at(b, dev, 6 + 8ull * num, 4, "used ring")))
             return -1;
-    } else if (!(r->drv_ev = (uint16_t *)at(b, drv, 4, 4, "driver event area")) ||
-               !(r->dev_ev = (uint16_t *)at(b, dev, 4, 4, "device event area"))) {
+    } else if (!(r->drv_ev = at(b, drv, 4, 4, "driver event area")) ||
+               !(r->dev_ev = at(b, dev, 4, 4, "device event area"))) {
         return -1;
     }
     if ((r->packed && (avail_idx >= num || used_idx >= num)) || avail_idx > 0xffff || used_idx > 0xffff)
